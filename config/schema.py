@@ -1,0 +1,291 @@
+"""The configuration schema: one frozen msgspec Struct per TOML section.
+
+Every number an SRE may tune is constrained here (``Annotated[..., Meta(...)]``),
+so a bad value is refused when the file is decoded, with the TOML path of the
+value, never later inside the engine. Unknown keys are refused too
+(``forbid_unknown_fields``): a typo is an error, not a silently ignored setting.
+
+Field names are the keyword names the engine's constructors take, so a section
+can be handed over field by field. Durations are float seconds ending in
+``_s``; counts are plain nouns.
+
+Named profiles
+    The dict sections (``[breakers.NAME]``, ``[bulkheads.NAME]``, ...) hold named
+    profiles. A profile may say ``base = "other"`` to inherit every field of
+    ``[breakers.other]`` and override the ones it gives (chains allowed, cycles
+    refused). The loader resolves ``base`` on the raw TOML before decoding; the
+    decoded Struct keeps the name of its direct base in ``base`` for display.
+    ``base`` is not an engine parameter: drop it when building engine objects
+    (see :func:`engine_kwargs`).
+
+Cross-field rules live in ``__post_init__`` and raise ``ValueError`` whose
+message starts with ``"<field>: "``; the loader turns that into the path of
+the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = [
+    "OVERFLOW_POLICIES",
+    "BreakerConfig",
+    "BulkheadConfig",
+    "DaemonConfig",
+    "DetectorConfig",
+    "DetectorKind",
+    "GuardConfig",
+    "LogLevel",
+    "MailboxConfig",
+    "OverflowPolicy",
+    "RateLimitConfig",
+    "RetryConfig",
+    "ServicesConfig",
+    "Strategy",
+    "SupervisorConfig",
+    "TriageConfig",
+    "engine_kwargs",
+]
+
+# Reusable constrained number types.
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+Fraction = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Multiplier = Annotated[float, msgspec.Meta(ge=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+ProfileName = Annotated[str, msgspec.Meta(min_length=1)]
+
+OverflowPolicy = Literal["wait", "drop_newest", "reject"]
+OVERFLOW_POLICIES: tuple[OverflowPolicy, ...] = ("wait", "drop_newest", "reject")
+Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
+DetectorKind = Literal[
+    "rate", "ratio", "count_in_window", "age_of_newest", "gauge_sustained", "spike_over_baseline"
+]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every section: strict keys, immutable, keyword-only."""
+
+
+class _Profile(_Section, frozen=True, kw_only=True):
+    """A named entry of a dict section; ``base`` names the profile it inherits from."""
+
+    base: str | None = None
+
+
+class BreakerConfig(_Profile, frozen=True, kw_only=True):
+    """A circuit breaker.
+
+    Trips after ``fail_max`` consecutive failures, or when at least
+    ``minimum_calls`` calls in the last ``rate_window_s`` show a failure rate
+    (or a slow-call rate, calls over ``slow_call_s``) at or above its threshold.
+    Open for ``reset_timeout_s``; each consecutive trip multiplies the interval
+    by ``reset_backoff_multiplier`` up to ``reset_timeout_max_s``. Half-open
+    admits at most ``half_open_max_calls`` probes.
+    """
+
+    fail_max: PositiveInt
+    reset_timeout_s: PositiveFloat
+    reset_timeout_max_s: PositiveFloat
+    reset_backoff_multiplier: Multiplier
+    failure_rate_threshold: Fraction
+    rate_window_s: PositiveFloat
+    minimum_calls: PositiveInt
+    slow_call_s: PositiveFloat
+    slow_call_rate_threshold: Fraction
+    half_open_max_calls: PositiveInt
+
+    def __post_init__(self) -> None:
+        if self.reset_timeout_max_s < self.reset_timeout_s:
+            raise ValueError(
+                f"reset_timeout_max_s: must be >= reset_timeout_s ({self.reset_timeout_s:g})"
+            )
+
+
+class BulkheadConfig(_Profile, frozen=True, kw_only=True):
+    """Concurrency limit with a bounded wait, optionally partitioned per key (LRU-bounded)."""
+
+    capacity: PositiveInt
+    max_wait_s: NonNegativeFloat
+    max_partitions: PositiveInt
+    partition_capacity: PositiveInt
+
+    def __post_init__(self) -> None:
+        if self.partition_capacity > self.capacity:
+            raise ValueError(f"partition_capacity: must be <= capacity ({self.capacity})")
+
+
+class RetryConfig(_Profile, frozen=True, kw_only=True):
+    """Exponential backoff with jitter, bounded by attempts and by a time budget."""
+
+    max_attempts: PositiveInt
+    time_budget_s: PositiveFloat
+    backoff_initial_s: PositiveFloat
+    backoff_max_s: PositiveFloat
+    backoff_multiplier: Multiplier
+    jitter: NonNegativeFloat
+
+    def __post_init__(self) -> None:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                f"backoff_max_s: must be >= backoff_initial_s ({self.backoff_initial_s:g})"
+            )
+
+
+class RateLimitConfig(_Profile, frozen=True, kw_only=True):
+    """Token bucket per key: ``rate_per_s`` refill, ``burst`` tokens, at most ``max_keys`` buckets."""
+
+    rate_per_s: PositiveFloat
+    burst: PositiveInt
+    max_keys: PositiveInt
+
+
+class MailboxConfig(_Profile, frozen=True, kw_only=True):
+    """An actor's bounded mailbox and what ``tell`` does when it is full."""
+
+    capacity: PositiveInt
+    overflow: OverflowPolicy
+
+
+class SupervisorConfig(_Profile, frozen=True, kw_only=True):
+    """OTP-style supervisor: strategy, restart intensity, restart backoff, child bound."""
+
+    strategy: Strategy
+    max_restarts: NonNegativeInt
+    period_s: PositiveFloat
+    backoff_min_s: NonNegativeFloat
+    backoff_max_s: NonNegativeFloat
+    backoff_random_factor: NonNegativeFloat
+    backoff_reset_s: PositiveFloat
+    max_children: PositiveInt
+    shutdown_s: PositiveFloat
+
+    def __post_init__(self) -> None:
+        if self.backoff_max_s < self.backoff_min_s:
+            raise ValueError(f"backoff_max_s: must be >= backoff_min_s ({self.backoff_min_s:g})")
+
+
+class GuardConfig(_Profile, frozen=True, kw_only=True):
+    """A call policy: bulkhead -> breaker -> deadline -> retry, by profile name.
+
+    The loader checks that every name refers to an existing profile.
+    """
+
+    breaker: ProfileName
+    bulkhead: ProfileName
+    retry: ProfileName
+    timeout_s: PositiveFloat
+    rate_limit: ProfileName | None = None
+
+
+class DetectorConfig(_Profile, frozen=True, kw_only=True):
+    """A sliding-window rule over one metric.
+
+    Fires when the windowed value compares ``op`` against ``threshold``
+    (``gt``: above, ``lt``: below) for ``for_s`` seconds, and clears once it is
+    back past ``clear_threshold`` (hysteresis; defaults to ``threshold``). The
+    window of ``window_s`` seconds is kept in ``buckets`` buckets.
+    ``spike_over_baseline`` compares the window's rate with an EWMA of the rates
+    of the buckets that left the window (weight ``baseline_alpha`` on the newest);
+    its threshold is a factor. ``min_volume`` is the fewest observations in a
+    ratio's denominator, or the warm-up in buckets of a spike baseline; the other
+    kinds do not use it, so setting it there is refused. ``age_of_newest`` and
+    ``gauge_sustained`` do not use the window either (``engine.detectors`` has
+    the exact semantics).
+
+    Kinds: ``rate`` (events per second), ``ratio`` (matching share of events, in
+    [0, 1]), ``count_in_window`` (events), ``age_of_newest`` (seconds since the
+    newest event), ``gauge_sustained`` (a level), ``spike_over_baseline``
+    (window rate / baseline rate).
+    """
+
+    kind: DetectorKind
+    metric: Annotated[str, msgspec.Meta(min_length=1)]
+    op: Literal["gt", "lt"] = "gt"
+    threshold: float
+    clear_threshold: float | None = None
+    window_s: PositiveFloat
+    min_volume: NonNegativeInt = 0
+    for_s: NonNegativeFloat = 0.0
+    baseline_alpha: Fraction = 0.1
+    buckets: PositiveInt = 60
+
+    def __post_init__(self) -> None:
+        clear = self.clear_threshold
+        if clear is not None:
+            if self.op == "gt" and clear > self.threshold:
+                raise ValueError(
+                    f"clear_threshold: must be <= threshold ({self.threshold:g}) when op is 'gt'"
+                )
+            if self.op == "lt" and clear < self.threshold:
+                raise ValueError(
+                    f"clear_threshold: must be >= threshold ({self.threshold:g}) when op is 'lt'"
+                )
+        if self.kind == "ratio":
+            for name, value in (("threshold", self.threshold), ("clear_threshold", clear)):
+                if value is not None and not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{name}: a ratio must be within [0, 1]")
+        elif self.threshold < 0:
+            raise ValueError(f"threshold: must be >= 0 for kind '{self.kind}'")
+        if self.min_volume and self.kind not in ("ratio", "spike_over_baseline"):
+            raise ValueError(
+                f"min_volume: only ratio and spike_over_baseline detectors use it, not '{self.kind}'"
+            )
+        if self.kind == "age_of_newest" and self.op != "gt":
+            raise ValueError("op: age_of_newest only supports 'gt' (too old)")
+        if self.kind == "spike_over_baseline" and self.threshold <= 0:
+            raise ValueError("threshold: a spike factor must be > 0")
+
+    @property
+    def effective_clear_threshold(self) -> float:
+        """The level that clears a firing detector: ``clear_threshold`` or ``threshold``."""
+        return self.threshold if self.clear_threshold is None else self.clear_threshold
+
+
+class DaemonConfig(_Section, frozen=True, kw_only=True):
+    """The long-running process: address, drain deadline, logging, bounds."""
+
+    host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    port: Port = 8080
+    drain_s: PositiveFloat
+    log_level: LogLevel = "info"
+    seed: int | None = None
+    max_label_values: PositiveInt
+    detector_tick_s: PositiveFloat
+    event_buffer: PositiveInt
+
+
+class ServicesConfig(_Section, frozen=True, kw_only=True):
+    """Outside services. ``None`` means: start the embedded one."""
+
+    postgres_url: str | None = None
+    nats_url: str | None = None
+    redis_url: str | None = None
+
+
+class TriageConfig(_Section, frozen=True, kw_only=True):
+    """The whole file. ``catalog`` is the failure catalog, relative to this file's directory."""
+
+    daemon: DaemonConfig
+    services: ServicesConfig = msgspec.field(default_factory=ServicesConfig)
+    catalog: Annotated[str, msgspec.Meta(min_length=1)] = "failures.toml"
+    mailboxes: dict[str, MailboxConfig] = msgspec.field(default_factory=dict)
+    supervisors: dict[str, SupervisorConfig] = msgspec.field(default_factory=dict)
+    breakers: dict[str, BreakerConfig] = msgspec.field(default_factory=dict)
+    bulkheads: dict[str, BulkheadConfig] = msgspec.field(default_factory=dict)
+    retries: dict[str, RetryConfig] = msgspec.field(default_factory=dict)
+    rate_limits: dict[str, RateLimitConfig] = msgspec.field(default_factory=dict)
+    guards: dict[str, GuardConfig] = msgspec.field(default_factory=dict)
+    detectors: dict[str, DetectorConfig] = msgspec.field(default_factory=dict)
+
+
+def engine_kwargs(section: msgspec.Struct) -> dict[str, Any]:
+    """The fields of ``section`` as constructor keywords, without the profile's ``base``."""
+    fields = msgspec.structs.asdict(section)
+    fields.pop("base", None)
+    return fields

@@ -1,0 +1,284 @@
+"""Actors: one task, one bounded mailbox, one ``handle`` that matches on messages.
+
+An :class:`Actor` subclass is a state machine readable in one file: its states an
+``Enum``, its messages a tagged union of frozen structs, its ``handle`` one
+``match``. Other code never touches an actor's state; it holds an
+:class:`ActorRef` and sends messages:
+
+* ``await ref.tell(msg)`` — fire and forget. When the mailbox is full the
+  actor's :class:`Overflow` policy decides: ``WAIT`` for room, ``DROP_NEWEST``
+  (the message is dropped and counted) or ``REJECT`` (:class:`MailboxFull`).
+* ``ref.tell_nowait(msg)`` — never blocks; a full mailbox drops or rejects
+  (``WAIT`` actors reject, since waiting is not possible).
+* ``await ref.ask(msg, timeout_s=...)`` — request/reply. The deadline is kept by
+  the runtime's :class:`~engine.deadlines.Deadlines` service, not a cancel scope
+  per call; a caller that gave up (timeout or cancellation) leaves a settled
+  reply slot behind, and the actor's late reply lands there harmlessly.
+
+The mailbox outlives the actor's incarnations: when the supervisor restarts a
+crashed actor, messages already queued are handled by the new incarnation; only
+the message being handled when it crashed is lost (and if it was an ``ask``,
+its caller gets :class:`ActorError` at once instead of waiting for the deadline).
+
+Batch drain: with ``batch_max > 1`` the actor, once woken, takes up to
+``batch_max`` queued messages with ``receive_nowait`` before yielding to the
+scheduler again, so a busy actor is not bounded by one scheduler round trip per
+message.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import msgspec
+import trio
+
+from .deadlines import Deadlines, Reply
+from .errors import ActorError, ActorStopped, MailboxFull
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .supervisor import BreakerLike, ChildSpec, Restart
+
+__all__ = ["Actor", "ActorRef", "Overflow", "Stop", "actor_child"]
+
+M = TypeVar("M")
+
+
+class Overflow(enum.Enum):
+    """What ``tell`` does when the mailbox is full."""
+
+    WAIT = "wait"
+    DROP_NEWEST = "drop_newest"
+    REJECT = "reject"
+
+
+class Stop(msgspec.Struct, frozen=True):
+    """Returned by :meth:`Actor.handle` to stop normally, after replying ``reply`` to an ask."""
+
+    reply: Any = None
+
+
+class _Ask:
+    __slots__ = ("message", "reply")
+
+    def __init__(self, message: object, reply: Reply) -> None:
+        self.message = message
+        self.reply = reply
+
+
+class Actor(Generic[M]):
+    """Base class of every actor. Override :meth:`handle`; optionally :meth:`init` and :meth:`terminate`.
+
+    ``init`` runs before the supervisor is told the actor is started, so a
+    supervisor's ``started()`` means every child is really ready. ``terminate``
+    runs when the actor stops for any reason (normal, crash or shutdown), shielded
+    from cancellation but bounded by the child's ``shutdown_s``.
+    """
+
+    name: str = "actor"
+
+    async def init(self) -> None:
+        """Prepare the actor's resources. Runs before the actor counts as started."""
+
+    async def handle(self, message: M) -> object:
+        """Handle one message; the return value is the reply to an ``ask``."""
+        raise NotImplementedError
+
+    async def terminate(self, reason: BaseException | None) -> None:
+        """Release resources. ``reason`` is None for a normal stop."""
+
+
+class ActorRef(Generic[M]):
+    """The only handle other code holds on an actor. Stays valid across restarts."""
+
+    __slots__ = ("_deadlines", "_overflow", "_send", "dropped", "name")
+
+    def __init__(
+        self,
+        name: str,
+        send: trio.MemorySendChannel[Any],
+        overflow: Overflow,
+        deadlines: Deadlines | None,
+    ) -> None:
+        self.name = name
+        self._send = send
+        self._overflow = overflow
+        self._deadlines = deadlines
+        self.dropped = 0
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self.name}>"
+
+    async def tell(self, message: M) -> None:
+        """Deliver ``message``; a full mailbox waits, drops or raises per the overflow policy."""
+        try:
+            if self._overflow is Overflow.WAIT:
+                await self._send.send(message)
+            else:
+                await trio.lowlevel.checkpoint()
+                self._offer(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ActorStopped(f"actor {self.name!r} has stopped") from exc
+
+    def tell_nowait(self, message: M) -> None:
+        """Deliver without blocking: a full mailbox drops (``DROP_NEWEST``) or raises :class:`MailboxFull`."""
+        try:
+            self._offer(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ActorStopped(f"actor {self.name!r} has stopped") from exc
+
+    def _offer(self, message: object) -> None:
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            if self._overflow is Overflow.DROP_NEWEST:
+                self.dropped += 1
+                return
+            raise MailboxFull(
+                self.name, capacity=int(self._send.statistics().max_buffer_size)
+            ) from None
+
+    async def ask(self, message: M, *, timeout_s: float | None) -> Any:
+        """Send ``message`` and wait for the reply; :class:`AskTimeout` after ``timeout_s``.
+
+        ``timeout_s=None`` waits without a deadline. The deadline also bounds the
+        wait for mailbox room.
+        """
+        reply = Reply(f"reply from {self.name!r}")
+        item = _Ask(message, reply)
+        deadline = math.inf if timeout_s is None else trio.current_time() + timeout_s
+        try:
+            try:
+                self._send.send_nowait(item)
+            except trio.WouldBlock:
+                if self._overflow is not Overflow.WAIT:
+                    raise MailboxFull(
+                        self.name, capacity=int(self._send.statistics().max_buffer_size)
+                    ) from None
+                with trio.move_on_at(deadline):
+                    await self._send.send(item)
+                if trio.current_time() >= deadline:
+                    reply.expire()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ActorStopped(f"actor {self.name!r} has stopped") from exc
+        if deadline != math.inf and not reply.done:
+            if self._deadlines is None:
+                raise RuntimeError("ask with a deadline needs a runtime's Deadlines service")
+            self._deadlines.add(deadline, reply)
+        return await reply.wait()
+
+    def queued(self) -> int:
+        """Messages waiting in the mailbox."""
+        return int(self._send.statistics().current_buffer_used)
+
+
+async def _run_actor(
+    actor: Actor[Any],
+    receive: trio.MemoryReceiveChannel[Any],
+    batch_max: int,
+    shutdown_s: float,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """One incarnation of an actor: init, signal started, loop, terminate."""
+    await actor.init()
+    task_status.started()
+    reason: BaseException | None = None
+    handle = actor.handle
+    try:
+        while True:
+            item = await receive.receive()
+            budget = batch_max
+            while True:
+                if type(item) is _Ask:
+                    try:
+                        result = await handle(item.message)
+                    except Exception as exc:
+                        item.reply.fail(ActorError(f"actor {actor.name!r} crashed: {exc!r}"))
+                        raise
+                    except BaseException:
+                        item.reply.fail(ActorStopped(f"actor {actor.name!r} stopped mid-reply"))
+                        raise
+                    if type(result) is Stop:
+                        item.reply.set(result.reply)
+                        return
+                    item.reply.set(result)
+                elif type(await handle(item)) is Stop:
+                    return
+                budget -= 1
+                if budget <= 0:
+                    break
+                try:
+                    item = receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+    except trio.EndOfChannel:
+        return
+    except BaseException as exc:
+        reason = exc
+        raise
+    finally:
+        if type(actor).terminate is not Actor.terminate:
+            with trio.move_on_after(shutdown_s, shield=True):
+                await actor.terminate(reason)
+
+
+def actor_child(
+    id: str,
+    factory: Callable[[], Actor[M]],
+    *,
+    capacity: int,
+    overflow: Overflow = Overflow.WAIT,
+    batch_max: int = 1,
+    restart: Restart | None = None,
+    shutdown_s: float = 5.0,
+    deadlines: Deadlines | None = None,
+    breaker: BreakerLike | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[ChildSpec, ActorRef[M]]:
+    """A child spec that runs ``factory()`` as an actor, and the ref to reach it.
+
+    The mailbox is created here, once: it survives restarts of the actor and is
+    closed when the supervisor removes the child for good.
+    """
+    from .supervisor import ChildSpec, Restart
+
+    if capacity < 1:
+        raise ValueError("mailbox capacity must be >= 1")
+    if batch_max < 1:
+        raise ValueError("batch_max must be >= 1")
+    send, receive = trio.open_memory_channel[Any](capacity)
+    ref: ActorRef[M] = ActorRef(id, send, overflow, deadlines)
+    overrides_init = _overrides(factory, "init")
+
+    async def start(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await _run_actor(factory(), receive, batch_max, shutdown_s, task_status)
+
+    if metrics is not None:
+        label = metrics.label("mailbox", id)
+        if label == id:
+            metrics.mailbox_depth.labels(actor=id).set_function(ref.queued)
+
+    return (
+        ChildSpec(
+            id=id,
+            start=start,
+            restart=restart if restart is not None else Restart.PERMANENT,
+            shutdown_s=shutdown_s,
+            ready_on_spawn=not overrides_init,
+            breaker=breaker,
+            on_removed=receive.close,
+        ),
+        ref,
+    )
+
+
+def _overrides(factory: Callable[[], Actor[Any]], method: str) -> bool:
+    """Whether the actor class made by ``factory`` overrides ``method`` (unknown: assume yes)."""
+    cls = factory if isinstance(factory, type) else None
+    if cls is None:
+        return True
+    return getattr(cls, method) is not getattr(Actor, method)

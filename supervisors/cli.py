@@ -1,0 +1,213 @@
+"""The ``triage`` command line.
+
+::
+
+    triage check-config FILE              validate a config and the catalog it names
+    triage catalog [--config F | --catalog F] [--json]
+                                          the failure catalog as a table (or JSON)
+    triage rules [--config F | --catalog F] [-o FILE]
+                                          Prometheus alert rules from the catalog
+    triage run [--config FILE]            run the daemon
+
+Exit status: 0 on success, 2 when a file is invalid (each problem printed to
+stderr as ``FILE:LINE: $.path: message``) or the arguments are wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import msgspec
+
+from config import (
+    Catalog,
+    ConfigError,
+    TriageConfig,
+    catalog_path,
+    default_path,
+    describe_detector,
+    load_catalog,
+    load_config,
+    rules_yaml,
+)
+from supervisors.vocabulary import METRICS, MITIGATIONS
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_INVALID = 2
+
+
+def _report(error: ConfigError) -> int:
+    for problem in error.problems:
+        print(problem, file=sys.stderr)
+    count = len(error.problems)
+    print(f"{count} problem{'s' if count != 1 else ''} found", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _load_catalog(path: Path) -> Catalog:
+    return load_catalog(path, metrics=METRICS, mitigations=MITIGATIONS)
+
+
+def _catalog_from_args(args: argparse.Namespace) -> tuple[Path, Catalog]:
+    """The catalog named by ``--catalog``, else by ``--config``'s file, else the shipped one."""
+    if args.catalog is not None:
+        path = Path(args.catalog)
+    elif args.config is not None:
+        path = catalog_path(load_config(args.config), args.config)
+    else:
+        path = default_path("failures.toml")
+    return path, _load_catalog(path)
+
+
+def _summary(config: TriageConfig) -> str:
+    d = config.daemon
+    counts = [
+        (len(config.mailboxes), "mailbox", "mailboxes"),
+        (len(config.supervisors), "supervisor", "supervisors"),
+        (len(config.breakers), "breaker", "breakers"),
+        (len(config.bulkheads), "bulkhead", "bulkheads"),
+        (len(config.retries), "retry policy", "retry policies"),
+        (len(config.rate_limits), "rate limit", "rate limits"),
+        (len(config.guards), "guard", "guards"),
+        (len(config.detectors), "extra detector", "extra detectors"),
+    ]
+    profiles = ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in counts)
+    services = [
+        f"{name}={'set' if url else 'embedded'}"
+        for name, url in (
+            ("postgres", config.services.postgres_url),
+            ("nats", config.services.nats_url),
+            ("redis", config.services.redis_url),
+        )
+    ]
+    return (
+        f"  daemon: {d.host}:{d.port}, drain {d.drain_s:g}s, log level {d.log_level}\n"
+        f"  services: {', '.join(services)}\n"
+        f"  profiles: {profiles}"
+    )
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+        path = Path(args.catalog) if args.catalog is not None else catalog_path(config, args.file)
+        catalog = _load_catalog(path)
+    except ConfigError as exc:
+        return _report(exc)
+    built = sum(row.built for row in catalog.rows)
+    print(f"ok: {args.file}")
+    print(_summary(config))
+    print(f"  catalog: {path}: {len(catalog.rows)} rows, {built} built")
+    return EXIT_OK
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _catalog(args: argparse.Namespace) -> int:
+    try:
+        _, catalog = _catalog_from_args(args)
+    except ConfigError as exc:
+        return _report(exc)
+    if args.json:
+        rows: list[dict[str, Any]] = []
+        for row in catalog.rows:
+            item = cast("dict[str, Any]", msgspec.to_builtins(row))
+            item["detector_text"] = describe_detector(row.detector)
+            item["state"] = row.state
+            rows.append(item)
+        print(msgspec.json.format(msgspec.json.encode({"rows": rows}), indent=2).decode())
+        return EXIT_OK
+    table = [["ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "STATE"]]
+    table += [
+        [
+            str(row.id),
+            row.name,
+            describe_detector(row.detector),
+            ", ".join(row.mitigations),
+            row.owner,
+            row.state,
+        ]
+        for row in catalog.rows
+    ]
+    print(_table(table))
+    return EXIT_OK
+
+
+def _rules(args: argparse.Namespace) -> int:
+    try:
+        _, catalog = _catalog_from_args(args)
+    except ConfigError as exc:
+        return _report(exc)
+    text = rules_yaml(catalog)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = args.config if args.config is not None else str(default_path("default.toml"))
+    # Imported here: the daemon pulls in the whole runtime, which the other
+    # subcommands do not need.
+    daemon = importlib.import_module("supervisors.daemon")
+    main_run = cast("Callable[[str], int]", daemon.main_run)
+    try:
+        return main_run(config)
+    except ConfigError as exc:
+        return _report(exc)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triage", description="Triage resilience engine: configuration, catalog and daemon."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser(
+        "check-config", help="validate a config file and the failure catalog it names"
+    )
+    check.add_argument("file", metavar="FILE", help="the TOML config file")
+    check.add_argument("--catalog", metavar="FILE", help="check this catalog instead")
+    check.set_defaults(handler=_check_config)
+
+    catalog = sub.add_parser("catalog", help="print the failure catalog")
+    source = catalog.add_mutually_exclusive_group()
+    source.add_argument("--catalog", metavar="FILE", help="the catalog file")
+    source.add_argument("--config", metavar="FILE", help="use the catalog this config names")
+    catalog.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    catalog.set_defaults(handler=_catalog)
+
+    rules = sub.add_parser("rules", help="print Prometheus alert rules derived from the catalog")
+    source = rules.add_mutually_exclusive_group()
+    source.add_argument("--catalog", metavar="FILE", help="the catalog file")
+    source.add_argument("--config", metavar="FILE", help="use the catalog this config names")
+    rules.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    rules.set_defaults(handler=_rules)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", metavar="FILE", help="config file (default: shipped default.toml)")
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``triage`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    handler = cast("Callable[[argparse.Namespace], int]", args.handler)
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

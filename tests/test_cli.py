@@ -1,0 +1,191 @@
+"""The ``triage`` command line, run in process through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from config import default_path
+from supervisors.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+catalog = "{catalog}"
+
+[daemon]
+drain_s = 25
+max_label_values = 100
+detector_tick_s = 1
+event_buffer = 1000
+"""
+
+BAD = """\
+[daemon]
+drain_s = 25
+max_label_values = 100
+detector_tick_s = 1
+event_buffer = 1000
+
+[mailboxes.relay]
+capacity = 0
+overflow = "wait"
+"""
+
+
+def write_config(tmp_path: Path, text: str, name: str = "triage.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(default_path("default.toml"))
+    assert main(["check-config", path]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"ok: {path}\n")
+    assert "13 breakers" in out
+    assert "20 rows, 0 built" in out
+    assert err == ""
+
+
+@pytest.mark.parametrize("name", ["dev.toml", "chaos.toml"])
+def test_check_config_ok_for_every_shipped_file(name: str) -> None:
+    assert main(["check-config", str(default_path(name))]) == 0
+
+
+def test_check_config_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, BAD)
+    assert main(["check-config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"{path}:8: $.mailboxes.relay.capacity: expected int >= 1, got 0",
+        "1 problem found",
+    ]
+
+
+def test_check_config_malformed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, "[daemon\n")
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}:1:8: $: malformed TOML: ")
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "absent.toml"
+    assert main(["check-config", str(path)]) == 2
+    assert f"{path}: $: cannot read file" in capsys.readouterr().err
+
+
+def test_check_config_validates_the_catalog_next_to_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    catalog = default_path("failures.toml").read_text()
+    broken = catalog.replace('mitigations = ["dedupe_inbox"]', 'mitigations = ["panic"]')
+    (tmp_path / "failures.toml").write_text(broken)
+    path = write_config(tmp_path, GOOD.format(catalog="failures.toml"))
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'failures.toml'}:" in err
+    assert (
+        '$.rows[17].mitigations[0]: row 18 (Scheduling event re-delivery): unknown mitigation "panic"'
+        in err
+    )
+
+    (tmp_path / "failures.toml").write_text(catalog)
+    assert main(["check-config", str(path)]) == 0
+
+
+def test_check_config_missing_catalog(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, GOOD.format(catalog="nowhere.toml"))
+    assert main(["check-config", str(path)]) == 2
+    assert "nowhere.toml: $: cannot read file" in capsys.readouterr().err
+
+
+def test_catalog_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["catalog"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "STATE"]
+    rows = lines[1:]
+    assert len(rows) == 20
+    assert [int(line.split()[0]) for line in rows] == list(range(1, 21))
+    assert "ratio triage_sms_provider_error_ratio > 0.2 / 300s" in rows[0]
+    assert "failover_provider, retry_with_backoff, alert" in rows[0]
+    assert "sms_dispatcher" in rows[0]
+    assert rows[0].endswith("not built (issue 4)")
+    assert rows[4].endswith("not built (issue 3)")
+    assert rows[3].endswith("not built (later)")
+
+
+def test_catalog_json_from_a_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["catalog", "--config", str(default_path("chaos.toml")), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [row["id"] for row in rows] == list(range(1, 21))
+    assert rows[0]["detector"]["kind"] == "ratio"
+    assert rows[0]["state"] == "not built (issue 4)"
+    assert rows[0]["detector_text"].startswith("ratio triage_sms_provider_error_ratio > 0.2")
+
+
+def test_catalog_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, "[[rows]]\nid = 1\n", "failures.toml")
+    assert main(["catalog", "--catalog", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "row 1: missing required key" in err
+    assert "missing ids: 2, 3" in err
+
+
+def test_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n      - alert: ") == 20
+    assert "expr: " in out
+    target = tmp_path / "rules.yml"
+    assert main(["rules", "--catalog", str(default_path("failures.toml")), "-o", str(target)]) == 0
+    assert target.read_text() == out
+
+
+def test_catalog_and_config_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["rules", "--catalog", "a.toml", "--config", "b.toml"])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "usage: triage" in capsys.readouterr().err
+
+
+def test_run_hands_the_config_to_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def main_run(config_path: str) -> int:
+        seen.append(config_path)
+        return 7
+
+    daemon = types.ModuleType("supervisors.daemon")
+    daemon.main_run = main_run  # type: ignore[attr-defined]  # a stand-in for the real daemon
+    monkeypatch.setitem(sys.modules, "supervisors.daemon", daemon)
+    assert main(["run", "--config", "x.toml"]) == 7
+    assert main(["run"]) == 7
+    assert seen == ["x.toml", str(default_path("default.toml"))]
+
+
+def test_module_entry_point() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisors.cli", "check-config", "config/default.toml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: config/default.toml\n")
