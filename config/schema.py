@@ -128,7 +128,7 @@ class RetryConfig(_Profile, frozen=True, kw_only=True):
     backoff_initial_s: PositiveFloat
     backoff_max_s: PositiveFloat
     backoff_multiplier: Multiplier
-    jitter: NonNegativeFloat
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=1)]  # a wait is shortened by up to this fraction
 
     def __post_init__(self) -> None:
         if self.backoff_max_s < self.backoff_initial_s:

@@ -128,6 +128,7 @@ async def test_restart_types(autojump_clock: trio.abc.Clock) -> None:
         await nursery.start(sup.run)
         kids.clear()
         kids.exit("perm")  # permanent: restarted even after a normal exit
+        await settle()
         kids.crash("trans")  # transient: restarted after a crash...
         await settle()
         kids.exit("trans")  # ...but not after a normal exit

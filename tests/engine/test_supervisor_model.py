@@ -110,7 +110,7 @@ def test_supervisor_matches_otp_reference_model(
             async with trio.open_nursery() as nursery:
                 await nursery.start(sup.run)
                 now = 0.0
-                for step, (delta, pick, crashed) in enumerate(schedule):  # noqa: B007 - step read after the loop
+                for step, (delta, pick, crashed) in enumerate(schedule):
                     if not model.alive:
                         break
                     now += delta
