@@ -364,3 +364,46 @@ async def test_failed_initial_start_propagates(autojump_clock: trio.abc.Clock) -
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
     assert kids.events("stop") == ["a"]
+
+
+async def test_restart_waits_for_a_real_breakers_half_open(autojump_clock: trio.abc.Clock) -> None:
+    from engine.breaker import Breaker, CircuitState
+
+    breaker = Breaker(
+        "provider",
+        fail_max=2,
+        reset_timeout_s=20.0,
+        reset_timeout_max_s=60.0,
+        reset_backoff_multiplier=2.0,
+        failure_rate_threshold=1.0,
+        rate_window_s=60.0,
+        minimum_calls=100,
+        slow_call_s=10.0,
+        slow_call_rate_threshold=1.0,
+        half_open_max_calls=1,
+    )
+
+    async def failing() -> None:
+        raise OSError("gateway down")
+
+    kids = Children()
+    base = kids.spec("provider")
+    sup = Supervisor(
+        "root", [ChildSpec(id="provider", start=base.start, breaker=breaker)], runtime=runtime()
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(5.0)
+        for _ in range(2):
+            with pytest.raises(OSError):
+                await breaker.call(failing)
+        assert breaker.state is CircuitState.OPEN
+        kids.clear()
+        kids.crash("provider")
+        await settle()
+        assert kids.events("start") == []
+        await trio.sleep(20.0)
+        await settle()
+        # Opened at t=5 for 20 s: the child comes back at the half-open moment, not before.
+        assert kids.log[-1] == ("start", "provider", 25.0)
+        nursery.cancel_scope.cancel()
