@@ -301,6 +301,12 @@ class Supervisor:
                 with trio.CancelScope(shield=True) as shield:
                     shield.deadline = trio.current_time() + self.shutdown_s
                     await self._stop_all()
+                # Past our own deadline, children not yet reached are cancelled
+                # without waiting: they are shielded, so the nursery alone would not.
+                for child in list(self._children.values()):
+                    if child.scope is not None:
+                        child.scope.cancel()
+                    self._remove(child)
                 nursery.cancel_scope.cancel()
                 self._nursery = None
         if escalation is not None:

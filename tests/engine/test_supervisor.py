@@ -407,3 +407,22 @@ async def test_restart_waits_for_a_real_breakers_half_open(autojump_clock: trio.
         # Opened at t=5 for 20 s: the child comes back at the half-open moment, not before.
         assert kids.log[-1] == ("start", "provider", 25.0)
         nursery.cancel_scope.cancel()
+
+
+async def test_supervisor_deadline_cuts_a_slow_stop_and_still_cancels_the_rest(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    sup = Supervisor(
+        "root",
+        [kids.spec("a"), kids.spec("b", shutdown_s=5.0, stop_s=100.0)],
+        shutdown_s=3.0,
+        runtime=runtime(),
+    )
+    with trio.fail_after(1000.0):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            nursery.cancel_scope.cancel()
+    # b overran; at the supervisor's own 3 s deadline a is cancelled anyway.
+    assert ("stop", "a", 3.0) in kids.log
+    assert sup.count_children() == 0
