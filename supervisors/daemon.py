@@ -1,0 +1,341 @@
+"""``triage run``: the long-running daemon, wired in this one place.
+
+:func:`main_run` loads the config and the failure catalog (a bad file raises
+:class:`config.ConfigError` before anything starts; the CLI prints its problems
+and exits 2), turns on JSON-lines logging at ``daemon.log_level`` and runs a
+:class:`Daemon` under ``trio.run``.
+
+A :class:`Daemon` run, step by step:
+
+1. open the runtime (seed ``daemon.seed``, metrics on a fresh registry capped at
+   ``daemon.max_label_values`` label values per family);
+2. log the catalog: a summary of which rows are live (``built``) and which are
+   not, then one debug line per row;
+3. listen for SIGTERM and SIGINT (each starts a drain);
+4. build the tree (:mod:`supervisors.tree`) and start the root supervisor,
+   which starts its children in order; the HTTP child reports started only once
+   its socket listens (the bound port is logged, port 0 included);
+5. mark the daemon ready and log ``ready``;
+6. wait for a drain request or for the root supervisor to fail.
+
+A drain, bounded as a whole by ``daemon.drain_s`` from the moment it starts:
+
+1. ``/readyz`` answers 503 ``draining`` at once; log ``draining``;
+2. optionally keep serving for ``drain_grace_s`` (see :class:`Daemon`);
+3. hypercorn shuts down gracefully: the listener closes, requests in flight
+   finish (its ``graceful_timeout`` is ``drain_s``, cut short at the drain's
+   deadline);
+4. the root supervisor stops its remaining children in reverse start order,
+   each within its shutdown deadline, and its own deadline is lowered to what
+   is left of the drain budget;
+5. log ``stopped``; the exit status is 0.
+
+If the root supervisor fails (a child fails to start, or restart intensity is
+exceeded) the daemon logs it at ``critical``, logs ``stopped`` and exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Final
+
+import trio
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+from config import (
+    Catalog,
+    TriageConfig,
+    catalog_path,
+    describe_detector,
+    load_catalog,
+    load_config,
+)
+from engine.metrics import Metrics
+from engine.runtime import Runtime, open_runtime
+from supervisors.logging import json_logging
+from supervisors.tree import Phase, Readiness, Tree, build_tree, check_profiles
+from supervisors.vocabulary import METRICS, MITIGATIONS
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "Daemon", "main_run"]
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+
+#: The signals that start a drain.
+DRAIN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+log = logging.getLogger("triage.daemon")
+
+
+def _metrics(max_label_values: int) -> Metrics:
+    """The engine's metrics plus the process, platform and GC collectors, on a fresh registry."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return Metrics(registry, max_label_values=max_label_values)
+
+
+def log_catalog(catalog: Catalog, source: str) -> None:
+    """One summary line (live and not-built row ids), then one debug line per row."""
+    live = [row.id for row in catalog.rows if row.built]
+    not_built = [row.id for row in catalog.rows if not row.built]
+    summary = f"catalog: {len(live)}/{len(catalog.rows)} rows live"
+    if live:
+        summary += "; live: " + ",".join(map(str, live))
+    if not_built:
+        summary += "; not built: " + ",".join(map(str, not_built))
+    log.info(
+        summary,
+        extra={"catalog": source, "live": live, "not_built": not_built},
+    )
+    for row in catalog.rows:
+        log.debug(
+            "catalog row",
+            extra={
+                "row": row.id,
+                "row_name": row.name,
+                "state": row.state,
+                "detector": describe_detector(row.detector),
+                "owner": row.owner,
+            },
+        )
+
+
+class Daemon:
+    """One run of the daemon: the tree, its readiness and the drain.
+
+    ``wall`` is the wall clock for event and log timestamps (the one the log
+    formatter reads too). ``handle_signals`` turns SIGTERM/SIGINT into a drain
+    (off for in-process tests, which call :meth:`request_drain`).
+
+    ``drain_grace_s`` keeps the listener serving that long after ``/readyz``
+    turned 503, inside the drain budget, so that load balancers see the pod
+    go unready before its connections close. It defaults to 0 until the config
+    schema has a field for it.
+
+    A Daemon is run once.
+    """
+
+    def __init__(
+        self,
+        config: TriageConfig,
+        catalog: Catalog,
+        *,
+        source: str = "<config>",
+        catalog_source: str = "<catalog>",
+        wall: Callable[[], float] = time.time,
+        handle_signals: bool = True,
+        drain_grace_s: float = 0.0,
+    ) -> None:
+        check_profiles(config, source)
+        if not 0.0 <= drain_grace_s < config.daemon.drain_s:
+            raise ValueError("drain_grace_s must be >= 0 and below daemon.drain_s")
+        self.config = config
+        self.catalog = catalog
+        self.source = source
+        self.catalog_source = catalog_source
+        self.wall = wall
+        self.handle_signals = handle_signals
+        self.drain_grace_s = drain_grace_s
+        self.tree: Tree | None = None
+        self.runtime: Runtime | None = None
+        self.drain_reason: str | None = None
+        self._wake = trio.Event()
+        self._failure: BaseException | None = None
+        self._root_scope = trio.CancelScope()
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def readiness(self) -> Readiness | None:
+        return self.tree.readiness if self.tree is not None else None
+
+    @property
+    def port(self) -> int | None:
+        """The port the HTTP child is bound to (None before it listens)."""
+        return self.tree.http.port if self.tree is not None else None
+
+    def request_drain(self, reason: str) -> None:
+        """Start a drain (what SIGTERM does). ``/readyz`` turns 503 before this returns."""
+        if self.drain_reason is not None:
+            log.info("drain already in progress", extra={"reason": reason})
+            return
+        self.drain_reason = reason
+        if self.tree is not None:
+            self.tree.readiness.begin_drain()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> int:
+        """Run until drained (0) or until the root supervisor fails (1).
+
+        ``task_status.started(port)`` once the daemon is ready.
+        """
+        daemon = self.config.daemon
+        started_at = trio.current_time()
+        log.info(
+            "starting",
+            extra={
+                "config": self.source,
+                "pid": os.getpid(),
+                "host": daemon.host,
+                "port": daemon.port,
+                "seed": daemon.seed,
+                "log_level": daemon.log_level,
+            },
+        )
+        log_catalog(self.catalog, self.catalog_source)
+        code = EXIT_FAILED
+        try:
+            async with open_runtime(
+                seed=daemon.seed, metrics=_metrics(daemon.max_label_values), wall=self.wall
+            ) as runtime:
+                self.runtime = runtime
+                code = await self._run(runtime, task_status)
+        except Exception as exc:  # a failed start: a child could not start, a port in use...
+            log.critical("daemon failed", exc_info=exc)
+        finally:
+            if self.tree is not None:
+                self.tree.readiness.mark_stopped()
+                self.tree.unsubscribe()
+            log.info(
+                "stopped",
+                extra={
+                    "exit_code": code,
+                    "reason": self.drain_reason,
+                    "uptime_s": trio.current_time() - started_at,
+                },
+            )
+        return code
+
+    async def _run(self, runtime: Runtime, task_status: trio.TaskStatus[int]) -> int:
+        tree = self.tree = build_tree(self.config, self.catalog, runtime, source=self.source)
+        if self.drain_reason is not None:  # requested before the tree existed
+            tree.readiness.begin_drain()
+        root_stopped = trio.Event()
+        async with trio.open_nursery() as nursery:
+            if self.handle_signals:
+                await nursery.start(self._watch_signals)
+            await nursery.start(self._supervise, tree, root_stopped)
+            tree.readiness.mark_running()
+            if tree.readiness.phase is Phase.RUNNING:
+                log.info(
+                    "ready",
+                    extra={
+                        "host": self.config.daemon.host,
+                        "port": tree.http.port,
+                        "children": [c.id for c in tree.root.which_children()],
+                    },
+                )
+            task_status.started(tree.http.port if tree.http.port is not None else 0)
+            await self._wake.wait()
+            if self.drain_reason is not None and not root_stopped.is_set():
+                await self._drain(tree, root_stopped, self.drain_reason)
+            nursery.cancel_scope.cancel()  # the signal watcher
+        if self._failure is not None:
+            log.critical("root supervisor failed", exc_info=self._failure)
+            return EXIT_FAILED
+        return EXIT_OK
+
+    async def _supervise(
+        self,
+        tree: Tree,
+        root_stopped: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the root supervisor until the drain cancels it; record its failure if it fails.
+
+        A failure to start propagates out of ``nursery.start`` (the daemon then
+        exits 1); a failure after the start is recorded and wakes the daemon.
+        """
+        status = _Started(task_status)
+        try:
+            with self._root_scope:
+                await tree.root.run(task_status=status)
+            if not self._root_scope.cancelled_caught:
+                self._failure = RuntimeError("the root supervisor returned")
+        except Exception as exc:
+            if not status.flag:
+                raise
+            self._failure = exc
+        finally:
+            root_stopped.set()
+            self._wake.set()
+
+    async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(*DRAIN_SIGNALS) as signals:
+            task_status.started()
+            async for signum in signals:
+                self.request_drain(signal.Signals(signum).name)
+
+    async def _drain(self, tree: Tree, root_stopped: trio.Event, reason: str) -> None:
+        drain_s = self.config.daemon.drain_s
+        begun = trio.current_time()
+        deadline = begun + drain_s
+        tree.readiness.begin_drain()
+        log.info(
+            "draining",
+            extra={"reason": reason, "drain_s": drain_s, "grace_s": self.drain_grace_s},
+        )
+        with trio.move_on_at(deadline):
+            if self.drain_grace_s > 0:
+                await trio.sleep(self.drain_grace_s)
+            tree.http.shutdown()
+            await tree.http.wait_stopped()
+        remaining = deadline - trio.current_time()
+        if remaining > 0:
+            # The root's shielded stop is bounded by its own shutdown_s: fit it
+            # into what is left of the drain budget.
+            tree.root.shutdown_s = min(tree.root.shutdown_s, remaining)
+        self._root_scope.cancel()
+        await root_stopped.wait()
+        elapsed = trio.current_time() - begun
+        if elapsed > drain_s:
+            log.warning(
+                "drain overran its budget", extra={"elapsed_s": elapsed, "drain_s": drain_s}
+            )
+        else:
+            log.info("drained", extra={"elapsed_s": elapsed, "drain_s": drain_s})
+
+
+class _Started:
+    """A task_status proxy that remembers whether ``started()`` was called."""
+
+    __slots__ = ("flag", "real")
+
+    def __init__(self, real: trio.TaskStatus[None]) -> None:
+        self.real = real
+        self.flag = False
+
+    def started(self, value: None = None) -> None:
+        self.flag = True
+        self.real.started()
+
+
+def main_run(config_path: str) -> int:
+    """``triage run --config FILE``: the daemon's exit status (0 after a drain).
+
+    Raises :class:`config.ConfigError` for a bad config or catalog before
+    anything starts (the CLI prints each problem and exits 2).
+    """
+    config = load_config(config_path)
+    catalog_file = catalog_path(config, config_path)
+    catalog = load_catalog(catalog_file, metrics=METRICS, mitigations=MITIGATIONS)
+    check_profiles(config, config_path)
+    wall = time.time
+    with json_logging(config.daemon.log_level, wall=wall):
+        daemon = Daemon(
+            config,
+            catalog,
+            source=config_path,
+            catalog_source=str(catalog_file),
+            wall=wall,
+        )
+        return trio.run(daemon.run)
