@@ -257,7 +257,13 @@ class DaemonConfig(_Section, frozen=True, kw_only=True):
     seed: int | None = None
     max_label_values: PositiveInt
     detector_tick_s: PositiveFloat
-    event_buffer: PositiveInt
+    # After SIGTERM, keep serving (with /readyz at 503) this long so load balancers
+    # notice before the listener closes: Kubernetes' pre-stop pause, inside drain_s.
+    drain_grace_s: NonNegativeFloat = 0.0
+
+    def __post_init__(self) -> None:
+        if self.drain_grace_s >= self.drain_s:
+            raise ValueError(f"drain_grace_s: must be below drain_s ({self.drain_s:g})")
 
 
 class ServicesConfig(_Section, frozen=True, kw_only=True):

@@ -337,5 +337,6 @@ def main_run(config_path: str) -> int:
             source=config_path,
             catalog_source=str(catalog_file),
             wall=wall,
+            drain_grace_s=config.daemon.drain_grace_s,
         )
         return trio.run(daemon.run)

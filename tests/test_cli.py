@@ -22,7 +22,7 @@ catalog = "{catalog}"
 drain_s = 25
 max_label_values = 100
 detector_tick_s = 1
-event_buffer = 1000
+drain_grace_s = 0.0
 """
 
 BAD = """\
@@ -30,7 +30,7 @@ BAD = """\
 drain_s = 25
 max_label_values = 100
 detector_tick_s = 1
-event_buffer = 1000
+drain_grace_s = 0.0
 
 [mailboxes.relay]
 capacity = 0

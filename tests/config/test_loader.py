@@ -13,7 +13,7 @@ DAEMON = """\
 drain_s = 25
 max_label_values = 100
 detector_tick_s = 1
-event_buffer = 1000
+drain_grace_s = 0.0
 """
 
 BREAKERS = """
@@ -333,3 +333,11 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+def test_drain_grace_must_fit_inside_the_drain_budget() -> None:
+    text = DAEMON.replace("drain_grace_s = 0.0", "drain_grace_s = 25.0")
+    problems = errors(text)
+    assert len(problems) == 1
+    assert "$.daemon" in problems[0]
+    assert "drain_grace_s: must be below drain_s (25)" in problems[0]

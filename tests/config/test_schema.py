@@ -160,7 +160,7 @@ def test_engine_kwargs_drop_the_profile_base() -> None:
 
 
 def test_root_defaults() -> None:
-    daemon = {"drain_s": 25, "max_label_values": 10, "detector_tick_s": 1, "event_buffer": 10}
+    daemon = {"drain_s": 25, "max_label_values": 10, "detector_tick_s": 1}
     config = msgspec.convert({"daemon": daemon}, TriageConfig)
     assert (config.daemon.host, config.daemon.port, config.daemon.log_level) == (
         "127.0.0.1",
