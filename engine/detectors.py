@@ -524,24 +524,6 @@ class _WindowedDetector(Detector):
             self._window.advance(start)
 
 
-class RateDetector(_WindowedDetector):
-    """Events per second over the window: ``observe(count)`` per event or batch."""
-
-    kind = DetectorKind.RATE
-
-    def observe(self, count: int = 1) -> None:
-        if count < 0:
-            raise ValueError(f"detector {self.name!r}: count must be >= 0, got {count}")
-        window = self._window
-        window.advance(trio.current_time())
-        window.add(count)
-
-    def _measure(self, now: float) -> float:
-        window = self._window
-        window.advance(now)
-        return window.count / self._span_s
-
-
 class CountInWindowDetector(_WindowedDetector):
     """Events counted over the window: ``observe(count)`` per event or batch."""
 
@@ -557,6 +539,15 @@ class CountInWindowDetector(_WindowedDetector):
     def _measure(self, now: float) -> float:
         self._window.advance(now)
         return float(self._window.count)
+
+
+class RateDetector(CountInWindowDetector):
+    """Events per second over the window: ``observe(count)`` per event or batch."""
+
+    kind = DetectorKind.RATE
+
+    def _measure(self, now: float) -> float:
+        return super()._measure(now) / self._span_s
 
 
 class RatioDetector(_WindowedDetector):
