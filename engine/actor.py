@@ -29,6 +29,7 @@ message.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -177,14 +178,17 @@ class ActorRef(Generic[M]):
 
 
 async def _run_actor(
-    actor: Actor[Any],
+    factory: Callable[[], Actor[Any]],
     receive: trio.MemoryReceiveChannel[Any],
     batch_max: int,
     shutdown_s: float,
-    task_status: trio.TaskStatus[None],
+    overrides_init: bool,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """One incarnation of an actor: init, signal started, loop, terminate."""
-    await actor.init()
+    actor = factory()
+    if overrides_init:
+        await actor.init()
     task_status.started()
     reason: BaseException | None = None
     handle = actor.handle
@@ -244,8 +248,6 @@ def actor_child(
     The mailbox is created here, once: it survives restarts of the actor and is
     closed when the supervisor removes the child for good.
     """
-    from .supervisor import ChildSpec, Restart
-
     if capacity < 1:
         raise ValueError("mailbox capacity must be >= 1")
     if batch_max < 1:
@@ -253,9 +255,9 @@ def actor_child(
     send, receive = trio.open_memory_channel[Any](capacity)
     ref: ActorRef[M] = ActorRef(id, send, overflow, deadlines)
     overrides_init = _overrides(factory, "init")
+    start = functools.partial(_run_actor, factory, receive, batch_max, shutdown_s, overrides_init)
 
-    async def start(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await _run_actor(factory(), receive, batch_max, shutdown_s, task_status)
+    from .supervisor import ChildSpec, Restart
 
     if metrics is not None:
         label = metrics.label("mailbox", id)

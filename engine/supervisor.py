@@ -387,7 +387,8 @@ class Supervisor:
         incarnation: int,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        status = _Status(task_status)
+        ignored = task_status is trio.TASK_STATUS_IGNORED
+        status = None if ignored else _Status(task_status)
         # Static children are shielded from cancellation coming from outside the
         # supervisor: when it is cancelled, it stops them itself, one by one in
         # reverse order. Dynamic children take the outer cancellation together.
@@ -396,7 +397,7 @@ class Supervisor:
         exit, error = Exit.NORMAL, None
         try:
             with scope:
-                if task_status is trio.TASK_STATUS_IGNORED:
+                if status is None:
                     await child.spec.start()
                 else:
                     await child.spec.start(task_status=status)
@@ -405,14 +406,14 @@ class Supervisor:
             if scope.cancelled_caught:
                 exit = Exit.SHUTDOWN
         except Exception as exc:
-            if task_status is not trio.TASK_STATUS_IGNORED and not status.started_flag:
+            if status is not None and not status.started_flag:
                 raise  # a failed start belongs to whoever started the child
             exit, error = Exit.CRASH, exc
         finally:
             child.running = False
             if child.done is not None:
                 child.done.set()
-        if status.started_flag or task_status is trio.TASK_STATUS_IGNORED:
+        if status is None or status.started_flag:
             self._reports_send.send_nowait(_Report(child, incarnation, exit, error))
 
     async def _stop(self, child: _Child) -> None:
