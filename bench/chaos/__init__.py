@@ -1,0 +1,1 @@
+"""Chaos scenarios, one per catalog row: ``python -m bench.chaos [ID ...] --json FILE``."""
