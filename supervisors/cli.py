@@ -8,19 +8,25 @@
     triage rules [--config F | --catalog F] [-o FILE]
                                           Prometheus alert rules from the catalog
     triage run [--config FILE]            run the daemon
+    triage migrate [--config FILE] [--dsn DSN]
+                                          apply the pending database migrations
 
-Exit status: 0 on success, 2 when a file is invalid (each problem printed to
-stderr as ``FILE:LINE: $.path: message``) or the arguments are wrong.
+Exit status: 0 on success, 1 when a command fails (the reason on stderr), 2
+when a file is invalid (each problem printed to stderr as
+``FILE:LINE: $.path: message``) or the arguments are wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -35,11 +41,13 @@ from config import (
     load_config,
     rules_yaml,
 )
+from providers.services import ENV_POSTGRES_URL
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
 __all__ = ["main"]
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_INVALID = 2
 
 
@@ -169,6 +177,70 @@ def _run(args: argparse.Namespace) -> int:
         return _report(exc)
 
 
+def _postgres_dsn(args: argparse.Namespace) -> str | None:
+    """``--dsn``, else ``TRIAGE_POSTGRES_URL``, else ``services.postgres_url`` of ``--config``."""
+    if args.dsn:
+        return str(args.dsn)
+    env = os.environ.get(ENV_POSTGRES_URL)
+    if env:
+        return env
+    if args.config is not None:
+        return load_config(args.config).services.postgres_url or None
+    return None
+
+
+def _redacted(dsn: str) -> str:
+    """``dsn`` without its password, for messages."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    user = credentials.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{hosts}").geturl()
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    try:
+        dsn = _postgres_dsn(args)
+    except ConfigError as exc:
+        return _report(exc)
+    if dsn is None:
+        print(
+            "triage migrate: no PostgreSQL configured: pass --dsn, set "
+            f"{ENV_POSTGRES_URL}, or set services.postgres_url in the --config file. "
+            "This command never starts the embedded PostgreSQL: `triage run` starts "
+            "and migrates its own.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    # Imported here: asyncpg and the migrations are not needed by the other subcommands.
+    import asyncpg
+
+    from providers.db.migrate import MigrationError, load_migrations, migrate_async
+
+    # A one-shot command outside the daemon: plain asyncio, no Trio and no bridge.
+    try:
+        applied = asyncio.run(migrate_async(dsn))
+    except MigrationError as exc:
+        print(f"triage migrate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(
+            f"triage migrate: {_redacted(dsn)}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    names = {m.version: m.path.name for m in load_migrations()}
+    for version in applied:
+        print(f"applied {names[version]}")
+    print(
+        f"{len(applied)} migration{'s' if len(applied) != 1 else ''} applied"
+        if applied
+        else "up to date: no pending migrations"
+    )
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triage", description="Triage resilience engine: configuration, catalog and daemon."
@@ -199,6 +271,20 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", metavar="FILE", help="config file (default: shipped default.toml)")
     run.set_defaults(handler=_run)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="apply the pending database migrations",
+        description="Apply the pending migrations to PostgreSQL, in order, under an "
+        f"advisory lock. The server is --dsn, else {ENV_POSTGRES_URL}, else "
+        "services.postgres_url of --config. Connect as the tables' owner or a "
+        "superuser, not as the daemon's role.",
+    )
+    migrate.add_argument(
+        "--config", metavar="FILE", help="config file naming services.postgres_url"
+    )
+    migrate.add_argument("--dsn", metavar="DSN", help="PostgreSQL URL (overrides the config)")
+    migrate.set_defaults(handler=_migrate)
     return parser
 
 
