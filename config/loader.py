@@ -30,10 +30,13 @@ from config.schema import (
     BreakerConfig,
     BulkheadConfig,
     DaemonConfig,
+    DatabaseConfig,
     DetectorConfig,
     GuardConfig,
+    IdempotencyConfig,
     MailboxConfig,
     RateLimitConfig,
+    RelayConfig,
     RetryConfig,
     ServicesConfig,
     SupervisorConfig,
@@ -63,7 +66,8 @@ PROFILE_SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "guards": GuardConfig,
     "detectors": DetectorConfig,
 }
-_TOP_LEVEL: Final = frozenset({"daemon", "services", "catalog", *PROFILE_SECTIONS})
+_PLAIN_SECTIONS: Final = ("services", "database", "relay", "idempotency")
+_TOP_LEVEL: Final = frozenset({"daemon", "catalog", *_PLAIN_SECTIONS, *PROFILE_SECTIONS})
 #: Guard field -> the section its value must name.
 _GUARD_REFERENCES: Final = {
     "breaker": "breakers",
@@ -525,6 +529,9 @@ def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
     else:
         daemon = report.decode(raw["daemon"], DaemonConfig, ("daemon",))
     services = report.decode(raw.get("services", {}), ServicesConfig, ("services",))
+    database = report.decode(raw.get("database", {}), DatabaseConfig, ("database",))
+    relay = report.decode(raw.get("relay", {}), RelayConfig, ("relay",))
+    idempotency = report.decode(raw.get("idempotency", {}), IdempotencyConfig, ("idempotency",))
     catalog = raw.get("catalog", "failures.toml")
     if not isinstance(catalog, str) or not catalog:
         report.add(("catalog",), f"expected a non-empty str, got {toml_repr(catalog)}")
@@ -550,10 +557,15 @@ def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
                 )
 
     report.raise_if_any()
-    assert daemon is not None and services is not None  # no problems means both decoded
+    # No problems means every section decoded.
+    assert daemon is not None and services is not None and database is not None
+    assert relay is not None and idempotency is not None
     return TriageConfig(
         daemon=daemon,
         services=services,
+        database=database,
+        relay=relay,
+        idempotency=idempotency,
         catalog=str(catalog),
         mailboxes=sections["mailboxes"],
         supervisors=sections["supervisors"],

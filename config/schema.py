@@ -274,11 +274,50 @@ class ServicesConfig(_Section, frozen=True, kw_only=True):
     redis_url: str | None = None
 
 
+class DatabaseConfig(_Section, frozen=True, kw_only=True):
+    """The PostgreSQL pools the daemon opens (as ``daemon_role``, never the owner)."""
+
+    daemon_role: Annotated[str, msgspec.Meta(min_length=1)] = "triage_daemon"
+    pool_min: NonNegativeInt = 1
+    pool_max: PositiveInt = 10
+    connect_timeout_s: PositiveFloat = 5.0
+    command_timeout_s: PositiveFloat = 5.0
+    migrate_cleanup_s: PositiveFloat = 5.0
+
+    def __post_init__(self) -> None:
+        if self.pool_min > self.pool_max:
+            raise ValueError(f"pool_min: must be <= pool_max ({self.pool_max})")
+
+
+class RelayConfig(_Section, frozen=True, kw_only=True):
+    """The transactional outbox relay: batches from PostgreSQL to JetStream."""
+
+    stream: Annotated[str, msgspec.Meta(min_length=1)] = "TRIAGE_EVENTS"
+    subjects: Annotated[str, msgspec.Meta(min_length=1)] = "triage.events.>"
+    dlq_subject: Annotated[str, msgspec.Meta(min_length=1)] = "triage.dlq.outbox"
+    batch_size: PositiveInt = 200
+    poll_interval_s: PositiveFloat = 0.2
+    ack_timeout_s: PositiveFloat = 5.0
+    max_attempts: PositiveInt = 5  # failed publishes of one event before it is dead-lettered
+    duplicate_window_s: PositiveFloat = 120.0  # the stream's; must cover the retry horizon
+
+
+class IdempotencyConfig(_Section, frozen=True, kw_only=True):
+    """The idempotency store: Redis in front, the database's unique key as the truth."""
+
+    cache_ttl_s: PositiveFloat = 86_400.0
+    key_ttl_s: PositiveFloat = 7 * 86_400.0
+    warm_batch: PositiveInt = 1000
+
+
 class TriageConfig(_Section, frozen=True, kw_only=True):
     """The whole file. ``catalog`` is the failure catalog, relative to this file's directory."""
 
     daemon: DaemonConfig
     services: ServicesConfig = msgspec.field(default_factory=ServicesConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
+    idempotency: IdempotencyConfig = msgspec.field(default_factory=IdempotencyConfig)
     catalog: Annotated[str, msgspec.Meta(min_length=1)] = "failures.toml"
     mailboxes: dict[str, MailboxConfig] = msgspec.field(default_factory=dict)
     supervisors: dict[str, SupervisorConfig] = msgspec.field(default_factory=dict)
