@@ -12,11 +12,17 @@ A :class:`Daemon` run, step by step:
 2. log the catalog: a summary of which rows are live (``built``) and which are
    not, then one debug line per row;
 3. listen for SIGTERM and SIGINT (each starts a drain);
-4. build the tree (:mod:`supervisors.tree`) and start the root supervisor,
+4. with ``backbone=True`` (``triage run`` always): open the backbone
+   (:mod:`supervisors.backbone`): resolve the services, embedded PostgreSQL and
+   NATS when no URL is configured; open the bridge; migrate; open the pool as
+   ``[database].daemon_role`` and verify RLS holds it (a role that could see
+   across tenants is refused: ``database role refused``, exit 1). A drain
+   requested meanwhile abandons the start (exit 0);
+5. build the tree (:mod:`supervisors.tree`) and start the root supervisor,
    which starts its children in order; the HTTP child reports started only once
    its socket listens (the bound port is logged, port 0 included);
-5. mark the daemon ready and log ``ready``;
-6. wait for a drain request or for the root supervisor to fail.
+6. mark the daemon ready and log ``ready``;
+7. wait for a drain request or for the root supervisor to fail.
 
 A drain, bounded as a whole by ``daemon.drain_s`` from the moment it starts:
 
@@ -28,7 +34,9 @@ A drain, bounded as a whole by ``daemon.drain_s`` from the moment it starts:
 4. the root supervisor stops its remaining children in reverse start order,
    each within its shutdown deadline, and its own deadline is lowered to what
    is left of the drain budget;
-5. log ``stopped``; the exit status is 0.
+5. the backbone closes: the pool (by the drain's deadline), the bridge, then
+   the embedded servers (waited for, so none outlives the daemon);
+6. log ``stopped``; the exit status is 0.
 
 If the root supervisor fails (a child fails to start, or restart intensity is
 exceeded) the daemon logs it at ``critical``, logs ``stopped`` and exits 1.
@@ -36,12 +44,13 @@ exceeded) the daemon logs it at ``critical``, logs ``stopped`` and exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Final, TypeVar
 
 import trio
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -56,6 +65,8 @@ from config import (
 )
 from engine.metrics import Metrics
 from engine.runtime import Runtime, open_runtime
+from providers.db import UnsafeRoleError
+from supervisors.backbone import Backbone, StartAbandoned, StartGuard, open_backbone
 from supervisors.logging import json_logging
 from supervisors.tree import Phase, Readiness, Tree, build_tree, check_profiles
 from supervisors.vocabulary import METRICS, MITIGATIONS
@@ -69,6 +80,8 @@ EXIT_FAILED: Final = 1
 DRAIN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 log = logging.getLogger("triage.daemon")
+
+E = TypeVar("E", bound=BaseException)
 
 
 def _metrics(max_label_values: int) -> Metrics:
@@ -118,6 +131,10 @@ class Daemon:
     go unready before its connections close. It defaults to 0 until the config
     schema has a field for it.
 
+    ``backbone`` brings up services, migrations and the database pool before the
+    tree (off by default for in-process tests of the tree alone; ``triage run``
+    turns it on). ``env`` is where ``TRIAGE_*_URL`` overrides are read.
+
     A Daemon is run once.
     """
 
@@ -131,6 +148,8 @@ class Daemon:
         wall: Callable[[], float] = time.time,
         handle_signals: bool = True,
         drain_grace_s: float = 0.0,
+        backbone: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         check_profiles(config, source)
         if not 0.0 <= drain_grace_s < config.daemon.drain_s:
@@ -142,12 +161,16 @@ class Daemon:
         self.wall = wall
         self.handle_signals = handle_signals
         self.drain_grace_s = drain_grace_s
+        self.use_backbone = backbone
+        self.env: Mapping[str, str] = os.environ if env is None else env
+        self.backbone: Backbone | None = None
         self.tree: Tree | None = None
         self.runtime: Runtime | None = None
         self.drain_reason: str | None = None
         self._wake = trio.Event()
         self._failure: BaseException | None = None
         self._root_scope = trio.CancelScope()
+        self._start_guard = StartGuard()  # the backbone's start; a drain abandons it
 
     # ------------------------------------------------------------------ control
 
@@ -168,6 +191,7 @@ class Daemon:
         self.drain_reason = reason
         if self.tree is not None:
             self.tree.readiness.begin_drain()
+        self._start_guard.abandon()
         self._wake.set()
 
     # ------------------------------------------------------------------ running
@@ -175,7 +199,8 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> int:
         """Run until drained (0) or until the root supervisor fails (1).
 
-        ``task_status.started(port)`` once the daemon is ready.
+        ``task_status.started(port)`` once the daemon is ready (``started(0)`` if a
+        drain abandoned the backbone's start).
         """
         daemon = self.config.daemon
         started_at = trio.current_time()
@@ -197,9 +222,21 @@ class Daemon:
                 seed=daemon.seed, metrics=_metrics(daemon.max_label_values), wall=self.wall
             ) as runtime:
                 self.runtime = runtime
-                code = await self._run(runtime, task_status)
+                async with trio.open_nursery() as nursery:
+                    if self.handle_signals:
+                        await nursery.start(self._watch_signals)
+                    code = await self._run_with_backbone(runtime, task_status)
+                    nursery.cancel_scope.cancel()  # the signal watcher
         except Exception as exc:  # a failed start: a child could not start, a port in use...
-            log.critical("daemon failed", exc_info=exc)
+            refused = _sole(exc, UnsafeRoleError)
+            if refused is not None:
+                log.critical(
+                    "database role refused: %s",
+                    refused,
+                    extra={"role": self.config.database.daemon_role},
+                )
+            else:
+                log.critical("daemon failed", exc_info=exc)
         finally:
             if self.tree is not None:
                 self.tree.readiness.mark_stopped()
@@ -214,14 +251,30 @@ class Daemon:
             )
         return code
 
-    async def _run(self, runtime: Runtime, task_status: trio.TaskStatus[int]) -> int:
-        tree = self.tree = build_tree(self.config, self.catalog, runtime, source=self.source)
+    async def _run_with_backbone(self, runtime: Runtime, task_status: trio.TaskStatus[int]) -> int:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.use_backbone:
+                try:
+                    self.backbone = await stack.enter_async_context(
+                        open_backbone(self.config, self.env, guard=self._start_guard)
+                    )
+                except StartAbandoned:
+                    log.info("start abandoned", extra={"reason": self.drain_reason})
+                    task_status.started(0)  # nothing listens: port 0
+                    return EXIT_OK
+            return await self._run(runtime, self.backbone, task_status)
+        raise AssertionError("unreachable")  # pragma: no cover - mypy: the stack may swallow
+
+    async def _run(
+        self, runtime: Runtime, backbone: Backbone | None, task_status: trio.TaskStatus[int]
+    ) -> int:
+        tree = self.tree = build_tree(
+            self.config, self.catalog, runtime, source=self.source, backbone=backbone
+        )
         if self.drain_reason is not None:  # requested before the tree existed
             tree.readiness.begin_drain()
         root_stopped = trio.Event()
         async with trio.open_nursery() as nursery:
-            if self.handle_signals:
-                await nursery.start(self._watch_signals)
             await nursery.start(self._supervise, tree, root_stopped)
             tree.readiness.mark_running()
             if tree.readiness.phase is Phase.RUNNING:
@@ -237,7 +290,6 @@ class Daemon:
             await self._wake.wait()
             if self.drain_reason is not None and not root_stopped.is_set():
                 await self._drain(tree, root_stopped, self.drain_reason)
-            nursery.cancel_scope.cancel()  # the signal watcher
         if self._failure is not None:
             log.critical("root supervisor failed", exc_info=self._failure)
             return EXIT_FAILED
@@ -279,6 +331,8 @@ class Daemon:
         drain_s = self.config.daemon.drain_s
         begun = trio.current_time()
         deadline = begun + drain_s
+        if self.backbone is not None:
+            self.backbone.deadline = deadline  # the pool closes by then too
         tree.readiness.begin_drain()
         log.info(
             "draining",
@@ -303,6 +357,13 @@ class Daemon:
             )
         else:
             log.info("drained", extra={"elapsed_s": elapsed, "drain_s": drain_s})
+
+
+def _sole(exc: BaseException, kind: type[E]) -> E | None:
+    """``exc`` if it is a ``kind``, or the one ``kind`` inside nested single-member groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, kind) else None
 
 
 class _Started:
@@ -338,5 +399,6 @@ def main_run(config_path: str) -> int:
             catalog_source=str(catalog_file),
             wall=wall,
             drain_grace_s=config.daemon.drain_grace_s,
+            backbone=True,
         )
         return trio.run(daemon.run)

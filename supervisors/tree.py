@@ -13,6 +13,12 @@ child id       what                                        restart
                the catalog's built rows and the config's
                ``[detectors.*]``, evaluated every
                ``daemon.detector_tick_s``
+``db_health``  :class:`actors.db_health.DbHealth`: ``SELECT  permanent
+               1`` every ``daemon.detector_tick_s``
+               through ``[breakers.postgres_primary]``
+               (only with a backbone)
+(extra)        ``build_tree(children=...)``: the lead's   (theirs)
+               actors (relay, idempotency...), in order
 ``http``       hypercorn serving ``/livez``, ``/readyz``,  transient
                ``/metrics`` on ``daemon.host:port``
 =============  ==========================================  ==========
@@ -27,6 +33,8 @@ supervisor's static children:
 * ``starting`` until the root supervisor has started all its children;
 * ``draining`` from the moment a drain is requested (a signal), for good;
 * ``stopped`` once the root supervisor has exited;
+* ``database unavailable`` (and any other registered check,
+  :meth:`Readiness.add_check`) while that check names a problem;
 * otherwise ready iff every static child of every watched supervisor is
   ``running``; a child ``restarting`` (waiting out a backoff or an open
   breaker), ``starting`` or ``stopping`` makes it not ready, and is named.
@@ -38,27 +46,34 @@ neither do firing alerts: they are listed in the body as detail only.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from actors.alerts import ActiveAlerts, AlertEvent, AlertSink, EventForwarder, forward_events
+from actors.db_health import DbHealth
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
 from config.catalog import alert_name
 from engine.actor import ActorRef, Overflow, actor_child
+from engine.breaker import Breaker
 from engine.detectors import DetectorSet, make_detector
 from engine.runtime import Runtime
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from supervisors.http import HealthApp, HttpServer
 
+if TYPE_CHECKING:
+    from supervisors.backbone import Backbone
+
 __all__ = [
+    "DB_BREAKER",
     "REQUIRED_PROFILES",
     "Phase",
     "Readiness",
     "Tree",
+    "build_db_health",
     "build_detectors",
     "build_tree",
     "check_profiles",
@@ -67,6 +82,8 @@ __all__ = [
 
 #: Profiles the tree needs: (section, name).
 REQUIRED_PROFILES: Final = (("supervisors", "root"), ("mailboxes", "alerts"))
+#: The breaker profile of the database probe (with a backbone).
+DB_BREAKER: Final = "postgres_primary"
 
 
 def check_profiles(config: TriageConfig, source: str) -> None:
@@ -99,10 +116,15 @@ class Readiness:
         self.board = board
         self.phase = Phase.STARTING
         self._supervisors: list[Supervisor] = []
+        self._checks: list[Callable[[], str | None]] = []
 
     def watch(self, supervisor: Supervisor) -> None:
         """Count ``supervisor``'s static children in readiness."""
         self._supervisors.append(supervisor)
+
+    def add_check(self, check: Callable[[], str | None]) -> None:
+        """Make the daemon unready while ``check()`` returns a reason (e.g. "database unavailable")."""
+        self._checks.append(check)
 
     def mark_running(self) -> None:
         """The root supervisor has started every child (ignored once draining)."""
@@ -120,6 +142,10 @@ class Readiness:
         alerts = msgspec.to_builtins(list(self.board.snapshot()))
         if self.phase is not Phase.RUNNING:
             return False, {"status": "not_ready", "reason": self.phase.value, "alerts": alerts}
+        for check in self._checks:
+            reason = check()
+            if reason is not None:
+                return False, {"status": "not_ready", "reason": reason, "alerts": alerts}
         children = [
             {"supervisor": sup.name, "child": info.id, "state": info.state}
             for sup in self._supervisors
@@ -145,6 +171,7 @@ class Tree:
     unsubscribe: Callable[[], None]
     detectors: DetectorSet
     http: HttpServer
+    db_health: DbHealth | None = None
 
 
 def detector_name(row: CatalogRow) -> str:
@@ -176,12 +203,19 @@ def build_tree(
     runtime: Runtime,
     *,
     source: str = "<config>",
+    backbone: Backbone | None = None,
+    children: Sequence[ChildSpec] = (),
 ) -> Tree:
     """Wire the root supervisor and its children from ``config`` (nothing runs yet).
 
     Subscribes the alert forwarder to the runtime's event bus at once, so the
     events of the tree's own start are logged; call ``tree.unsubscribe()`` when
     the tree is gone.
+
+    With a ``backbone`` (the daemon's services and pool), the database probe
+    joins the tree and its breaker counts in readiness. ``children`` are more
+    child specs, started after those and before ``http`` (so the daemon reports
+    ready only once they run), stopped before them.
     """
     check_profiles(config, source)
     daemon = config.daemon
@@ -209,6 +243,19 @@ def build_tree(
     )
 
     readiness = Readiness(board)
+    backbone_specs: list[ChildSpec] = []
+    db_health: DbHealth | None = None
+    if backbone is not None:
+        db_health = build_db_health(config, backbone, runtime)
+        readiness.add_check(db_health.unavailable)
+        backbone_specs.append(
+            ChildSpec(
+                id="db_health",
+                start=db_health.run,
+                restart=Restart.PERMANENT,
+                shutdown_s=child_shutdown_s,
+            )
+        )
     registry = runtime.metrics.registry if runtime.metrics is not None else None
     if registry is None:
         raise ValueError("the daemon's runtime needs metrics (a registry to serve on /metrics)")
@@ -218,9 +265,8 @@ def build_tree(
         id="http", start=http.run, restart=Restart.TRANSIENT, shutdown_s=child_shutdown_s
     )
 
-    root = Supervisor(
-        "root", [alerts_spec, detectors_spec, http_spec], **root_config, runtime=runtime
-    )
+    specs = [alerts_spec, detectors_spec, *backbone_specs, *children, http_spec]
+    root = Supervisor("root", specs, **root_config, runtime=runtime)
     readiness.watch(root)
     forwarder, unsubscribe = forward_events(runtime.events, alerts_ref)
     return Tree(
@@ -232,4 +278,40 @@ def build_tree(
         unsubscribe=unsubscribe,
         detectors=detectors,
         http=http,
+        db_health=db_health,
     )
+
+
+def build_db_health(config: TriageConfig, backbone: Backbone, runtime: Runtime) -> DbHealth:
+    """The database probe, its breaker from ``[breakers.postgres_primary]`` (defaults if absent)."""
+    profile = config.breakers.get(DB_BREAKER)
+    fields = engine_kwargs(profile) if profile is not None else _DEFAULT_BREAKER
+    breaker = Breaker(
+        DB_BREAKER,
+        **fields,
+        clock=runtime.clock,
+        events=runtime.events,
+        metrics=runtime.metrics,
+    )
+    database = config.database
+    return DbHealth(
+        backbone.pool,
+        breaker,
+        tick_s=config.daemon.detector_tick_s,
+        timeout_s=database.connect_timeout_s + database.command_timeout_s + 1.0,
+    )
+
+
+# Used when a config has no [breakers.postgres_primary] (the shipped ones all do).
+_DEFAULT_BREAKER: Final[dict[str, Any]] = {
+    "fail_max": 3,
+    "reset_timeout_s": 5.0,
+    "reset_timeout_max_s": 60.0,
+    "reset_backoff_multiplier": 2.0,
+    "failure_rate_threshold": 0.5,
+    "rate_window_s": 60.0,
+    "minimum_calls": 20,
+    "slow_call_s": 2.0,
+    "slow_call_rate_threshold": 0.8,
+    "half_open_max_calls": 2,
+}

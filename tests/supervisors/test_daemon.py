@@ -226,7 +226,8 @@ async def test_tree_wiring_from_config() -> None:
             root.period_s,
             root.shutdown_s,
         )
-        assert len(tree.detectors) == 0  # no catalog row is built yet
+        # No catalog row is built into this tree: only the config's own detectors run.
+        assert sorted(d.name for d in tree.detectors) == sorted(config.detectors)
         assert tree.http.graceful_timeout_s == config.daemon.drain_s
         tree.unsubscribe()
 
@@ -243,7 +244,8 @@ async def test_built_rows_and_config_detectors_are_evaluated() -> None:
     async with open_runtime(seed=1, metrics=Metrics(CollectorRegistry())) as runtime:
         detectors = build_detectors(config, [r for r in catalog.rows if r.built], runtime)
         row = catalog.row(1)
-        assert [d.name for d in detectors] == [detector_name(row), "extra"]
+        assert [d.name for d in detectors] == [detector_name(row), *config.detectors]
+        assert "extra" in config.detectors
         assert detectors[detector_name(row)].row == 1
         assert detectors[detector_name(row)].threshold == row.detector.threshold
         assert detectors["extra"].row is None

@@ -1,0 +1,280 @@
+"""The daemon with its backbone: services, migrations, the daemon role's pool, the probe.
+
+In process, the daemon uses the session's servers (URLs through ``env``); as a
+process with no URL at all, it starts (and stops) embedded PostgreSQL and NATS
+itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import cast
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import trio
+
+from actors.alerts import ActiveAlerts
+from actors.db_health import UNAVAILABLE, DbHealth
+from config import engine_kwargs, load_config_text
+from engine.breaker import Breaker, CircuitState
+from engine.errors import ProviderUnavailable
+from engine.runtime import open_runtime
+from providers.db.pool import DbPool, Pool
+from providers.services import ENV_NATS_URL, ENV_POSTGRES_URL, ENV_REDIS_URL
+from supervisors.daemon import Daemon
+from supervisors.tree import DB_BREAKER, Readiness
+from tests.supervisors.test_daemon import (
+    DEV_TEXT,
+    REPO,
+    Lines,
+    _config_file,
+    dev_config,
+    messages,
+    shipped_catalog,
+    start,
+)
+
+
+def service_env(postgres_url: str, nats_url: str) -> dict[str, str]:
+    return {ENV_POSTGRES_URL: postgres_url, ENV_NATS_URL: nats_url}
+
+
+async def _whoami(pool: Pool) -> tuple[str, int]:
+    async with pool.acquire() as conn:
+        user = await conn.fetchval("SELECT current_user")
+        versions = await conn.fetchval("SELECT count(*) FROM schema_migrations")
+        return str(user), int(versions)
+
+
+async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
+    postgres_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = dev_config()
+    daemon = Daemon(
+        config,
+        shipped_catalog(),
+        handle_signals=False,
+        backbone=True,
+        env=service_env(postgres_url, nats_url),
+    )
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            running = await start(nursery, daemon)
+        backbone = daemon.backbone
+        assert backbone is not None
+        assert backbone.migrated == ["0001", "0002"]
+        assert backbone.services.embedded == frozenset()
+        async with httpx.AsyncClient(base_url=running.url) as client:
+            readyz = await client.get("/readyz")
+            assert (readyz.status_code, readyz.json()) == (200, {"status": "ready", "alerts": []})
+            metrics = await client.get("/metrics")
+            assert 'triage_supervisor_children{supervisor="root"} 4.0' in metrics.text
+            assert 'triage_breaker_state{breaker="postgres_primary"} 0.0' in metrics.text
+            # Queries run as the daemon's role, never the owner URL's.
+            assert await backbone.pool.run_unit(_whoami) == ("triage_daemon", 2)
+
+            # The probe's breaker open: unready, named; closed again: ready.
+            tree = daemon.tree
+            assert tree is not None and tree.db_health is not None
+            assert tree.db_health.probes >= 1 and tree.db_health.failures == 0
+            tree.db_health.breaker.force_open("test")
+            readyz = await client.get("/readyz")
+            assert readyz.status_code == 503
+            assert readyz.json()["reason"] == UNAVAILABLE == "database unavailable"
+            tree.db_health.breaker.reset("test")
+            assert (await client.get("/readyz")).status_code == 200
+        daemon.request_drain("test")
+        with trio.fail_after(config.daemon.drain_s):
+            await running.done.wait()
+    assert running.code == 0
+    assert backbone.pool.closed
+    log = messages(caplog)
+    assert "services: postgres=external nats=external redis=none" in log
+    order = ["migrations applied", "database pool open", "ready", "drained", "database pool closed"]
+    assert [m for m in log if m in order] == order
+    assert log[-1] == "stopped"
+
+
+async def test_a_second_start_finds_the_schema_up_to_date(
+    postgres_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    for expected in (["0001", "0002"], []):
+        daemon = Daemon(
+            dev_config(),
+            shipped_catalog(),
+            handle_signals=False,
+            backbone=True,
+            env=service_env(postgres_url, nats_url),
+        )
+        daemon.request_drain("test")  # before the start: nothing starts, exit 0
+        with trio.fail_after(10):
+            assert await daemon.run() == 0
+        assert daemon.backbone is None
+        assert "start abandoned" in messages(caplog)
+        caplog.clear()
+        daemon = Daemon(
+            dev_config(),
+            shipped_catalog(),
+            handle_signals=False,
+            backbone=True,
+            env=service_env(postgres_url, nats_url),
+        )
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                running = await start(nursery, daemon)
+            assert daemon.backbone is not None
+            assert daemon.backbone.migrated == expected
+            daemon.request_drain("test")
+        assert running.code == 0
+    assert "schema up to date" in messages(caplog)
+
+
+async def test_a_role_that_sees_through_rls_is_refused(
+    postgres_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    superuser = urlsplit(postgres_url).username or "postgres"
+    text = re.sub(r"(?m)^port = 8080$", "port = 0", DEV_TEXT)
+    text = text.replace('daemon_role = "triage_daemon"', f"daemon_role = {json.dumps(superuser)}")
+    daemon = Daemon(
+        load_config_text(text),
+        shipped_catalog(),
+        handle_signals=False,
+        backbone=True,
+        env=service_env(postgres_url, nats_url),
+    )
+    with trio.fail_after(30):
+        assert await daemon.run() == 1
+    refused = [r for r in caplog.records if r.getMessage().startswith("database role refused")]
+    assert refused and refused[0].levelno == logging.CRITICAL
+    assert f"role {superuser} cannot be trusted with tenant data" in refused[0].getMessage()
+    assert "is a superuser" in refused[0].getMessage()
+    log = messages(caplog)
+    assert "ready" not in log and "http listening" not in log
+    assert log[-1] == "stopped"
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_triage_run_without_urls_starts_and_stops_embedded_services(
+    tmp_path: Path,
+) -> None:
+    config = _config_file(tmp_path)
+    stderr = Lines()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name in (ENV_POSTGRES_URL, ENV_NATS_URL, ENV_REDIS_URL):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "supervisors.cli", "run", "--config", str(config)]
+    async with trio.open_nursery() as nursery:
+        began = trio.current_time()
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                command,
+                cwd=REPO,
+                env=env,
+                check=False,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
+        assert process.stderr is not None
+        nursery.start_soon(stderr.read, process.stderr)
+        with trio.fail_after(30):
+            services = await stderr.wait_for(lambda e: e["msg"].startswith("services:"))
+            listening = await stderr.wait_for(lambda e: e["msg"] == "http listening")
+            url = f"http://127.0.0.1:{listening['port']}"
+            async with httpx.AsyncClient(base_url=url) as client:
+                while True:
+                    try:
+                        response = await client.get("/readyz")
+                    except httpx.TransportError:
+                        response = None
+                    if response is not None and response.status_code == 200:
+                        break
+                    await trio.sleep(0.05)
+                assert (await client.get("/metrics")).status_code == 200
+        ready_s = trio.current_time() - began
+        assert ready_s < 30
+        assert services["msg"] == "services: postgres=embedded nats=embedded redis=none"
+        pids: dict[str, int] = services["pids"]
+        assert set(pids) == {"postgres", "nats"}
+        assert all(_group_alive(pid) for pid in pids.values())
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            code = await process.wait()
+    assert code == 0
+    msgs = [json.loads(line)["msg"] for line in stderr.lines]
+    order = ["migrations applied", "ready", "draining", "database pool closed", "stopped"]
+    assert [m for m in msgs if m in order] == order
+    assert "embedded services stopped" in msgs
+    # Nothing the daemon started outlives it (each server leads its own process group).
+    with trio.fail_after(5):
+        for _ in range(100):
+            if not any(_group_alive(pid) for pid in pids.values()):
+                break
+            await trio.sleep(0.05)
+    assert not [name for name, pid in pids.items() if _group_alive(pid)]
+
+
+class FlakyPool:
+    """Stands in for a DbPool: ``SELECT 1`` fails while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = True
+
+    async def run_unit(self, fn: object, *args: object) -> object:
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise ProviderUnavailable("postgres: unavailable (test)")
+        return 1
+
+
+async def test_the_probe_opens_its_breaker_and_readiness_names_the_database(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    config = dev_config()
+    async with open_runtime(seed=1) as runtime:
+        pool = FlakyPool()
+        breaker = Breaker(
+            DB_BREAKER, **engine_kwargs(config.breakers[DB_BREAKER]), clock=runtime.clock
+        )
+        probe = DbHealth(cast(DbPool, pool), breaker, tick_s=1.0, timeout_s=5.0)
+        readiness = Readiness(ActiveAlerts())
+        readiness.add_check(probe.unavailable)
+        readiness.mark_running()
+        assert readiness.readiness()[0]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(probe.run)
+            fail_max = config.breakers[DB_BREAKER].fail_max
+            await trio.sleep(fail_max - 0.5)  # fail_max failed probes, one a second
+            assert probe.failures == fail_max
+            assert breaker.state is CircuitState.OPEN
+            assert readiness.readiness() == (
+                False,
+                {"status": "not_ready", "reason": "database unavailable", "alerts": []},
+            )
+            pool.down = False
+            await trio.sleep(config.breakers[DB_BREAKER].reset_timeout_s + 3.0)
+            assert probe.unavailable() is None  # closed again (two half-open probes passed)
+            assert readiness.readiness()[0]
+            nursery.cancel_scope.cancel()
