@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from bench.perf import actors
+from bench.perf import actors, relay
 from bench.perf.common import Result, render_table
 
 SuiteRunner = Callable[[bool, int, Callable[[str], None] | None], list[Result]]
@@ -30,7 +30,11 @@ def _actors(quick: bool, repeat: int, progress: Callable[[str], None] | None) ->
     return actors.run_suite(sizes, repeat=repeat, progress=progress)
 
 
-SUITES: dict[str, SuiteRunner] = {"actors": _actors}
+def _relay(quick: bool, repeat: int, progress: Callable[[str], None] | None) -> list[Result]:
+    return relay.run_suite(1_000 if quick else 20_000, repeat=repeat, progress=progress)
+
+
+SUITES: dict[str, SuiteRunner] = {"actors": _actors, "relay": _relay}
 
 
 class Report(msgspec.Struct):

@@ -1,0 +1,278 @@
+"""The outbox relay against real PostgreSQL and NATS: order, marking, lag, breaker, claims, warnings."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+import trio
+
+from actors.outbox_relay import OutboxRelay, RelayState, retry_horizon_s
+from bench.chaos.scenario_nats import check_order
+from config.schema import RelayConfig
+from engine.breaker import Breaker, CircuitState
+from engine.detectors import AgeOfNewestDetector
+from providers import jetstream
+from providers.bridge import run
+from providers.db import DAEMON_ROLE, migrate, run_as_relay
+from providers.db.outbox import (
+    NewEvent,
+    OutboxRow,
+    _settle,
+    claim_batch_async,
+    enqueue_async,
+    relay_batch,
+)
+from providers.embedded import EmbeddedPostgres
+from providers.services import postgres_url_with
+
+
+@dataclass
+class World:
+    admin_url: str
+    pool: asyncpg.Pool[asyncpg.Record]
+    client: jetstream.JetStreamClient
+    tenants: list[uuid.UUID]
+    config: RelayConfig
+
+
+async def _tenants(url: str) -> list[uuid.UUID]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("INSERT INTO tenants (name) VALUES ('a'), ('b') RETURNING id")
+        return [row["id"] for row in rows]
+    finally:
+        await conn.close()
+
+
+async def _published_flags(url: str) -> list[tuple[int, bool, int, str | None]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT id, published_at IS NOT NULL AS done, attempts, last_error FROM outbox ORDER BY id"
+        )
+        return [(r["id"], r["done"], r["attempts"], r["last_error"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def world(
+    postgres_url: str, nats_url: str, bridge: asyncio.AbstractEventLoop
+) -> AsyncIterator[World]:
+    await migrate(postgres_url)
+    tenants = await run(_tenants, postgres_url)
+    create = functools.partial(
+        asyncpg.create_pool,
+        postgres_url_with(postgres_url, user=DAEMON_ROLE),
+        min_size=1,
+        max_size=4,
+    )
+    pool = await run(create)
+    client = await run(jetstream.connect, nats_url)
+    tag = uuid.uuid4().hex[:8]
+    config = RelayConfig(
+        stream=f"EV_{tag}", subjects=f"ev{tag}.>", batch_size=7, poll_interval_s=0.02,
+        ack_timeout_s=2.0, duplicate_window_s=60.0,
+    )  # fmt: skip
+    try:
+        yield World(postgres_url, pool, client, tenants, config)
+    finally:
+        await run(jetstream.close, client)
+        await run(pool.close)
+
+
+def _breaker(**overrides: float) -> Breaker:
+    fields: dict[str, float] = dict(
+        fail_max=1, reset_timeout_s=0.2, reset_timeout_max_s=0.2, reset_backoff_multiplier=1.0,
+        failure_rate_threshold=2.0, rate_window_s=1.0, minimum_calls=1, slow_call_s=5.0,
+        slow_call_rate_threshold=2.0, half_open_max_calls=1,
+    )  # fmt: skip
+    fields.update(overrides)
+    return Breaker("nats_publish", **fields)  # type: ignore[arg-type]
+
+
+async def _write(world: World, count: int) -> list[int]:
+    ids = []
+    subject = world.config.subjects.replace(">", "appointment")
+    for n in range(count):
+        tenant = world.tenants[n % 2]
+        event = NewEvent("appointment", f"a{n % 3}", subject, {"n": n})
+        [(outbox_id, _)] = await run(enqueue_async, world.pool, tenant, [event])
+        ids.append(outbox_id)
+    return ids
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll state that no event signals (the relay's counters) until true."""
+    with trio.fail_after(timeout_s):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(0.01)
+
+
+async def test_relays_in_order_marks_published_and_clears_the_lag(world: World) -> None:
+    ids = await _write(world, 30)
+    lag = AgeOfNewestDetector("lag", metric="m_timestamp_seconds", threshold=30.0)
+    relay = OutboxRelay(
+        pool=world.pool, client=world.client, config=world.config, breaker=_breaker(), lag=lag
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        assert relay.state.value == "relaying"
+        await _until(lambda: relay.published == 30 and relay.lag_s is None)
+        more = await _write(world, 5)
+        relay.nudge()
+        await _until(lambda: relay.published == 35)
+        nursery.cancel_scope.cancel()
+    assert relay.state.value == "stopped"
+    assert lag.evaluate().value == 0.0  # nothing pending
+    stored = await run(jetstream.read_stream, world.client, world.config.stream)
+    assert [m.msg_id for m in stored] == [str(i) for i in ids + more]
+    assert check_order(stored) == []
+    assert all(done for _, done, _, _ in await run(_published_flags, world.admin_url))
+
+
+async def test_open_breaker_keeps_rows_then_replays_in_order(world: World) -> None:
+    breaker = _breaker()
+    relay = OutboxRelay(pool=world.pool, client=world.client, config=world.config, breaker=breaker)
+    breaker.force_open("test: NATS is away")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        ids = await _write(world, 20)
+        await _until(lambda: relay.state is RelayState.BLOCKED and relay.lag_s is not None)
+        assert relay.published == 0
+        assert not any(done for _, done, _, _ in await run(_published_flags, world.admin_url))
+        breaker.reset("test: NATS is back")
+        await _until(lambda: relay.published == 20 and relay.lag_s is None)
+        assert relay.state is RelayState.RELAYING
+        nursery.cancel_scope.cancel()
+    stored = await run(jetstream.read_stream, world.client, world.config.stream)
+    assert [m.msg_id for m in stored] == [str(i) for i in ids]
+
+
+async def test_a_replica_skips_the_aggregates_another_one_holds(world: World) -> None:
+    await _write(world, 12)  # aggregates a0, a1, a2 alternating over two tenants
+
+    async def two_replicas(
+        pool: asyncpg.Pool[asyncpg.Record],
+    ) -> tuple[list[OutboxRow], list[OutboxRow]]:
+        claimed = asyncio.Event()
+        release = asyncio.Event()
+        first: list[OutboxRow] = []
+
+        async def replica_a(conn: object) -> None:
+            first.extend(await claim_batch_async(conn, 2))  # type: ignore[arg-type]
+            claimed.set()
+            await release.wait()
+
+        task = asyncio.ensure_future(run_as_relay(pool, replica_a))
+        await claimed.wait()
+        second = await run_as_relay(pool, claim_batch_async, 100)
+        release.set()
+        await task
+        return first, second
+
+    first, second = await run(two_replicas, world.pool)
+    held = {row.aggregate for row in first}
+    assert len(first) == 2
+    assert second and not any(row.aggregate in held for row in second)
+    # The rest of every other aggregate is claimable, in id order.
+    assert [row.id for row in second] == sorted(row.id for row in second)
+
+
+async def test_failed_publishes_are_recorded_and_stop_their_aggregate(world: World) -> None:
+    ids = await _write(world, 6)
+
+    async def flaky(rows: Sequence[OutboxRow]) -> list[object]:
+        await asyncio.sleep(0)
+        return [TimeoutError("no ack") if row.id == ids[1] else "ack" for row in rows]
+
+    report = await run(relay_batch, world.pool, flaky, 100)
+    assert (report.claimed, report.failed) == (6, 1)
+    assert report.first_error == "TimeoutError: no ack"
+    flags = {
+        i: (done, attempts, err)
+        for i, done, attempts, err in await run(_published_flags, world.admin_url)
+    }
+    assert flags[ids[1]] == (False, 1, "TimeoutError: no ack")
+    # ids[4] belongs to the failed row's aggregate (n % 3 == 1, same tenant parity differs:
+    # the aggregate key includes the tenant), so only rows of that exact aggregate wait.
+    failed_aggregate = {ids[n] for n in range(6) if n % 3 == 1 and n % 2 == 1}
+    for i in ids:
+        assert flags[i][0] is (i not in failed_aggregate), i
+    assert report.published == 6 - len(failed_aggregate)
+    assert report.lag_s is not None
+
+
+def test_settle_marks_only_the_acked_prefix_of_each_aggregate() -> None:
+    def row(i: int, aggregate: str) -> OutboxRow:
+        return OutboxRow(i, "t", "x", aggregate, i, "s", "{}", {}, 0)
+
+    rows = [row(1, "a"), row(2, "b"), row(3, "a"), row(4, "a"), row(5, "b")]
+    results: list[object] = ["ok", "ok", RuntimeError("nope"), "ok", "ok"]
+    published, failures = _settle(rows, results)
+    assert published == [1, 2, 5]
+    assert failures == [(3, "RuntimeError: nope")]
+
+
+async def test_warns_when_the_duplicate_window_is_short_and_replicas_are_few(world: World) -> None:
+    config = world.config
+    await run(jetstream.ensure_stream, world.client, config.stream, [config.subjects], 1.0)
+    breaker = _breaker(reset_timeout_s=2.0, reset_timeout_max_s=30.0)
+    relay = OutboxRelay(
+        pool=world.pool, client=world.client, config=config, breaker=breaker, ensure_stream=False
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        nursery.cancel_scope.cancel()
+    horizon = retry_horizon_s(config, breaker)
+    assert horizon == pytest.approx(2.0 + 30.0 + 0.02)
+    text = " | ".join(relay.warnings)
+    assert f"retry horizon {horizon:g}s" in text
+    assert "below [relay] duplicate_window_s" in text
+    assert "1 replica(s)" in text
+    assert breaker.state is CircuitState.CLOSED
+
+
+async def test_database_outage_degrades_then_recovers(
+    nats_url: str, bridge: asyncio.AbstractEventLoop
+) -> None:
+    with EmbeddedPostgres(settings={"fsync": "off"}) as server:
+        await migrate(server.url)
+        [tenant, _] = await run(_tenants, server.url)
+        create = functools.partial(
+            asyncpg.create_pool,
+            postgres_url_with(server.url, user=DAEMON_ROLE),
+            min_size=1,
+            max_size=2,
+        )
+        pool = await run(create)
+        client = await run(jetstream.connect, nats_url)
+        tag = uuid.uuid4().hex[:8]
+        config = RelayConfig(stream=f"DB_{tag}", subjects=f"db{tag}.>", poll_interval_s=0.02)
+        event = NewEvent("appointment", "a1", f"db{tag}.appointment", {"n": 1})
+        breaker = _breaker()
+        relay = OutboxRelay(pool=pool, client=client, config=config, breaker=breaker)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay.run)
+                await run(enqueue_async, pool, tenant, [event])
+                await _until(lambda: relay.published == 1)
+                await trio.to_thread.run_sync(server.stop)
+                await _until(lambda: relay.state is RelayState.DEGRADED)
+                assert breaker.state is CircuitState.CLOSED  # the database is not NATS
+                await trio.to_thread.run_sync(server.start)
+                await _until(lambda: relay.state is RelayState.RELAYING, 15)
+                await run(enqueue_async, pool, tenant, [event])
+                await _until(lambda: relay.published == 2, 15)
+                nursery.cancel_scope.cancel()
+        finally:
+            await run(jetstream.close, client)
+            await run(pool.close)
