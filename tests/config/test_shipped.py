@@ -68,6 +68,12 @@ def test_profile_names_match_default(name: str) -> None:
     default = tomllib.loads(default_path("default.toml").read_text())
     other = tomllib.loads(default_path(name).read_text())
     for section in PROFILE_SECTIONS:
+        if section == "detectors" and name == "chaos.toml":
+            # chaos.toml adds detectors that the scenarios hand to the actors they run
+            # (outbox lag, cache hit ratio) with shortened windows; the daemon builds
+            # those actors' detectors from their catalog rows.
+            assert set(default.get(section, {})) <= set(other.get(section, {})), section
+            continue
         assert set(other.get(section, {})) == set(default.get(section, {})), section
 
 

@@ -1,0 +1,465 @@
+"""The idempotency store: Redis ``SET NX`` in front, the database's unique key as the truth.
+
+Catalog row 7 (Redis cache miss flood). ``await store.claim(tenant, key, request_hash)``
+answers one question -- is this the first request with this key? -- and returns
+a :class:`Claim`::
+
+    Redis (behind the "redis" breaker, with a timeout)
+      SET NX GET finds the key ........ HIT   duplicate, answered by the cache alone
+                                              (same key, other request_hash: IdempotencyConflict)
+      SET NX GET set it (key new) ..... the database decides (INSERT ... ON CONFLICT):
+          inserted .................... HIT   first = True (the cache was right)
+          already there ............... MISS  duplicate; the cache lost the key (evicted,
+                                              flushed): the entry is written back
+      Redis down / breaker open ....... MISS  fail OPEN to the database: the INSERT decides
+
+The database is never skipped for a new key, so a flushed or absent cache can
+cost speed but never a duplicate: no key is claimed first twice. A Redis "hit"
+is trusted without the database (that is the point of the cache); its entry is
+only ever written after, or together with, the row that proves it -- a claim
+whose database INSERT fails removes the entry it cached. When the database is
+down too, ``claim`` raises (the translated ProviderError): there is no "send
+anyway". A duplicate that arrives while the first request is still in flight
+gets ``response=None`` (in progress: answer it like Stripe's 409, never by
+sending); if that first claim then fails in the database, the key is free again.
+
+The **hit ratio** is the share of lookups Redis answered correctly (the HIT
+lines above). It feeds the row's :class:`~engine.detectors.RatioDetector`
+(``triage_idempotency_cache_hit_ratio < 0.9`` with a minimum volume) and the
+counters ``triage_idempotency_cache_hit_ratio_numerator_total`` /
+``_denominator_total``. Without Redis every lookup is a miss: the detector
+fires, and the store runs on the database alone, correctly.
+
+**Warm-up** (the row's ``warm_cache`` mitigation): :meth:`run` is the store's
+background task; it reloads each known tenant's newest live keys
+(``warm_batch`` per tenant) from the database into Redis with ``SET NX`` in one
+pipeline, whenever the detector fires and whenever Redis answers again after a
+failure. Keys keep the shorter of the cache TTL and their own remaining life.
+
+Same key, different body -> :class:`IdempotencyConflict`, like Stripe's
+idempotency keys: the caller must not treat it as a duplicate of the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeVar, TypeVarTuple
+
+import trio
+from prometheus_client import CollectorRegistry, Counter
+
+from config.catalog import Catalog, alert_name
+from config.schema import DetectorConfig, TriageConfig, engine_kwargs
+from engine.breaker import Breaker
+from engine.detectors import RatioDetector, make_detector
+from engine.errors import CircuitOpen, TriageError
+from providers.db.idempotency import KeyRecord, claim_key, recent_keys
+from providers.db.idempotency import complete_key as db_complete_key
+from providers.redis_cache import CachedKey, RedisCache, decode_entry
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from engine.runtime import Runtime
+
+__all__ = [
+    "DETECTOR_OVERRIDE",
+    "ROW",
+    "Claim",
+    "IdempotencyConflict",
+    "IdempotencyStats",
+    "IdempotencyStore",
+    "detector_config",
+]
+
+log = logging.getLogger("triage.idempotency")
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+#: The catalog row this store owns.
+ROW: Final = 7
+#: A ``[detectors.<name>]`` section with this name replaces the row's detector settings
+#: (the chaos config shortens the window this way).
+DETECTOR_OVERRIDE: Final = "idempotency_cache_hit_ratio"
+
+
+class IdempotencyConflict(TriageError):
+    """The key was already used for a different request (another request hash)."""
+
+    def __init__(self, tenant_id: str, key: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} of tenant {tenant_id} was already used"
+            " for a different request"
+        )
+        self.tenant_id = tenant_id
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The answer to a claim: ``first`` (go ahead) or a duplicate with the recorded response."""
+
+    first: bool
+    response: Any = None
+    source: Literal["cache", "database"] = "database"
+
+
+@dataclass(slots=True)
+class IdempotencyStats:
+    hits: int = 0
+    misses: int = 0
+    db_fallbacks: int = 0  # claims decided by the database while Redis was unavailable
+    cache_errors: int = 0  # Redis calls that failed, timed out or were refused by the breaker
+    conflicts: int = 0
+    warmups: int = 0  # warm-ups that reached Redis
+    warmed: int = 0  # keys put back into Redis by warm-ups
+
+
+class _Unavailable:
+    """The cache could not answer (down, slow, breaker open, or no cache at all)."""
+
+
+_UNAVAILABLE: Final = _Unavailable()
+
+
+class _StoreMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.hits = Counter(
+            "triage_idempotency_cache_hit_ratio_numerator",
+            "Idempotency-key lookups answered correctly by Redis",
+            registry=registry,
+        )
+        self.lookups = Counter(
+            "triage_idempotency_cache_hit_ratio_denominator",
+            "Idempotency-key lookups",
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "triage_idempotency_db_fallbacks",
+            "Idempotency claims decided by the database alone while Redis was unavailable",
+            registry=registry,
+        )
+        self.warmed = Counter(
+            "triage_idempotency_cache_warmed",
+            "Idempotency keys loaded back into Redis from the database",
+            registry=registry,
+        )
+
+
+# One set of families per registry: prometheus_client refuses a name registered twice.
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, _StoreMetrics] = weakref.WeakKeyDictionary()
+
+
+def _store_metrics(registry: CollectorRegistry) -> _StoreMetrics:
+    found = _METRICS.get(registry)
+    if found is None:
+        found = _METRICS[registry] = _StoreMetrics(registry)
+    return found
+
+
+def detector_config(config: TriageConfig, catalog: Catalog) -> DetectorConfig:
+    """Row 7's detector settings: ``[detectors.idempotency_cache_hit_ratio]`` if set, else the row's."""
+    override = config.detectors.get(DETECTOR_OVERRIDE)
+    return override if override is not None else catalog.row(ROW).detector
+
+
+def _tenant_text(tenant_id: uuid.UUID | str) -> str:
+    try:
+        return str(tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(tenant_id))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"tenant id must be a UUID, got {tenant_id!r}") from exc
+
+
+class IdempotencyStore:
+    """Claims idempotency keys; see the module docstring for the rules.
+
+    ``cache`` None means no Redis: every claim goes to the database (and counts as
+    a miss). ``breaker`` guards every Redis call; ``cache_timeout_s`` bounds each.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[asyncpg.Record],
+        *,
+        cache: RedisCache | None,
+        breaker: Breaker,
+        detector: RatioDetector,
+        key_ttl_s: float,
+        warm_batch: int,
+        cache_timeout_s: float,
+        max_tenants: int = 10_000,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if not key_ttl_s > 0 or not cache_timeout_s > 0:
+            raise ValueError("key_ttl_s and cache_timeout_s must be > 0")
+        if warm_batch < 1 or max_tenants < 1:
+            raise ValueError("warm_batch and max_tenants must be >= 1")
+        self.pool = pool
+        self.cache = cache
+        self.breaker = breaker
+        self.detector = detector
+        self.key_ttl_s = key_ttl_s
+        self.warm_batch = warm_batch
+        self.cache_timeout_s = cache_timeout_s
+        self.max_tenants = max_tenants
+        self.stats = IdempotencyStats()
+        self._metrics = _store_metrics(registry) if registry is not None else None
+        # Tenants seen, oldest first (a dict keeps insertion order): warm-up covers them.
+        self._tenants: dict[str, None] = {}
+        self._cache_down = False
+        self._warm_wanted = trio.Event()
+        self._unsubscribe = detector.on_fire(lambda _state: self.request_warm())
+
+    @classmethod
+    def from_config(
+        cls,
+        config: TriageConfig,
+        catalog: Catalog,
+        pool: asyncpg.Pool[asyncpg.Record],
+        cache: RedisCache | None,
+        *,
+        runtime: Runtime | None = None,
+        detector: RatioDetector | None = None,
+    ) -> IdempotencyStore:
+        """A store wired from ``[idempotency]``, ``breakers.redis``, ``guards.redis`` and row 7.
+
+        ``detector``: feed this one (e.g. the daemon's, from its DetectorSet) instead of
+        building the row's own from :func:`detector_config`.
+        """
+        common: dict[str, Any] = {}
+        if runtime is not None:
+            common = {"clock": runtime.clock, "events": runtime.events, "metrics": runtime.metrics}
+        breaker = Breaker("redis", **engine_kwargs(config.breakers["redis"]), **common)
+        if detector is None:
+            detector = make_detector(
+                alert_name(catalog.row(ROW)),
+                row=ROW,
+                **engine_kwargs(detector_config(config, catalog)),
+                **common,
+            ).expect(RatioDetector)
+        metrics = runtime.metrics if runtime is not None else None
+        return cls(
+            pool,
+            cache=cache,
+            breaker=breaker,
+            detector=detector,
+            key_ttl_s=config.idempotency.key_ttl_s,
+            warm_batch=config.idempotency.warm_batch,
+            cache_timeout_s=config.guards["redis"].timeout_s,
+            registry=metrics.registry if metrics is not None else None,
+        )
+
+    def close(self) -> None:
+        """Detach from the detector (the store's hook)."""
+        self._unsubscribe()
+
+    @property
+    def cache_available(self) -> bool:
+        """False while the last Redis call failed (or there is no Redis)."""
+        return self.cache is not None and not self._cache_down
+
+    # -- claims ------------------------------------------------------------------------
+
+    async def claim(self, tenant_id: uuid.UUID | str, key: str, request_hash: str) -> Claim:
+        """Claim ``key`` for ``request_hash``: ``first`` exactly once per (tenant, key).
+
+        Raises :class:`IdempotencyConflict` when the key belongs to another request,
+        and the translated ProviderError when the database cannot decide.
+        """
+        tenant = _tenant_text(tenant_id)
+        if not key:
+            raise ValueError("idempotency key must not be empty")
+        self._remember(tenant)
+        cached = await self._cache_call(self._cache_claim, tenant, key, request_hash)
+        if isinstance(cached, CachedKey):
+            self._observe(True)
+            return self._duplicate(
+                tenant, key, request_hash, cached.request_hash, cached.response, "cache"
+            )
+        if cached is _UNAVAILABLE:
+            self.stats.db_fallbacks += 1
+            if self._metrics is not None:
+                self._metrics.fallbacks.inc()
+        try:
+            first, record = await claim_key(self.pool, tenant, key, request_hash, self.key_ttl_s)
+        except BaseException:
+            if cached is None:  # we cached an entry the database never confirmed
+                with trio.CancelScope(shield=True):
+                    await self._cache_call(self._cache_forget, tenant, key)
+            raise
+        if cached is _UNAVAILABLE:
+            self._observe(False)
+        elif first:
+            self._observe(True)  # Redis said new, and it was
+        else:
+            self._observe(False)  # Redis had lost the key: put the truth back
+            await self._cache_call(self._cache_put, tenant, key, record)
+        if first:
+            return Claim(first=True, response=None, source="database")
+        return self._duplicate(
+            tenant, key, request_hash, record.request_hash, record.response, "database"
+        )
+
+    async def complete(self, tenant_id: uuid.UUID | str, key: str, response: Any) -> bool:
+        """Record the response of a claimed key, for duplicates to replay; False if already set."""
+        tenant = _tenant_text(tenant_id)
+        done = await db_complete_key(self.pool, tenant, key, response)
+        if done:
+            await self._cache_call(self._cache_refresh, tenant, key, response)
+        return done
+
+    def _duplicate(
+        self,
+        tenant: str,
+        key: str,
+        request_hash: str,
+        stored_hash: str,
+        response: Any,
+        source: Literal["cache", "database"],
+    ) -> Claim:
+        if stored_hash != request_hash:
+            self.stats.conflicts += 1
+            raise IdempotencyConflict(tenant, key)
+        return Claim(first=False, response=response, source=source)
+
+    def _observe(self, hit: bool) -> None:
+        if hit:
+            self.stats.hits += 1
+        else:
+            self.stats.misses += 1
+        self.detector.observe(hit)
+        if self._metrics is not None:
+            self._metrics.lookups.inc()
+            if hit:
+                self._metrics.hits.inc()
+
+    def _remember(self, tenant: str) -> None:
+        tenants = self._tenants
+        if tenant in tenants:
+            return
+        if len(tenants) >= self.max_tenants:
+            del tenants[next(iter(tenants))]
+        tenants[tenant] = None
+
+    # -- Redis, behind the breaker -----------------------------------------------------
+
+    async def _cache_claim(
+        self, cache: RedisCache, tenant: str, key: str, request_hash: str
+    ) -> CachedKey | None:
+        raw = await cache.claim(tenant, key, CachedKey(request_hash))
+        if raw is None:
+            return None
+        entry = decode_entry(raw)
+        if entry is None:  # not ours: overwrite it with the truth after the database decides
+            raise _Foreign
+        return entry
+
+    async def _cache_forget(self, cache: RedisCache, tenant: str, key: str) -> None:
+        await cache.forget(tenant, key)
+
+    async def _cache_put(self, cache: RedisCache, tenant: str, key: str, record: KeyRecord) -> None:
+        ttl_ms = max(1, round(record.left_s * 1000))
+        await cache.put(tenant, key, CachedKey(record.request_hash, record.response), ttl_ms)
+
+    async def _cache_refresh(self, cache: RedisCache, tenant: str, key: str, response: Any) -> None:
+        current = await cache.get(tenant, key)
+        if current is not None:
+            await cache.refresh(tenant, key, CachedKey(current.request_hash, response))
+
+    async def _cache_call(
+        self, fn: Callable[[RedisCache, *Ts], Awaitable[T]], *args: *Ts
+    ) -> T | _Unavailable:
+        """``fn(cache, *args)`` through the breaker with the timeout; failures answer _UNAVAILABLE."""
+        cache = self.cache
+        if cache is None:
+            return _UNAVAILABLE
+        try:
+            start = self.breaker.before_call()
+        except CircuitOpen:
+            self._cache_failed()
+            return _UNAVAILABLE
+        try:
+            with trio.fail_after(self.cache_timeout_s):
+                result = await fn(cache, *args)
+        except _Foreign as exc:  # Redis answered; the value was not ours
+            self.breaker.on_success(start)
+            del exc
+            return _UNAVAILABLE
+        except Exception as exc:  # the cache is optional: any failure falls open to the DB
+            self.breaker.on_failure(exc, start)
+            self._cache_failed()
+            log.debug("redis cache call failed: %r", exc)
+            return _UNAVAILABLE
+        except BaseException as exc:
+            self.breaker.on_failure(exc, start)  # Cancelled: never counted
+            raise
+        self.breaker.on_success(start)
+        if self._cache_down:
+            self._cache_down = False
+            log.info("redis cache answers again: warming it from the database")
+            self.request_warm()
+        return result
+
+    def _cache_failed(self) -> None:
+        self.stats.cache_errors += 1
+        if not self._cache_down:
+            self._cache_down = True
+            log.warning("redis cache unavailable: idempotency falls open to the database")
+
+    # -- warm-up -----------------------------------------------------------------------
+
+    def request_warm(self) -> None:
+        """Ask :meth:`run` to warm the cache (idempotent until it starts)."""
+        self._warm_wanted.set()
+
+    async def warm(self) -> int:
+        """Load each known tenant's newest live keys into Redis; how many were added."""
+        if self.cache is None:
+            return 0
+        added = 0
+        reached = False
+        for tenant in tuple(self._tenants):
+            records = await recent_keys(self.pool, tenant, self.warm_batch)
+            if not records:
+                continue
+            entries = [(r.key, CachedKey(r.request_hash, r.response), r.left_s) for r in records]
+            result = await self._cache_call(self._cache_warm, tenant, entries)
+            if isinstance(result, _Unavailable):
+                break
+            reached = True
+            added += result
+        if reached:
+            self.stats.warmups += 1
+            self.stats.warmed += added
+            if self._metrics is not None:
+                self._metrics.warmed.inc(added)
+        return added
+
+    async def _cache_warm(
+        self, cache: RedisCache, tenant: str, entries: list[tuple[str, CachedKey, float]]
+    ) -> int:
+        return await cache.warm(tenant, entries)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """The warm-up task: waits for a request, warms, repeats. Start it in a nursery."""
+        task_status.started()
+        while True:
+            await self._warm_wanted.wait()
+            self._warm_wanted = trio.Event()
+            try:
+                added = await self.warm()
+            except Exception as exc:  # the database is down: the next request tries again
+                log.warning("idempotency cache warm-up failed: %r", exc)
+            else:
+                log.info("idempotency cache warmed: %d keys", added)
+
+
+class _Foreign(Exception):
+    """A cached value that is not a store entry."""
