@@ -13,7 +13,10 @@ takes them down in the reverse one:
    applied;
 4. open the pool as ``[database].daemon_role`` and verify that role is held by
    row-level security (:class:`~providers.db.roles.UnsafeRoleError` otherwise:
-   the daemon refuses to start).
+   the daemon refuses to start);
+5. connect to NATS (JetStream) for the outbox relay, and to Redis for the
+   idempotency cache when a Redis URL is configured (without one the store
+   runs on the database alone: catalog row 7's mitigation).
 
 A drain requested during the start (:meth:`StartGuard.abandon`) cancels the
 step in progress (migration, pool creation; the services' start is waited for)
@@ -36,14 +39,17 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import urlsplit
 
 import trio
 
 from config import TriageConfig
-from providers.bridge import open_bridge
+from providers import jetstream
+from providers.bridge import open_bridge, run
 from providers.db import migrate
 from providers.db.pool import DbPool, open_pool
+from providers.redis_cache import RedisCache
 from providers.services import Services, postgres_url_with, resolve_services
 
 __all__ = ["Backbone", "StartAbandoned", "StartGuard", "describe_services", "open_backbone"]
@@ -89,9 +95,17 @@ class Backbone:
 
     services: Services
     pool: DbPool
+    nats: jetstream.JetStreamClient
+    redis: RedisCache | None
     migrated: list[str]
     #: Trio time by which the close must be done (the daemon sets it when a drain starts).
     deadline: float = field(default=math.inf)
+
+
+async def _close_nats(client: jetstream.JetStreamClient, within_s: float) -> None:
+    """Close the client, bounded: its flush of pending publishes has no deadline of its own."""
+    with trio.CancelScope(shield=True), trio.move_on_after(within_s):
+        await run(jetstream.close, client, service="nats")
 
 
 def describe_services(services: Services) -> str:
@@ -163,7 +177,25 @@ async def open_backbone(
                         "elapsed_s": round(time.monotonic() - began, 3),
                     },
                 )
-                backbone = Backbone(services=services, pool=pool, migrated=applied)
+                with guard.step():
+                    nats = await run(
+                        partial(jetstream.connect, connect_timeout_s=database.connect_timeout_s),
+                        services.nats_url,
+                        service="nats",
+                    )
+                stack.push_async_callback(_close_nats, nats, config.relay.ack_timeout_s)
+                redis: RedisCache | None = None
+                if services.redis_url is not None:
+                    with guard.step():
+                        redis = await RedisCache.open(
+                            services.redis_url,
+                            ttl_s=config.idempotency.cache_ttl_s,
+                            timeout_s=config.guards["redis"].timeout_s,
+                        )
+                    stack.push_async_callback(redis.aclose)
+                backbone = Backbone(
+                    services=services, pool=pool, nats=nats, redis=redis, migrated=applied
+                )
                 try:
                     yield backbone
                 finally:

@@ -49,17 +49,25 @@ import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
 from actors.alerts import ActiveAlerts, AlertEvent, AlertSink, EventForwarder, forward_events
 from actors.db_health import DbHealth
+from actors.idempotency import IdempotencyStore
+from actors.outbox_relay import OutboxRelay
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
 from config.catalog import alert_name
 from engine.actor import ActorRef, Overflow, actor_child
 from engine.breaker import Breaker
-from engine.detectors import DetectorSet, make_detector
+from engine.detectors import (
+    AgeOfNewestDetector,
+    Detector,
+    DetectorSet,
+    RatioDetector,
+    make_detector,
+)
 from engine.runtime import Runtime
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from supervisors.http import HealthApp, HttpServer
@@ -81,7 +89,14 @@ __all__ = [
 ]
 
 #: Profiles the tree needs: (section, name).
-REQUIRED_PROFILES: Final = (("supervisors", "root"), ("mailboxes", "alerts"))
+REQUIRED_PROFILES: Final = (
+    ("supervisors", "root"),
+    ("mailboxes", "alerts"),
+    ("breakers", "postgres_primary"),  # the database probe
+    ("breakers", "nats_publish"),  # the outbox relay
+    ("breakers", "redis"),  # the idempotency cache
+    ("guards", "redis"),
+)
 #: The breaker profile of the database probe (with a backbone).
 DB_BREAKER: Final = "postgres_primary"
 
@@ -172,6 +187,21 @@ class Tree:
     detectors: DetectorSet
     http: HttpServer
     db_health: DbHealth | None = None
+    relay: OutboxRelay | None = None
+    idempotency: IdempotencyStore | None = None
+
+
+D = TypeVar("D", bound=Detector)
+
+#: Catalog owners this tree runs when it has a backbone (services and a pool).
+BACKBONE_OWNERS: Final = frozenset({"outbox_relay", "idempotency_store"})
+
+
+def live_rows(catalog: Catalog, *, backbone: bool) -> list[CatalogRow]:
+    """Built rows whose owning actor runs in this tree: only their detectors are evaluated
+    (an unfed detector would raise a false alarm)."""
+    owners = BACKBONE_OWNERS if backbone else frozenset()
+    return [row for row in catalog.rows if row.built and row.owner in owners]
 
 
 def detector_name(row: CatalogRow) -> str:
@@ -234,7 +264,8 @@ def build_tree(
         deadlines=runtime.deadlines,
         metrics=runtime.metrics,
     )
-    detectors = build_detectors(config, (row for row in catalog.rows if row.built), runtime)
+    rows = live_rows(catalog, backbone=backbone is not None)
+    detectors = build_detectors(config, rows, runtime)
     detectors_spec = ChildSpec(
         id="detectors",
         start=partial(detectors.run, daemon.detector_tick_s),
@@ -245,17 +276,35 @@ def build_tree(
     readiness = Readiness(board)
     backbone_specs: list[ChildSpec] = []
     db_health: DbHealth | None = None
+    relay: OutboxRelay | None = None
+    store: IdempotencyStore | None = None
     if backbone is not None:
         db_health = build_db_health(config, backbone, runtime)
         readiness.add_check(db_health.unavailable)
-        backbone_specs.append(
+        relay = build_relay(config, rows, detectors, backbone, runtime)
+        store = IdempotencyStore.from_config(
+            config,
+            catalog,
+            backbone.pool.asyncpg_pool,
+            backbone.redis,
+            runtime=runtime,
+            detector=_row_detector(rows, detectors, "idempotency_store", RatioDetector),
+        )
+        backbone_specs += [
             ChildSpec(
                 id="db_health",
                 start=db_health.run,
                 restart=Restart.PERMANENT,
                 shutdown_s=child_shutdown_s,
-            )
-        )
+            ),
+            relay.child_spec(shutdown_s=child_shutdown_s),
+            ChildSpec(
+                id="idempotency",
+                start=store.run,
+                restart=Restart.PERMANENT,
+                shutdown_s=child_shutdown_s,
+            ),
+        ]
     registry = runtime.metrics.registry if runtime.metrics is not None else None
     if registry is None:
         raise ValueError("the daemon's runtime needs metrics (a registry to serve on /metrics)")
@@ -279,13 +328,49 @@ def build_tree(
         detectors=detectors,
         http=http,
         db_health=db_health,
+        relay=relay,
+        idempotency=store,
+    )
+
+
+def _row_detector(
+    rows: Sequence[CatalogRow], detectors: DetectorSet, owner: str, kind: type[D]
+) -> D | None:
+    """The detector of ``owner``'s row, if that row is live."""
+    for row in rows:
+        if row.owner == owner:
+            return detectors[detector_name(row)].expect(kind)
+    return None
+
+
+def build_relay(
+    config: TriageConfig,
+    rows: Sequence[CatalogRow],
+    detectors: DetectorSet,
+    backbone: Backbone,
+    runtime: Runtime,
+) -> OutboxRelay:
+    """The outbox relay: publishes through ``[breakers.nats_publish]``, feeds row 6's lag."""
+    breaker = Breaker(
+        "nats_publish",
+        **engine_kwargs(config.breakers["nats_publish"]),
+        clock=runtime.clock,
+        events=runtime.events,
+        metrics=runtime.metrics,
+    )
+    lag = _row_detector(rows, detectors, "outbox_relay", AgeOfNewestDetector)
+    return OutboxRelay(
+        pool=backbone.pool.asyncpg_pool,
+        client=backbone.nats,
+        config=config.relay,
+        breaker=breaker,
+        lag=lag,
     )
 
 
 def build_db_health(config: TriageConfig, backbone: Backbone, runtime: Runtime) -> DbHealth:
-    """The database probe, its breaker from ``[breakers.postgres_primary]`` (defaults if absent)."""
-    profile = config.breakers.get(DB_BREAKER)
-    fields = engine_kwargs(profile) if profile is not None else _DEFAULT_BREAKER
+    """The database probe, its breaker from ``[breakers.postgres_primary]``."""
+    fields = engine_kwargs(config.breakers[DB_BREAKER])
     breaker = Breaker(
         DB_BREAKER,
         **fields,
@@ -300,18 +385,3 @@ def build_db_health(config: TriageConfig, backbone: Backbone, runtime: Runtime) 
         tick_s=config.daemon.detector_tick_s,
         timeout_s=database.connect_timeout_s + database.command_timeout_s + 1.0,
     )
-
-
-# Used when a config has no [breakers.postgres_primary] (the shipped ones all do).
-_DEFAULT_BREAKER: Final[dict[str, Any]] = {
-    "fail_max": 3,
-    "reset_timeout_s": 5.0,
-    "reset_timeout_max_s": 60.0,
-    "reset_backoff_multiplier": 2.0,
-    "failure_rate_threshold": 0.5,
-    "rate_window_s": 60.0,
-    "minimum_calls": 20,
-    "slow_call_s": 2.0,
-    "slow_call_rate_threshold": 0.8,
-    "half_open_max_calls": 2,
-}

@@ -91,6 +91,11 @@ class DbPool:
         self.closed = False
 
     @property
+    def asyncpg_pool(self) -> Pool:
+        """The pool itself, for actors whose units of work cross the bridge on their own."""
+        return self._pool
+
+    @property
     def size(self) -> int:
         """Connections currently open in the pool."""
         return self._pool.get_size()

@@ -14,11 +14,13 @@ import re
 import signal
 import subprocess
 import sys
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import cast
 from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 import pytest
 import trio
@@ -29,6 +31,7 @@ from config import engine_kwargs, load_config_text
 from engine.breaker import Breaker, CircuitState
 from engine.errors import ProviderUnavailable
 from engine.runtime import open_runtime
+from providers import jetstream
 from providers.db.pool import DbPool, Pool
 from providers.services import ENV_NATS_URL, ENV_POSTGRES_URL, ENV_REDIS_URL
 from supervisors.daemon import Daemon
@@ -79,14 +82,30 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             readyz = await client.get("/readyz")
             assert (readyz.status_code, readyz.json()) == (200, {"status": "ready", "alerts": []})
             metrics = await client.get("/metrics")
-            assert 'triage_supervisor_children{supervisor="root"} 4.0' in metrics.text
+            assert 'triage_supervisor_children{supervisor="root"} 6.0' in metrics.text
             assert 'triage_breaker_state{breaker="postgres_primary"} 0.0' in metrics.text
+            assert 'triage_breaker_state{breaker="nats_publish"} 0.0' in metrics.text
+            tree = daemon.tree
+            assert tree is not None and tree.relay is not None
+            assert [c.id for c in tree.root.which_children()] == [
+                "alerts", "detectors", "db_health", tree.relay.name, "idempotency", "http",
+            ]  # fmt: skip
+            # End to end: an event committed to the outbox reaches JetStream through
+            # the daemon's own relay, with the outbox id as its Nats-Msg-Id.
+            # (The test task has no bridge loop: cross on the daemon's, through its pool.)
+            event_id = await backbone.pool.run_unit(_commit_event, postgres_url)
+            stored: list[jetstream.StoredMessage] = []
+            for _ in range(200):  # up to 10 s
+                stored = await backbone.pool.run_unit(_stream, backbone.nats, config.relay.stream)
+                if stored:
+                    break
+                await trio.sleep(0.05)
+            assert [m.msg_id for m in stored] == [str(event_id)]
             # Queries run as the daemon's role, never the owner URL's.
             assert await backbone.pool.run_unit(_whoami) == ("triage_daemon", 2)
 
             # The probe's breaker open: unready, named; closed again: ready.
-            tree = daemon.tree
-            assert tree is not None and tree.db_health is not None
+            assert tree.db_health is not None
             assert tree.db_health.probes >= 1 and tree.db_health.failures == 0
             tree.db_health.breaker.force_open("test")
             readyz = await client.get("/readyz")
@@ -278,3 +297,26 @@ async def test_the_probe_opens_its_breaker_and_readiness_names_the_database(
             assert probe.unavailable() is None  # closed again (two half-open probes passed)
             assert readiness.readiness()[0]
             nursery.cancel_scope.cancel()
+
+
+async def _commit_event(_pool: object, url: str) -> int:
+    """As the owner: a tenant and one outbox event (the trigger assigns id and seq)."""
+    conn = await asyncpg.connect(url)
+    try:
+        tenant = uuid.uuid4()
+        await conn.execute("INSERT INTO tenants (id, name) VALUES ($1, $2)", tenant, str(tenant))
+        return int(
+            await conn.fetchval(
+                "INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, subject, payload)"
+                " VALUES ($1, 'dispatch', 'd-1', 'triage.events.dispatch', '{}') RETURNING id",
+                tenant,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _stream(
+    _pool: object, client: jetstream.JetStreamClient, stream: str
+) -> list[jetstream.StoredMessage]:
+    return await jetstream.read_stream(client, stream)
