@@ -34,6 +34,7 @@ from config.schema import (
     DetectorConfig,
     GuardConfig,
     IdempotencyConfig,
+    InboxConfig,
     MailboxConfig,
     RateLimitConfig,
     RelayConfig,
@@ -66,7 +67,7 @@ PROFILE_SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "guards": GuardConfig,
     "detectors": DetectorConfig,
 }
-_PLAIN_SECTIONS: Final = ("services", "database", "relay", "idempotency")
+_PLAIN_SECTIONS: Final = ("services", "database", "relay", "idempotency", "inbox")
 _TOP_LEVEL: Final = frozenset({"daemon", "catalog", *_PLAIN_SECTIONS, *PROFILE_SECTIONS})
 #: Guard field -> the section its value must name.
 _GUARD_REFERENCES: Final = {
@@ -532,6 +533,7 @@ def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
     database = report.decode(raw.get("database", {}), DatabaseConfig, ("database",))
     relay = report.decode(raw.get("relay", {}), RelayConfig, ("relay",))
     idempotency = report.decode(raw.get("idempotency", {}), IdempotencyConfig, ("idempotency",))
+    inbox = report.decode(raw.get("inbox", {}), InboxConfig, ("inbox",))
     catalog = raw.get("catalog", "failures.toml")
     if not isinstance(catalog, str) or not catalog:
         report.add(("catalog",), f"expected a non-empty str, got {toml_repr(catalog)}")
@@ -559,13 +561,14 @@ def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
     report.raise_if_any()
     # No problems means every section decoded.
     assert daemon is not None and services is not None and database is not None
-    assert relay is not None and idempotency is not None
+    assert relay is not None and idempotency is not None and inbox is not None
     return TriageConfig(
         daemon=daemon,
         services=services,
         database=database,
         relay=relay,
         idempotency=idempotency,
+        inbox=inbox,
         catalog=str(catalog),
         mailboxes=sections["mailboxes"],
         supervisors=sections["supervisors"],

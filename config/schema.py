@@ -310,6 +310,32 @@ class IdempotencyConfig(_Section, frozen=True, kw_only=True):
     warm_batch: PositiveInt = 1000
 
 
+class InboxConfig(_Section, frozen=True, kw_only=True):
+    """The scheduling-event inbox (row 18): a durable JetStream pull consumer.
+
+    JetStream redelivers a message not acked within ``ack_wait_s``, or nak'ed,
+    after ``backoff_s[n]`` for its (n+1)-th redelivery (the last entry repeats),
+    at most ``max_deliver`` deliveries in all; the consumer dead-letters the
+    event on its last delivery rather than let it vanish.
+    """
+
+    stream: Annotated[str, msgspec.Meta(min_length=1)] = "TRIAGE_SCHEDULING"
+    subjects: Annotated[str, msgspec.Meta(min_length=1)] = "triage.scheduling.>"
+    durable: Annotated[str, msgspec.Meta(min_length=1)] = "triage-inbox"
+    batch_size: PositiveInt = 100
+    fetch_timeout_s: PositiveFloat = 1.0
+    ack_wait_s: PositiveFloat = 30.0
+    max_deliver: PositiveInt = 5
+    backoff_s: list[PositiveFloat] = msgspec.field(default_factory=lambda: [1.0, 5.0, 30.0])
+    duplicate_window_s: PositiveFloat = 120.0  # the stream's, for publishers' Nats-Msg-Id
+
+    def __post_init__(self) -> None:
+        if self.backoff_s and len(self.backoff_s) >= self.max_deliver:
+            raise ValueError(
+                f"backoff_s: must have fewer entries than max_deliver ({self.max_deliver})"
+            )
+
+
 class TriageConfig(_Section, frozen=True, kw_only=True):
     """The whole file. ``catalog`` is the failure catalog, relative to this file's directory."""
 
@@ -318,6 +344,7 @@ class TriageConfig(_Section, frozen=True, kw_only=True):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
     idempotency: IdempotencyConfig = msgspec.field(default_factory=IdempotencyConfig)
+    inbox: InboxConfig = msgspec.field(default_factory=InboxConfig)
     catalog: Annotated[str, msgspec.Meta(min_length=1)] = "failures.toml"
     mailboxes: dict[str, MailboxConfig] = msgspec.field(default_factory=dict)
     supervisors: dict[str, SupervisorConfig] = msgspec.field(default_factory=dict)

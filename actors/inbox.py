@@ -1,0 +1,410 @@
+"""The inbox consumer: scheduling events from a durable JetStream pull consumer (row 18).
+
+A supervised loop (a child whose ``start`` is :meth:`InboxConsumer.run`). Each
+turn crosses the bridge three times, once per unit of work:
+
+1. :func:`providers.jetstream_consumer.fetch_batch` -- up to ``batch_size``
+   messages (an idle pull is an empty batch);
+2. :func:`providers.db.inbox.apply_batch` -- per event, ONE transaction as its
+   tenant: the inbox row (unique tenant + appointment id) and the effect (the
+   appointment's session thread) commit together, or neither does;
+3. :func:`providers.jetstream_consumer.settle_batch` -- ack/nak/term, sent only
+   AFTER the commits of step 2 (and any dead letters).
+
+Per message:
+
+=========================================  ==========================================
+body does not decode (typed error)         dead letter (source 'inbox') + term
+event new                                  committed, ack
+event already in the inbox (redelivery,    nothing changes, ack; counted in
+republish with another Nats-Msg-Id)        ``triage_inbox_duplicates_total`` and fed
+                                           to row 18's count-in-window detector
+database unreachable (transient)           nak with the backoff delay: JetStream
+                                           delivers it again
+transient, and this was delivery           dead letter + term (the event is kept in
+``max_deliver``                            ``dead_letters``, never dropped)
+other database error (e.g. unknown         dead letter + term
+tenant)
+=========================================  ==========================================
+
+A lost ack (or a crash between commit and ack) means the message is delivered
+again after ``ack_wait_s``; the inbox row turns that into a counted duplicate.
+
+State machine (logged on every transition)::
+
+    STARTING --consumer created/updated--> CONSUMING
+    CONSUMING --database unreachable--> DEGRADED    events nak'ed, redelivered later
+    CONSUMING/DEGRADED --NATS unreachable--> DISCONNECTED   retried every fetch_timeout_s
+    DEGRADED/DISCONNECTED --a batch applied--> CONSUMING
+    any --cancelled--> STOPPED
+
+Known gap: if the database is down on an event's last delivery, the dead
+letter cannot be written either; the message is nak'ed and JetStream stops
+delivering it (it stays in the stream, and the server emits a max-deliveries
+advisory). Choose ``max_deliver`` x backoff longer than a tolerated outage.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+from prometheus_client import CollectorRegistry, Counter
+
+from config.catalog import Catalog, alert_name
+from config.schema import DetectorConfig, InboxConfig, TriageConfig, engine_kwargs
+from engine.detectors import CountInWindowDetector, make_detector
+from engine.errors import ProviderError
+from engine.supervisor import ChildSpec, Restart
+from providers import jetstream, jetstream_consumer
+from providers.bridge import run, translate_error
+from providers.db.inbox import (
+    DeadLetter,
+    InboxItem,
+    SchedulingEvent,
+    apply_batch,
+    dead_letter_batch,
+)
+from providers.jetstream_consumer import ConsumerSettings, Delivery, PullConsumer, Settle
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from engine.runtime import Runtime
+
+__all__ = [
+    "DETECTOR_OVERRIDE",
+    "ROW",
+    "InboxConsumer",
+    "InboxState",
+    "InboxStats",
+    "consumer_settings",
+    "decode_event",
+    "detector_config",
+]
+
+log = logging.getLogger("triage.inbox")
+
+ROW = 18
+#: A ``[detectors.<name>]`` section with this name replaces row 18's detector settings.
+DETECTOR_OVERRIDE = "inbox_duplicates"
+
+_decoder = msgspec.json.Decoder(SchedulingEvent)
+
+
+class InboxState(enum.Enum):
+    STARTING = "starting"
+    CONSUMING = "consuming"
+    DEGRADED = "degraded"  # the database is unreachable: events are nak'ed
+    DISCONNECTED = "disconnected"  # NATS is unreachable
+    STOPPED = "stopped"
+
+
+@dataclass
+class InboxStats:
+    fetched: int = 0
+    applied: int = 0  # new events committed (inbox row + effect)
+    duplicates: int = 0  # redelivered/republished events that changed nothing
+    naks: int = 0  # transient failures handed back to JetStream
+    dead_lettered: int = 0  # poison or exhausted events stored in dead_letters
+    acks_dropped: int = 0  # acks withheld by :meth:`InboxConsumer.settle_for` (fault injection)
+
+
+class _InboxMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.applied = Counter(
+            "triage_inbox_applied_total", "Scheduling events applied", registry=registry
+        )
+        self.duplicates = Counter(
+            "triage_inbox_duplicates_total",
+            "Scheduling events delivered again and dropped by the inbox key",
+            registry=registry,
+        )
+        self.naks = Counter(
+            "triage_inbox_naks_total",
+            "Scheduling events handed back to JetStream after a transient failure",
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "triage_inbox_dead_lettered_total",
+            "Scheduling events stored in dead_letters (poison or max deliveries)",
+            registry=registry,
+        )
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, _InboxMetrics] = weakref.WeakKeyDictionary()
+
+
+def _inbox_metrics(registry: CollectorRegistry) -> _InboxMetrics:
+    found = _METRICS.get(registry)
+    if found is None:
+        found = _METRICS[registry] = _InboxMetrics(registry)
+    return found
+
+
+def detector_config(config: TriageConfig, catalog: Catalog) -> DetectorConfig:
+    """Row 18's detector: ``[detectors.inbox_duplicates]`` if set, else the catalog row's."""
+    override = config.detectors.get(DETECTOR_OVERRIDE)
+    return override if override is not None else catalog.row(ROW).detector
+
+
+def consumer_settings(config: InboxConfig) -> ConsumerSettings:
+    """The durable pull consumer described by ``[inbox]``."""
+    return ConsumerSettings(
+        stream=config.stream,
+        subjects=tuple(s.strip() for s in config.subjects.split(",") if s.strip()),
+        durable=config.durable,
+        ack_wait_s=config.ack_wait_s,
+        max_deliver=config.max_deliver,
+        backoff_s=tuple(config.backoff_s),
+        duplicate_window_s=config.duplicate_window_s,
+    )
+
+
+def decode_event(data: bytes) -> SchedulingEvent:
+    """The typed event in ``data``; raises :class:`msgspec.ValidationError` or ``DecodeError``."""
+    return _decoder.decode(data)
+
+
+def _transient(exc: Exception) -> bool:
+    """A connection-level failure (already translated or not): the event may succeed later."""
+    return isinstance(exc, ProviderError) or translate_error(exc, service="postgres") is not None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class InboxConsumer:
+    """The consumer's state and loop. Build one, run :meth:`run` under a supervisor."""
+
+    name = "inbox_consumer"
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool[asyncpg.Record],
+        client: jetstream.JetStreamClient,
+        config: InboxConfig,
+        detector: CountInWindowDetector | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.pool = pool
+        self.client = client
+        self.config = config
+        self.settings = consumer_settings(config)
+        self.detector = detector
+        self.state = InboxState.STARTING
+        self.stats = InboxStats()
+        self.consumer: PullConsumer | None = None
+        self._metrics = _inbox_metrics(registry) if registry is not None else None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: TriageConfig,
+        catalog: Catalog,
+        pool: asyncpg.Pool[asyncpg.Record],
+        client: jetstream.JetStreamClient,
+        *,
+        runtime: Runtime | None = None,
+        detector: CountInWindowDetector | None = None,
+    ) -> InboxConsumer:
+        """A consumer wired from ``[inbox]`` and row 18's detector (or the one given)."""
+        common: dict[str, Any] = {}
+        if runtime is not None:
+            common = {"clock": runtime.clock, "events": runtime.events, "metrics": runtime.metrics}
+        if detector is None:
+            detector = make_detector(
+                alert_name(catalog.row(ROW)),
+                row=ROW,
+                **engine_kwargs(detector_config(config, catalog)),
+                **common,
+            ).expect(CountInWindowDetector)
+        return cls(
+            pool=pool,
+            client=client,
+            config=config.inbox,
+            detector=detector,
+            registry=runtime.metrics.registry
+            if runtime is not None and runtime.metrics is not None
+            else None,
+        )
+
+    # -- outside API -----------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The child's body: create/update the consumer, signal started, consume until cancelled."""
+        try:
+            await self.open()
+            self._enter(InboxState.CONSUMING, "started")
+            task_status.started()
+            while True:
+                await self.step()
+        finally:
+            self._enter(InboxState.STOPPED, "stopped")
+
+    def child_spec(self, *, shutdown_s: float = 5.0, restart: Restart | None = None) -> ChildSpec:
+        """A supervisor child running :meth:`run`."""
+        return ChildSpec(
+            id=self.name,
+            start=self.run,
+            restart=restart if restart is not None else Restart.PERMANENT,
+            shutdown_s=shutdown_s,
+        )
+
+    async def open(self) -> PullConsumer:
+        """Ensure the stream and the durable consumer (created, or updated to ``[inbox]``)."""
+        self.consumer = await run(
+            jetstream_consumer.open_consumer, self.client, self.settings, service="nats"
+        )
+        return self.consumer
+
+    def settle_for(self, delivery: Delivery, decision: Settle) -> Settle:
+        """The decision actually sent for ``delivery``: a hook for fault injection.
+
+        The chaos scenario overrides it to drop acks (``Settle.skip()``), which is
+        what an ack lost on the network looks like to JetStream.
+        """
+        return decision
+
+    # -- one turn ----------------------------------------------------------------------
+
+    async def step(self) -> int:
+        """One turn: fetch, apply, dead-letter, settle. Returns the messages fetched."""
+        consumer = self.consumer if self.consumer is not None else await self.open()
+        config = self.config
+        try:
+            batch = await run(
+                jetstream_consumer.fetch_batch, consumer, config.batch_size,
+                config.fetch_timeout_s, service="nats",
+            )  # fmt: skip
+        except ProviderError as exc:
+            self._enter(InboxState.DISCONNECTED, str(exc))
+            await trio.sleep(config.fetch_timeout_s)
+            return 0
+        if not batch:
+            return 0
+        self.stats.fetched += len(batch)
+        decisions = await self._process(batch)
+        sent = [(d, self.settle_for(d, s)) for d, s in decisions]
+        self.stats.acks_dropped += sum(
+            1
+            for (_, wanted), (_, actual) in zip(decisions, sent, strict=True)
+            if wanted.kind is jetstream_consumer.SettleKind.ACK
+            and actual.kind is jetstream_consumer.SettleKind.SKIP
+        )
+        try:
+            await run(jetstream_consumer.settle_batch, consumer, sent, service="nats")
+        except ProviderError as exc:  # unsettled messages come back after ack_wait
+            self._enter(InboxState.DISCONNECTED, str(exc))
+        return len(batch)
+
+    async def _process(self, batch: Sequence[Delivery]) -> list[tuple[Delivery, Settle]]:
+        decisions: dict[int, Settle] = {}
+        letters: dict[int, DeadLetter] = {}
+        items: list[tuple[int, InboxItem]] = []
+        for index, delivery in enumerate(batch):
+            try:
+                event = decode_event(delivery.data)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                letters[index] = self._letter(delivery, None, f"undecodable event: {exc}")
+                continue
+            key = delivery.msg_id or f"{self.settings.stream}:{delivery.stream_seq}"
+            items.append((index, InboxItem(event, message_key=key, subject=delivery.subject)))
+
+        if items:
+            results = await self._apply([item for _, item in items])
+            transient = False
+            for (index, item), result in zip(items, results, strict=True):
+                delivery = batch[index]
+                if result is True:
+                    self.stats.applied += 1
+                    decisions[index] = Settle.ack()
+                elif result is False:
+                    self.stats.duplicates += 1
+                    decisions[index] = Settle.ack()
+                elif _transient(result):
+                    transient = True
+                    if delivery.num_delivered >= self.settings.max_deliver:
+                        error = f"max deliveries ({delivery.num_delivered}): {_describe(result)}"
+                        letters[index] = self._letter(delivery, item.event, error)
+                    else:
+                        decisions[index] = Settle.nak(self._nak_delay(delivery))
+                else:
+                    letters[index] = self._letter(delivery, item.event, _describe(result))
+            self._count_outcomes(results)
+            if transient:
+                self._enter(InboxState.DEGRADED, "database unreachable: events nak'ed")
+            else:
+                self._enter(InboxState.CONSUMING, "batch applied")
+
+        if letters:
+            try:
+                await run(dead_letter_batch, self.pool, list(letters.values()), service="postgres")
+            except ProviderError as exc:
+                log.warning("inbox: dead letters not stored, redelivery instead: %s", exc)
+                for index in letters:
+                    decisions[index] = Settle.nak(self._nak_delay(batch[index]))
+            else:
+                for index in letters:
+                    decisions[index] = Settle.term()
+                self.stats.dead_lettered += len(letters)
+                if self._metrics is not None:
+                    self._metrics.dead_lettered.inc(len(letters))
+        naks = sum(1 for d in decisions.values() if d.kind is jetstream_consumer.SettleKind.NAK)
+        self.stats.naks += naks
+        if self._metrics is not None and naks:
+            self._metrics.naks.inc(naks)
+        return [(batch[i], decisions[i]) for i in sorted(decisions)]
+
+    async def _apply(self, items: list[InboxItem]) -> list[bool | Exception]:
+        try:
+            return await run(apply_batch, self.pool, items, service="postgres")
+        except ProviderError as exc:  # e.g. the pool itself failed: every item is transient
+            return [exc] * len(items)
+
+    def _count_outcomes(self, results: Sequence[bool | Exception]) -> None:
+        new = sum(1 for r in results if r is True)
+        duplicates = sum(1 for r in results if r is False)
+        if duplicates:
+            log.info("inbox: %d redelivered event(s) dropped as duplicates", duplicates)
+            if self.detector is not None:
+                self.detector.observe(duplicates)
+        if self._metrics is not None:
+            self._metrics.applied.inc(new)
+            self._metrics.duplicates.inc(duplicates)
+
+    def _nak_delay(self, delivery: Delivery) -> float | None:
+        backoff = self.config.backoff_s
+        if not backoff:
+            return None
+        return backoff[min(delivery.num_delivered, len(backoff)) - 1]
+
+    def _letter(self, delivery: Delivery, event: SchedulingEvent | None, error: str) -> DeadLetter:
+        return DeadLetter(
+            ref=f"{self.settings.stream}:{delivery.stream_seq}",
+            payload=delivery.data,
+            error=error,
+            attempts=delivery.num_delivered,
+            tenant_id=event.tenant_id if event is not None else None,
+            subject=delivery.subject,
+            headers=delivery.headers,
+        )
+
+    def _enter(self, state: InboxState, reason: str) -> None:
+        if state is self.state:
+            return
+        old, self.state = self.state, state
+        level = (
+            logging.WARNING
+            if state in (InboxState.DEGRADED, InboxState.DISCONNECTED)
+            else logging.INFO
+        )
+        log.log(level, "inbox consumer: %s -> %s (%s)", old.value, state.value, reason)
