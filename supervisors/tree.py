@@ -56,6 +56,7 @@ import msgspec
 from actors.alerts import ActiveAlerts, AlertEvent, AlertSink, EventForwarder, forward_events
 from actors.db_health import DbHealth
 from actors.idempotency import IdempotencyStore
+from actors.inbox import InboxConsumer
 from actors.outbox_relay import OutboxRelay
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
 from config.catalog import alert_name
@@ -63,6 +64,7 @@ from engine.actor import ActorRef, Overflow, actor_child
 from engine.breaker import Breaker
 from engine.detectors import (
     AgeOfNewestDetector,
+    CountInWindowDetector,
     Detector,
     DetectorSet,
     RatioDetector,
@@ -189,12 +191,13 @@ class Tree:
     db_health: DbHealth | None = None
     relay: OutboxRelay | None = None
     idempotency: IdempotencyStore | None = None
+    inbox: InboxConsumer | None = None
 
 
 D = TypeVar("D", bound=Detector)
 
 #: Catalog owners this tree runs when it has a backbone (services and a pool).
-BACKBONE_OWNERS: Final = frozenset({"outbox_relay", "idempotency_store"})
+BACKBONE_OWNERS: Final = frozenset({"outbox_relay", "idempotency_store", "inbox_consumer"})
 
 
 def live_rows(catalog: Catalog, *, backbone: bool) -> list[CatalogRow]:
@@ -278,6 +281,7 @@ def build_tree(
     db_health: DbHealth | None = None
     relay: OutboxRelay | None = None
     store: IdempotencyStore | None = None
+    inbox: InboxConsumer | None = None
     if backbone is not None:
         db_health = build_db_health(config, backbone, runtime)
         readiness.add_check(db_health.unavailable)
@@ -289,6 +293,14 @@ def build_tree(
             backbone.redis,
             runtime=runtime,
             detector=_row_detector(rows, detectors, "idempotency_store", RatioDetector),
+        )
+        inbox = InboxConsumer.from_config(
+            config,
+            catalog,
+            backbone.pool.asyncpg_pool,
+            backbone.nats,
+            runtime=runtime,
+            detector=_row_detector(rows, detectors, "inbox_consumer", CountInWindowDetector),
         )
         backbone_specs += [
             ChildSpec(
@@ -304,6 +316,7 @@ def build_tree(
                 restart=Restart.PERMANENT,
                 shutdown_s=child_shutdown_s,
             ),
+            inbox.child_spec(shutdown_s=child_shutdown_s),
         ]
     registry = runtime.metrics.registry if runtime.metrics is not None else None
     if registry is None:
@@ -330,6 +343,7 @@ def build_tree(
         db_health=db_health,
         relay=relay,
         idempotency=store,
+        inbox=inbox,
     )
 
 
