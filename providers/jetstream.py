@@ -44,8 +44,10 @@ __all__ = [
     "connect",
     "ensure_stream",
     "publish_batch",
+    "publish_one",
     "read_stream",
     "stream_settings",
+    "subject_matches",
 ]
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -76,6 +78,7 @@ class StreamSettings:
     duplicate_window_s: float
     replicas: int
     storage: str
+    max_msg_size: int = -1  # bytes; -1: no limit but the server's max payload
 
 
 @dataclass(slots=True)
@@ -129,6 +132,7 @@ def _settings(info: nats.js.api.StreamInfo) -> StreamSettings:
         duplicate_window_s=float(config.duplicate_window or 0.0),
         replicas=int(config.num_replicas or 1),
         storage=str(storage),
+        max_msg_size=int(config.max_msg_size or -1),
     )
 
 
@@ -221,6 +225,37 @@ async def publish_batch(
         for future in futures:
             if not future.done():
                 future.cancel()
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether ``subject`` matches the NATS subject ``pattern`` (``*`` one token, ``>`` the rest)."""
+    want = pattern.split(".")
+    have = subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(have) == len(want)
+
+
+async def publish_one(
+    client: JetStreamClient, item: PublishItem, ack_timeout_s: float
+) -> nats.js.api.PubAck | Exception:
+    """asyncio side: publish one item as a request and return its ack or its error.
+
+    Used to learn why a message of a batch got no ack: nats-py's ``publish_async``
+    (2.16) loses a stream's error answer (e.g. 10054 "message size exceeds maximum
+    allowed") and the message just times out; the request-reply ``publish`` raises
+    the :class:`nats.js.errors.APIError`. ``Nats-Msg-Id`` makes the retry safe.
+    """
+    headers = {**item.headers, MSG_ID_HEADER: item.msg_id}
+    try:
+        return await client.js.publish(
+            item.subject, item.payload, timeout=ack_timeout_s, headers=headers
+        )
+    except Exception as exc:
+        return exc
 
 
 @dataclass(frozen=True, slots=True)

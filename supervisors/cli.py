@@ -10,6 +10,10 @@
     triage run [--config FILE]            run the daemon
     triage migrate [--config FILE] [--dsn DSN]
                                           apply the pending database migrations
+    triage dlq list [--config F] [--dsn DSN] [--all] [--json]
+                                          the outbox's dead letters (pending redrive)
+    triage dlq redrive ID [--config F] [--dsn DSN]
+                                          put dead letter ID's event back in the outbox
 
 Exit status: 0 on success, 1 when a command fails (the reason on stderr), 2
 when a file is invalid (each problem printed to stderr as
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -241,6 +246,86 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dlq_dsn(args: argparse.Namespace, verb: str) -> str | None:
+    """The DSN as for ``migrate``, or None after printing why there is none."""
+    dsn = _postgres_dsn(args)
+    if dsn is None:
+        print(
+            f"triage dlq {verb}: no PostgreSQL configured: pass --dsn, set "
+            f"{ENV_POSTGRES_URL}, or set services.postgres_url in the --config file "
+            "(the owner/admin URL, as for `triage migrate`).",
+            file=sys.stderr,
+        )
+    return dsn
+
+
+def _one_line(text: str, width: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    try:
+        dsn = _dlq_dsn(args, "list")
+    except ConfigError as exc:
+        return _report(exc)
+    if dsn is None:
+        return EXIT_FAILED
+    import asyncpg
+
+    from providers.db.dead_letters import list_dead_letters
+
+    try:
+        letters = asyncio.run(list_dead_letters(dsn, include_redriven=args.all))
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"triage dlq list: {_redacted(dsn)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps([letter.to_json() for letter in letters], indent=2))
+        return EXIT_OK
+    if not letters:
+        print("no dead letters" if args.all else "no dead letters pending redrive")
+        return EXIT_OK
+    header = ["ID", "SOURCE", "REF", "ATTEMPTS", "CREATED_AT", "ERROR"]
+    if args.all:
+        header.append("REDRIVEN_AT")
+    rows: list[list[str]] = [header]
+    for letter in letters:
+        row = [
+            str(letter.id), letter.source, letter.ref, str(letter.attempts),
+            letter.created_at.isoformat(timespec="seconds"), _one_line(letter.error),
+        ]  # fmt: skip
+        if args.all:
+            redriven = letter.redriven_at
+            row.append("" if redriven is None else redriven.isoformat(timespec="seconds"))
+        rows.append(row)
+    print(_table(rows))
+    return EXIT_OK
+
+
+def _dlq_redrive(args: argparse.Namespace) -> int:
+    try:
+        dsn = _dlq_dsn(args, "redrive")
+    except ConfigError as exc:
+        return _report(exc)
+    if dsn is None:
+        return EXIT_FAILED
+    import asyncpg
+
+    from providers.db.dead_letters import RedriveError, redrive
+
+    try:
+        outbox_id, seq = asyncio.run(redrive(dsn, args.id))
+    except RedriveError as exc:
+        print(f"triage dlq redrive: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"triage dlq redrive: {_redacted(dsn)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"dead letter {args.id} redriven: outbox event {outbox_id} (seq {seq} of its aggregate)")
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triage", description="Triage resilience engine: configuration, catalog and daemon."
@@ -285,6 +370,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--dsn", metavar="DSN", help="PostgreSQL URL (overrides the config)")
     migrate.set_defaults(handler=_migrate)
+
+    dlq = sub.add_parser(
+        "dlq",
+        help="list or redrive the outbox's dead letters",
+        description="The outbox's dead letters (catalog row 9). Connect with the owner/admin "
+        f"URL, found as for `migrate`: --dsn, else {ENV_POSTGRES_URL}, else "
+        "services.postgres_url of --config. A non-superuser runs as triage_relay.",
+    )
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="VERB")
+    dlq_list = dlq_sub.add_parser("list", help="print the dead letters pending redrive")
+    dlq_redrive = dlq_sub.add_parser(
+        "redrive", help="re-insert a dead letter's event into the outbox (new id, same aggregate)"
+    )
+    dlq_redrive.add_argument("id", metavar="ID", type=int, help="the dead letter's id")
+    for verb in (dlq_list, dlq_redrive):
+        verb.add_argument(
+            "--config", metavar="FILE", help="config file naming services.postgres_url"
+        )
+        verb.add_argument("--dsn", metavar="DSN", help="PostgreSQL URL (overrides the config)")
+    dlq_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    dlq_list.add_argument("--all", action="store_true", help="include redriven dead letters")
+    dlq_list.set_defaults(handler=_dlq_list)
+    dlq_redrive.set_defaults(handler=_dlq_redrive)
     return parser
 
 

@@ -6,11 +6,12 @@ harness reports every other row as "not implemented yet", naming the issue.
 
 from __future__ import annotations
 
-from bench.chaos import scenario_nats, scenario_redelivery, scenario_redis
+from bench.chaos import scenario_nats, scenario_poison, scenario_redelivery, scenario_redis
 from bench.chaos.harness import Scenario
 
 SCENARIOS: dict[int, Scenario] = {
     scenario_nats.ROW: Scenario(scenario_nats.ROW, scenario_nats.run_scenario),
     scenario_redis.SCENARIO.id: scenario_redis.SCENARIO,
+    scenario_poison.ROW: Scenario(scenario_poison.ROW, scenario_poison.run_scenario),
     scenario_redelivery.SCENARIO.id: scenario_redelivery.SCENARIO,
 }

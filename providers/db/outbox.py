@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from providers.db.dead_letters import DlqPublish, dead_letter_async
 from providers.db.tenancy import relay_transaction, tenant_transaction
 from providers.jetstream import PublishItem
 
@@ -62,14 +63,17 @@ if TYPE_CHECKING:
 __all__ = [
     "AGGREGATE_LOCK_CLASS",
     "BatchReport",
+    "DeadLetterTo",
     "NewEvent",
     "OutboxRow",
+    "PoisonEvent",
     "Publish",
     "claim_batch_async",
     "enqueue_async",
     "mark_published_async",
     "pending_age_async",
     "pending_age_s",
+    "quarantine_async",
     "record_failures_async",
     "relay_batch",
 ]
@@ -156,6 +160,7 @@ class OutboxRow:
     payload: str
     headers: dict[str, str]
     attempts: int
+    defect: str | None = None  # why the stored row cannot become a message (schema drift)
 
     @property
     def aggregate(self) -> tuple[str, str, str]:
@@ -197,6 +202,11 @@ class BatchReport:
     failed: int
     first_error: str | None
     lag_s: float | None
+    dead_lettered: int = 0
+
+
+class PoisonEvent(Exception):
+    """A publish result: this event can never be published as it is (dead-letter it at once)."""
 
 
 #: ``publish(rows)`` -> one result per row: an Exception if that row's publish failed.
@@ -204,7 +214,15 @@ Publish: TypeAlias = Callable[[Sequence[OutboxRow]], Awaitable[Sequence[object]]
 
 
 def _row(record: asyncpg.Record) -> OutboxRow:
-    headers = json.loads(record["headers"]) if record["headers"] else {}
+    defect: str | None = None
+    headers: dict[str, str] = {}
+    try:
+        decoded = json.loads(record["headers"]) if record["headers"] else {}
+        if not isinstance(decoded, dict):
+            raise TypeError(f"headers are a JSON {type(decoded).__name__}, not an object")
+        headers = {str(k): str(v) for k, v in decoded.items()}
+    except (ValueError, TypeError) as exc:
+        defect = f"undecodable headers: {exc}"
     return OutboxRow(
         id=int(record["id"]),
         tenant_id=str(record["tenant_id"]),
@@ -213,8 +231,9 @@ def _row(record: asyncpg.Record) -> OutboxRow:
         seq=int(record["seq"]),
         subject=record["subject"],
         payload=record["payload"],
-        headers={str(k): str(v) for k, v in headers.items()},
+        headers=headers,
         attempts=int(record["attempts"]),
+        defect=defect,
     )
 
 
@@ -245,36 +264,82 @@ def _settle(
     rows: Sequence[OutboxRow], results: Sequence[object]
 ) -> tuple[list[int], list[tuple[int, str]]]:
     """The ids to mark published (per-aggregate prefixes of acks) and the failures."""
+    published, failures, _ = _triage(rows, results, max_attempts=None)
+    return published, failures
+
+
+def _triage(
+    rows: Sequence[OutboxRow], results: Sequence[object], *, max_attempts: int | None
+) -> tuple[list[int], list[tuple[int, str]], list[tuple[int, str]]]:
+    """Published ids, retryable failures and poison rows (only when ``max_attempts`` is given).
+
+    A poison row (a :class:`PoisonEvent` result, or a failure that is the row's
+    ``max_attempts``-th) leaves the outbox, so it does not break its aggregate's prefix.
+    """
     if len(results) != len(rows):
         raise ValueError(f"publish returned {len(results)} results for {len(rows)} rows")
     published: list[int] = []
     failures: list[tuple[int, str]] = []
+    poison: list[tuple[int, str]] = []
     broken: set[tuple[str, str, str]] = set()
     for row, result in zip(rows, results, strict=True):
         if isinstance(result, BaseException):
-            failures.append((row.id, f"{type(result).__name__}: {result}"))
-            broken.add(row.aggregate)
+            error = f"{type(result).__name__}: {result}"
+            if max_attempts is not None and (
+                isinstance(result, PoisonEvent) or row.attempts + 1 >= max_attempts
+            ):
+                poison.append((row.id, error))
+            else:
+                failures.append((row.id, error))
+                broken.add(row.aggregate)
         elif row.aggregate not in broken:
             published.append(row.id)
-    return published, failures
+    return published, failures, poison
 
 
-async def relay_batch(pool: Pool, publish: Publish, limit: int) -> BatchReport:
+@dataclass(frozen=True, slots=True)
+class DeadLetterTo:
+    """Where :func:`relay_batch` sends poison rows: the DLQ publish, its subject, the size cap."""
+
+    publish: DlqPublish
+    subject: str
+    max_payload: int
+    max_attempts: int
+
+
+async def relay_batch(
+    pool: Pool,
+    publish: Publish,
+    limit: int,
+    dead_letter: DeadLetterTo | None = None,
+    claimed: list[int] | None = None,
+) -> BatchReport:
     """One relay unit of work (asyncio side): claim, publish, mark, record, read the lag.
 
     An exception from ``publish`` (e.g. NATS unavailable) rolls the transaction
     back: nothing is marked, the rows stay pending, and the exception propagates.
+    With ``dead_letter``, poison rows are dead-lettered in the same transaction
+    (see the module docstring). ``claimed`` (if given) receives the claimed ids
+    before the publish, so that a caller can tell which rows a crash concerned.
     """
     async with pool.acquire() as conn, relay_transaction(conn):
         rows = await claim_batch_async(conn, limit)
+        if claimed is not None:
+            claimed[:] = [row.id for row in rows]
         if not rows:
             return BatchReport(
                 claimed=0, published=0, failed=0, first_error=None,
                 lag_s=await pending_age_async(conn),
             )  # fmt: skip
         results = await publish(rows)
-        published, failures = _settle(rows, results)
+        max_attempts = None if dead_letter is None else dead_letter.max_attempts
+        published, failures, poison = _triage(rows, results, max_attempts=max_attempts)
         await record_failures_async(conn, failures)
+        dead = 0
+        if dead_letter is not None and poison:
+            dead = await dead_letter_async(
+                conn, poison, dead_letter.publish, dead_letter.subject, dead_letter.max_payload
+            )
         record = await conn.fetchrow(_MARK_AND_AGE, published)
         assert record is not None
         lag = None if record["age"] is None else max(0.0, float(record["age"]))
@@ -284,7 +349,23 @@ async def relay_batch(pool: Pool, publish: Publish, limit: int) -> BatchReport:
         failed=len(failures),
         first_error=failures[0][1] if failures else None,
         lag_s=lag,
+        dead_lettered=dead,
     )
+
+
+_LOCK_ONE = "SELECT id FROM outbox WHERE id = $1 AND published_at IS NULL FOR UPDATE SKIP LOCKED"
+
+
+async def quarantine_async(pool: Pool, outbox_id: int, error: str, to: DeadLetterTo) -> bool:
+    """Unit of work (asyncio side): dead-letter one pending row (e.g. one that crashed the relay).
+
+    False if the row is gone, published, or locked by another relay.
+    """
+    async with pool.acquire() as conn, relay_transaction(conn):
+        if await conn.fetchval(_LOCK_ONE, outbox_id) is None:
+            return False
+        await dead_letter_async(conn, [(outbox_id, error)], to.publish, to.subject, to.max_payload)
+        return True
 
 
 async def pending_age_s(pool: Pool) -> float | None:

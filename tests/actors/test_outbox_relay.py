@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -12,11 +13,12 @@ import asyncpg
 import pytest
 import trio
 
-from actors.outbox_relay import OutboxRelay, RelayState, retry_horizon_s
+from actors.outbox_relay import OutboxRelay, RelayState, dlq_stream_name, retry_horizon_s
 from bench.chaos.scenario_nats import check_order
 from config.schema import RelayConfig
 from engine.breaker import Breaker, CircuitState
-from engine.detectors import AgeOfNewestDetector
+from engine.detectors import AgeOfNewestDetector, CountInWindowDetector
+from engine.supervisor import Supervisor
 from providers import jetstream
 from providers.bridge import run
 from providers.db import DAEMON_ROLE, migrate, run_as_relay
@@ -276,3 +278,177 @@ async def test_database_outage_degrades_then_recovers(
         finally:
             await run(jetstream.close, client)
             await run(pool.close)
+
+
+# -- poison events and crash loops (catalog row 9) -------------------------------------
+
+
+async def _insert_raw(url: str, tenant: uuid.UUID, subject: str, payload: str, headers: str) -> int:
+    """An outbox row written behind the application's back (the superuser): schema drift."""
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            "INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, seq, subject, payload,"
+            " headers) VALUES ($1, 'appointment', 'a0', 1, $2, $3::jsonb, $4::jsonb) RETURNING id",
+            tenant, subject, payload, headers,
+        )  # fmt: skip
+        assert row is not None
+        return int(row["id"])
+    finally:
+        await conn.close()
+
+
+async def _dead_letters(url: str) -> list[tuple[str, str, int, int]]:
+    """(ref, error, attempts, skipped seq) of every dead letter, by ref."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT ref, error, attempts, (headers->>'seq')::int AS seq FROM dead_letters"
+            " ORDER BY ref::bigint"
+        )
+        return [(r["ref"], r["error"], r["attempts"], r["seq"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+async def _small_stream(client: jetstream.JetStreamClient, config: RelayConfig) -> None:
+    """Pre-create the relay's stream with a 2 KiB max message size (the relay keeps it)."""
+    import nats.js.api
+
+    await client.js.add_stream(
+        nats.js.api.StreamConfig(
+            name=config.stream, subjects=[config.subjects], duplicate_window=60.0,
+            max_msg_size=2048,
+        )
+    )  # fmt: skip
+
+
+def _poison_config(world: World, **changes: object) -> RelayConfig:
+    import msgspec
+
+    tag = world.config.stream.lower()
+    return msgspec.structs.replace(world.config, dlq_subject=f"dlq.{tag}", **changes)
+
+
+async def test_poison_events_are_dead_lettered_one_by_one_and_the_rest_goes_on(
+    world: World,
+) -> None:
+    config = _poison_config(world)
+    await run(_small_stream, world.client, config)
+    subject = config.subjects.replace(">", "appointment")
+    before = await _write(world, 6)
+    tenant = world.tenants[0]  # _write's even events: tenant 0, aggregates a0, a2, a1
+    oversize = await run(_insert_raw, world.admin_url, tenant, subject,
+                         json.dumps({"blob": "x" * 4000}), "{}")  # fmt: skip
+    drift = await run(_insert_raw, world.admin_url, tenant, subject, '{"n": -1}', '["drift"]')
+    unbound = await run(_insert_raw, world.admin_url, tenant, "elsewhere.x", '{"n": -2}', "{}")
+    after = await _write(world, 6)
+    relay = OutboxRelay(pool=world.pool, client=world.client, config=config, breaker=_breaker())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        await _until(lambda: relay.published == 12 and relay.dead_lettered == 3)
+        nursery.cancel_scope.cancel()
+    assert relay.restarts == 0 and relay.crashes == 0
+    stored = await run(jetstream.read_stream, world.client, config.stream)
+    assert [m.msg_id for m in stored] == [str(i) for i in before + after]  # each once, in order
+    letters = await run(_dead_letters, world.admin_url)
+    assert [ref for ref, *_ in letters] == [str(oversize), str(drift), str(unbound)]
+    assert "exceeds the stream's max_msg_size 2048" in letters[0][1]
+    assert "undecodable headers" in letters[1][1]
+    assert "not bound" in letters[2][1]
+    assert [seq for *_, seq in letters] == [2, 3, 4]  # the skipped seqs of tenant 0's a0
+    dlq = await run(jetstream.read_stream, world.client, dlq_stream_name(config))
+    assert [m.msg_id for m in dlq] == [f"dlq-outbox-{i}" for i in (oversize, drift, unbound)]
+    assert [m.headers["Triage-Skipped-Seq"] for m in dlq] == ["2", "3", "4"]
+    flags = await run(_published_flags, world.admin_url)
+    assert {i for i, *_ in flags} == set(before + after)  # the poison rows left the outbox
+    assert all(done for _, done, _, _ in flags)
+
+
+async def _shrink_stream(client: jetstream.JetStreamClient, stream: str) -> None:
+    info = await client.js.stream_info(stream)
+    info.config.max_msg_size = 2048
+    await client.js.update_stream(info.config)
+
+
+async def test_a_refusal_the_relay_did_not_foresee_is_learnt_from_the_stream(world: World) -> None:
+    config = _poison_config(world, ack_timeout_s=0.5)
+    subject = config.subjects.replace(">", "appointment")
+    relay = OutboxRelay(pool=world.pool, client=world.client, config=config, breaker=_breaker())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        await run(_shrink_stream, world.client, config.stream)  # after the relay read it
+        good = await _write(world, 2)
+        big = await run(_insert_raw, world.admin_url, world.tenants[0], subject,
+                        json.dumps({"blob": "x" * 4000}), "{}")  # fmt: skip
+        good += await _write(world, 2)
+        relay.nudge()
+        await _until(lambda: relay.published == 4 and relay.dead_lettered == 1)
+        nursery.cancel_scope.cancel()
+    [(ref, error, _, _)] = await run(_dead_letters, world.admin_url)
+    assert ref == str(big) and "stream refused" in error and "10054" in error
+    stored = await run(jetstream.read_stream, world.client, config.stream)
+    assert [m.msg_id for m in stored] == [str(i) for i in good]
+
+
+async def test_an_event_failing_max_attempts_times_is_dead_lettered(world: World) -> None:
+    config = _poison_config(world, max_attempts=3)
+    ids = await _write(world, 5)
+    victim = ids[1]
+    relay = OutboxRelay(pool=world.pool, client=world.client, config=config,
+                        breaker=_breaker(fail_max=100))  # fmt: skip
+    real = relay._publish
+
+    async def flaky(rows: Sequence[OutboxRow]) -> list[object]:
+        results = await real(rows)
+        return [
+            TimeoutError("no ack") if r.id == victim else x
+            for r, x in zip(rows, results, strict=True)
+        ]
+
+    relay._publish = flaky
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        await _until(lambda: relay.dead_lettered == 1 and relay.published == 4)
+        nursery.cancel_scope.cancel()
+    [(ref, error, attempts, _)] = await run(_dead_letters, world.admin_url)
+    assert (ref, attempts) == (str(victim), 3)
+    assert "TimeoutError" in error
+    dlq = await run(jetstream.read_stream, world.client, dlq_stream_name(config))
+    assert [m.msg_id for m in dlq] == [f"dlq-outbox-{victim}"]
+
+
+async def test_a_crash_loop_under_a_supervisor_quarantines_the_row_and_goes_on(
+    world: World,
+) -> None:
+    config = _poison_config(world)
+    ids = await _write(world, 20)
+    victim = ids[9]
+    detector = CountInWindowDetector(
+        "relay_restarts", metric="m_total", threshold=1.0, window_s=300.0, buckets=10
+    )
+    relay = OutboxRelay(pool=world.pool, client=world.client, config=config, breaker=_breaker(),
+                        restart_sinks=[detector])  # fmt: skip
+    real = relay._publish
+
+    async def crashing(rows: Sequence[OutboxRow]) -> list[object]:
+        if any(r.id == victim for r in rows):
+            raise RuntimeError("schema drift: cannot render this event")
+        return list(await real(rows))
+
+    relay._publish = crashing
+    supervisor = Supervisor("backbone", [relay.child_spec(shutdown_s=2.0)], max_restarts=3,
+                            period_s=60.0)  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await _until(lambda: relay.published == 19 and relay.quarantined == 1)
+        assert relay.state is RelayState.RELAYING
+        nursery.cancel_scope.cancel()
+    assert relay.crashes == 2 and relay.restarts == 2  # the batch, then the row alone
+    assert detector.evaluate().value == 2.0 and detector.firing
+    [(ref, error, _, _)] = await run(_dead_letters, world.admin_url)
+    assert ref == str(victim) and "relay crashed" in error and "schema drift" in error
+    stored = await run(jetstream.read_stream, world.client, config.stream)
+    assert [m.msg_id for m in stored] == [str(i) for i in ids if i != victim]
+    dlq = await run(jetstream.read_stream, world.client, dlq_stream_name(config))
+    assert [m.msg_id for m in dlq] == [f"dlq-outbox-{victim}"]
