@@ -93,6 +93,7 @@ __all__ = [
 #: Profiles the tree needs: (section, name).
 REQUIRED_PROFILES: Final = (
     ("supervisors", "root"),
+    ("supervisors", "relay"),
     ("mailboxes", "alerts"),
     ("breakers", "postgres_primary"),  # the database probe
     ("breakers", "nats_publish"),  # the outbox relay
@@ -292,7 +293,7 @@ def build_tree(
             backbone.pool.asyncpg_pool,
             backbone.redis,
             runtime=runtime,
-            detector=_row_detector(rows, detectors, "idempotency_store", RatioDetector),
+            detector=_row_detector(rows, detectors, 7, RatioDetector),
         )
         inbox = InboxConsumer.from_config(
             config,
@@ -300,7 +301,7 @@ def build_tree(
             backbone.pool.asyncpg_pool,
             backbone.nats,
             runtime=runtime,
-            detector=_row_detector(rows, detectors, "inbox_consumer", CountInWindowDetector),
+            detector=_row_detector(rows, detectors, 18, CountInWindowDetector),
         )
         backbone_specs += [
             ChildSpec(
@@ -309,7 +310,14 @@ def build_tree(
                 restart=Restart.PERMANENT,
                 shutdown_s=child_shutdown_s,
             ),
-            relay.child_spec(shutdown_s=child_shutdown_s),
+            # The relay under its own intensity ([supervisors.relay]): a poison event
+            # costs it a restart or two, never the root's budget (row 9).
+            Supervisor(
+                "relay",
+                [relay.child_spec(shutdown_s=child_shutdown_s)],
+                **engine_kwargs(config.supervisors["relay"]),
+                runtime=runtime,
+            ).child_spec(),
             ChildSpec(
                 id="idempotency",
                 start=store.run,
@@ -348,11 +356,11 @@ def build_tree(
 
 
 def _row_detector(
-    rows: Sequence[CatalogRow], detectors: DetectorSet, owner: str, kind: type[D]
+    rows: Sequence[CatalogRow], detectors: DetectorSet, row_id: int, kind: type[D]
 ) -> D | None:
-    """The detector of ``owner``'s row, if that row is live."""
+    """The detector of catalog row ``row_id``, if that row is live here."""
     for row in rows:
-        if row.owner == owner:
+        if row.id == row_id:
             return detectors[detector_name(row)].expect(kind)
     return None
 
@@ -364,7 +372,8 @@ def build_relay(
     backbone: Backbone,
     runtime: Runtime,
 ) -> OutboxRelay:
-    """The outbox relay: publishes through ``[breakers.nats_publish]``, feeds row 6's lag."""
+    """The outbox relay: publishes through ``[breakers.nats_publish]``, feeds row 6's lag
+    and row 9's restart count."""
     breaker = Breaker(
         "nats_publish",
         **engine_kwargs(config.breakers["nats_publish"]),
@@ -372,13 +381,15 @@ def build_relay(
         events=runtime.events,
         metrics=runtime.metrics,
     )
-    lag = _row_detector(rows, detectors, "outbox_relay", AgeOfNewestDetector)
+    lag = _row_detector(rows, detectors, 6, AgeOfNewestDetector)
+    restarts = _row_detector(rows, detectors, 9, CountInWindowDetector)
     return OutboxRelay(
         pool=backbone.pool.asyncpg_pool,
         client=backbone.nats,
         config=config.relay,
         breaker=breaker,
         lag=lag,
+        restart_sinks=() if restarts is None else (restarts,),
     )
 
 

@@ -50,7 +50,7 @@ def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
     out, err = capsys.readouterr()
     assert out.startswith(f"ok: {path}\n")
     assert "13 breakers" in out
-    assert "20 rows, 3 built" in out
+    assert "20 rows, 4 built" in out
     assert err == ""
 
 

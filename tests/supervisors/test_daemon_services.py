@@ -88,7 +88,7 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             tree = daemon.tree
             assert tree is not None and tree.relay is not None
             assert [c.id for c in tree.root.which_children()] == [
-                "alerts", "detectors", "db_health", tree.relay.name, "idempotency",
+                "alerts", "detectors", "db_health", "relay", "idempotency",
                 "inbox_consumer", "http",
             ]  # fmt: skip
             # End to end: an event committed to the outbox reaches JetStream through
