@@ -40,6 +40,7 @@ from config.schema import (
     RelayConfig,
     RetryConfig,
     ServicesConfig,
+    SpoolConfig,
     SupervisorConfig,
     TriageConfig,
 )
@@ -67,7 +68,7 @@ PROFILE_SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "guards": GuardConfig,
     "detectors": DetectorConfig,
 }
-_PLAIN_SECTIONS: Final = ("services", "database", "relay", "idempotency", "inbox")
+_PLAIN_SECTIONS: Final = ("services", "database", "relay", "idempotency", "inbox", "spool")
 _TOP_LEVEL: Final = frozenset({"daemon", "catalog", *_PLAIN_SECTIONS, *PROFILE_SECTIONS})
 #: Guard field -> the section its value must name.
 _GUARD_REFERENCES: Final = {
@@ -534,6 +535,7 @@ def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
     relay = report.decode(raw.get("relay", {}), RelayConfig, ("relay",))
     idempotency = report.decode(raw.get("idempotency", {}), IdempotencyConfig, ("idempotency",))
     inbox = report.decode(raw.get("inbox", {}), InboxConfig, ("inbox",))
+    spool = report.decode(raw.get("spool", {}), SpoolConfig, ("spool",))
     catalog = raw.get("catalog", "failures.toml")
     if not isinstance(catalog, str) or not catalog:
         report.add(("catalog",), f"expected a non-empty str, got {toml_repr(catalog)}")
@@ -562,6 +564,7 @@ def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
     # No problems means every section decoded.
     assert daemon is not None and services is not None and database is not None
     assert relay is not None and idempotency is not None and inbox is not None
+    assert spool is not None
     return TriageConfig(
         daemon=daemon,
         services=services,
@@ -569,6 +572,7 @@ def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
         relay=relay,
         idempotency=idempotency,
         inbox=inbox,
+        spool=spool,
         catalog=str(catalog),
         mailboxes=sections["mailboxes"],
         supervisors=sections["supervisors"],

@@ -336,6 +336,25 @@ class InboxConfig(_Section, frozen=True, kw_only=True):
             )
 
 
+class SpoolConfig(_Section, frozen=True, kw_only=True):
+    """The durable local write journal (row 5): writes spooled while the primary is down.
+
+    ``path`` is a file (its directory is created); ``max_bytes`` bounds it (a full
+    spool refuses further writes); ``fsync`` syncs each append before the caller is
+    answered; ``spoolable_kinds`` are the write kinds that may be spooled (every
+    other kind is refused with a 503-style error); ``replay_batch`` records are
+    replayed per pass once the primary is back.
+    """
+
+    path: Annotated[str, msgspec.Meta(min_length=1)] = "/var/lib/triage/spool"
+    max_bytes: PositiveInt = 64 * 1024 * 1024
+    fsync: bool = True
+    spoolable_kinds: list[Annotated[str, msgspec.Meta(min_length=1)]] = msgspec.field(
+        default_factory=list
+    )
+    replay_batch: PositiveInt = 100
+
+
 class TriageConfig(_Section, frozen=True, kw_only=True):
     """The whole file. ``catalog`` is the failure catalog, relative to this file's directory."""
 
@@ -345,6 +364,7 @@ class TriageConfig(_Section, frozen=True, kw_only=True):
     relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
     idempotency: IdempotencyConfig = msgspec.field(default_factory=IdempotencyConfig)
     inbox: InboxConfig = msgspec.field(default_factory=InboxConfig)
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     catalog: Annotated[str, msgspec.Meta(min_length=1)] = "failures.toml"
     mailboxes: dict[str, MailboxConfig] = msgspec.field(default_factory=dict)
     supervisors: dict[str, SupervisorConfig] = msgspec.field(default_factory=dict)

@@ -12,7 +12,9 @@
     │  ├─ CircuitOpen                  the breaker is open (or forced open)
     │  ├─ BulkheadFull                 no permit within the bounded wait
     │  ├─ MailboxFull                  an actor's mailbox is full and its policy is REJECT
-    │  └─ RateLimitExceeded            the token bucket is empty
+    │  ├─ RateLimitExceeded            the token bucket is empty
+    │  └─ DatabaseUnavailable          the primary database is unreachable and the write
+    │                                  cannot be spooled (a 503; retry later)
     ├─ ActorError
     │  ├─ ActorStopped                 the actor is gone; a tell or ask cannot be delivered
     │  └─ AskTimeout                   no reply within the ask's deadline
@@ -34,6 +36,7 @@ __all__ = [
     "BulkheadFull",
     "CircuitOpen",
     "ConfigError",
+    "DatabaseUnavailable",
     "LoadShed",
     "MailboxFull",
     "PermanentProviderError",
@@ -171,3 +174,12 @@ class RestartIntensityExceeded(SupervisorError):
 
 class TooManyChildren(SupervisorError):
     """A dynamic supervisor already runs its maximum number of children."""
+
+
+class DatabaseUnavailable(LoadShed):
+    """A write the primary database cannot take now, and that may not be spooled: a 503."""
+
+    def __init__(self, kind: str, *, reason: str) -> None:
+        super().__init__(f"database unavailable for {kind!r} writes: {reason}")
+        self.kind = kind
+        self.reason = reason

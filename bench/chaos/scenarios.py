@@ -6,10 +6,17 @@ harness reports every other row as "not implemented yet", naming the issue.
 
 from __future__ import annotations
 
-from bench.chaos import scenario_nats, scenario_poison, scenario_redelivery, scenario_redis
+from bench.chaos import (
+    scenario_db,
+    scenario_nats,
+    scenario_poison,
+    scenario_redelivery,
+    scenario_redis,
+)
 from bench.chaos.harness import Scenario
 
 SCENARIOS: dict[int, Scenario] = {
+    scenario_db.ROW: Scenario(scenario_db.ROW, scenario_db.run_scenario),
     scenario_nats.ROW: Scenario(scenario_nats.ROW, scenario_nats.run_scenario),
     scenario_redis.SCENARIO.id: scenario_redis.SCENARIO,
     scenario_poison.ROW: Scenario(scenario_poison.ROW, scenario_poison.run_scenario),
