@@ -55,6 +55,7 @@ import msgspec
 
 from actors.alerts import ActiveAlerts, AlertEvent, AlertSink, EventForwarder, forward_events
 from actors.db_health import DbHealth
+from actors.db_writer import DbWriter, apply_inbox
 from actors.idempotency import IdempotencyStore
 from actors.inbox import InboxConsumer
 from actors.outbox_relay import OutboxRelay
@@ -67,11 +68,13 @@ from engine.detectors import (
     CountInWindowDetector,
     Detector,
     DetectorSet,
+    RateDetector,
     RatioDetector,
     make_detector,
 )
 from engine.runtime import Runtime
 from engine.supervisor import ChildSpec, Restart, Supervisor
+from providers.spool import Spool
 from supervisors.http import HealthApp, HttpServer
 
 if TYPE_CHECKING:
@@ -193,12 +196,15 @@ class Tree:
     relay: OutboxRelay | None = None
     idempotency: IdempotencyStore | None = None
     inbox: InboxConsumer | None = None
+    db_writer: DbWriter | None = None
 
 
 D = TypeVar("D", bound=Detector)
 
 #: Catalog owners this tree runs when it has a backbone (services and a pool).
-BACKBONE_OWNERS: Final = frozenset({"outbox_relay", "idempotency_store", "inbox_consumer"})
+BACKBONE_OWNERS: Final = frozenset(
+    {"db_supervisor", "outbox_relay", "idempotency_store", "inbox_consumer"}
+)
 
 
 def live_rows(catalog: Catalog, *, backbone: bool) -> list[CatalogRow]:
@@ -283,9 +289,21 @@ def build_tree(
     relay: OutboxRelay | None = None
     store: IdempotencyStore | None = None
     inbox: InboxConsumer | None = None
+    writer: DbWriter | None = None
     if backbone is not None:
         db_health = build_db_health(config, backbone, runtime)
         readiness.add_check(db_health.unavailable)
+        # Row 5: writes share the probe's primary breaker; spoolable kinds go to the
+        # durable journal while the primary is gone, and replay in order after.
+        spool = config.spool
+        writer = DbWriter(
+            backbone.pool,
+            db_health.breaker,
+            Spool(spool.path, max_bytes=spool.max_bytes, fsync=spool.fsync),
+            spool,
+            appliers={"inbox": apply_inbox},
+            connection_errors=_row_detector(rows, detectors, 5, RateDetector),
+        )
         relay = build_relay(config, rows, detectors, backbone, runtime)
         store = IdempotencyStore.from_config(
             config,
@@ -307,6 +325,12 @@ def build_tree(
             ChildSpec(
                 id="db_health",
                 start=db_health.run,
+                restart=Restart.PERMANENT,
+                shutdown_s=child_shutdown_s,
+            ),
+            ChildSpec(
+                id="db_writer",
+                start=writer.run,
                 restart=Restart.PERMANENT,
                 shutdown_s=child_shutdown_s,
             ),
@@ -352,6 +376,7 @@ def build_tree(
         relay=relay,
         idempotency=store,
         inbox=inbox,
+        db_writer=writer,
     )
 
 

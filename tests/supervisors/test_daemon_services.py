@@ -82,13 +82,13 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             readyz = await client.get("/readyz")
             assert (readyz.status_code, readyz.json()) == (200, {"status": "ready", "alerts": []})
             metrics = await client.get("/metrics")
-            assert 'triage_supervisor_children{supervisor="root"} 7.0' in metrics.text
+            assert 'triage_supervisor_children{supervisor="root"} 8.0' in metrics.text
             assert 'triage_breaker_state{breaker="postgres_primary"} 0.0' in metrics.text
             assert 'triage_breaker_state{breaker="nats_publish"} 0.0' in metrics.text
             tree = daemon.tree
             assert tree is not None and tree.relay is not None
             assert [c.id for c in tree.root.which_children()] == [
-                "alerts", "detectors", "db_health", "relay", "idempotency",
+                "alerts", "detectors", "db_health", "db_writer", "relay", "idempotency",
                 "inbox_consumer", "http",
             ]  # fmt: skip
             # End to end: an event committed to the outbox reaches JetStream through
