@@ -270,6 +270,7 @@ class ServicesConfig(_Section, frozen=True, kw_only=True):
     """Outside services. ``None`` means: start the embedded one."""
 
     postgres_url: str | None = None
+    postgres_replica_url: str | None = None  # optional read replica; reads fall to it (row 5)
     nats_url: str | None = None
     redis_url: str | None = None
 

@@ -35,6 +35,7 @@ from .embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServer
 
 __all__ = [
     "ENV_NATS_URL",
+    "ENV_POSTGRES_REPLICA_URL",
     "ENV_POSTGRES_URL",
     "ENV_REDIS_URL",
     "Services",
@@ -45,6 +46,7 @@ __all__ = [
 ENV_POSTGRES_URL = "TRIAGE_POSTGRES_URL"
 ENV_NATS_URL = "TRIAGE_NATS_URL"
 ENV_REDIS_URL = "TRIAGE_REDIS_URL"
+ENV_POSTGRES_REPLICA_URL = "TRIAGE_POSTGRES_REPLICA_URL"
 
 
 @dataclass(kw_only=True)
@@ -55,6 +57,8 @@ class Services:
     nats_url: str
     redis_url: str | None
     servers: dict[str, EmbeddedServer] = field(default_factory=dict)
+    #: A read replica of ``postgres_url`` (never embedded): reads fall to it (row 5).
+    postgres_replica_url: str | None = None
 
     @property
     def embedded(self) -> frozenset[str]:
@@ -106,7 +110,11 @@ def resolve_services(
             nats_url = nats.url
         stack.pop_all()  # started: from now on, Services.close() owns them
     return Services(
-        postgres_url=postgres_url, nats_url=nats_url, redis_url=redis_url, servers=servers
+        postgres_url=postgres_url,
+        nats_url=nats_url,
+        redis_url=redis_url,
+        servers=servers,
+        postgres_replica_url=_pick(env.get(ENV_POSTGRES_REPLICA_URL), config.postgres_replica_url),
     )
 
 

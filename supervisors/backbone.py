@@ -96,6 +96,8 @@ class Backbone:
     services: Services
     pool: DbPool
     nats: jetstream.JetStreamClient
+    #: The read replica's pool, when ``postgres_replica_url`` is configured.
+    replica: DbPool | None
     redis: RedisCache | None
     migrated: list[str]
     #: Trio time by which the close must be done (the daemon sets it when a drain starts).
@@ -177,6 +179,14 @@ async def open_backbone(
                         "elapsed_s": round(time.monotonic() - began, 3),
                     },
                 )
+                replica: DbPool | None = None
+                if services.postgres_replica_url is not None:
+                    replica_url = postgres_url_with(
+                        services.postgres_replica_url, user=database.daemon_role
+                    )
+                    with guard.step():
+                        replica = await stack.enter_async_context(open_pool(replica_url, database))
+                    log.info("replica pool open", extra={"replica": _where(replica_url)})
                 with guard.step():
                     nats = await run(
                         partial(jetstream.connect, connect_timeout_s=database.connect_timeout_s),
@@ -194,7 +204,12 @@ async def open_backbone(
                         )
                     stack.push_async_callback(redis.aclose)
                 backbone = Backbone(
-                    services=services, pool=pool, nats=nats, redis=redis, migrated=applied
+                    services=services,
+                    pool=pool,
+                    replica=replica,
+                    nats=nats,
+                    redis=redis,
+                    migrated=applied,
                 )
                 try:
                     yield backbone

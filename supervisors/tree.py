@@ -98,7 +98,8 @@ REQUIRED_PROFILES: Final = (
     ("supervisors", "root"),
     ("supervisors", "relay"),
     ("mailboxes", "alerts"),
-    ("breakers", "postgres_primary"),  # the database probe
+    ("breakers", "postgres_primary"),  # the database probe and the writer's primary
+    ("breakers", "postgres_replica"),  # reads when the primary is gone
     ("breakers", "nats_publish"),  # the outbox relay
     ("breakers", "redis"),  # the idempotency cache
     ("guards", "redis"),
@@ -296,12 +297,23 @@ def build_tree(
         # Row 5: writes share the probe's primary breaker; spoolable kinds go to the
         # durable journal while the primary is gone, and replay in order after.
         spool = config.spool
+        replica_breaker = None
+        if backbone.replica is not None:
+            replica_breaker = Breaker(
+                "postgres_replica",
+                **engine_kwargs(config.breakers["postgres_replica"]),
+                clock=runtime.clock,
+                events=runtime.events,
+                metrics=runtime.metrics,
+            )
         writer = DbWriter(
             backbone.pool,
             db_health.breaker,
             Spool(spool.path, max_bytes=spool.max_bytes, fsync=spool.fsync),
             spool,
             appliers={"inbox": apply_inbox},
+            replica=backbone.replica,
+            replica_breaker=replica_breaker,
             connection_errors=_row_detector(rows, detectors, 5, RateDetector),
         )
         relay = build_relay(config, rows, detectors, backbone, runtime)

@@ -33,7 +33,12 @@ from engine.errors import ProviderUnavailable
 from engine.runtime import open_runtime
 from providers import jetstream
 from providers.db.pool import DbPool, Pool
-from providers.services import ENV_NATS_URL, ENV_POSTGRES_URL, ENV_REDIS_URL
+from providers.services import (
+    ENV_NATS_URL,
+    ENV_POSTGRES_REPLICA_URL,
+    ENV_POSTGRES_URL,
+    ENV_REDIS_URL,
+)
 from supervisors.daemon import Daemon
 from supervisors.tree import DB_BREAKER, Readiness
 from tests.supervisors.test_daemon import (
@@ -321,3 +326,27 @@ async def _stream(
     _pool: object, client: jetstream.JetStreamClient, stream: str
 ) -> list[jetstream.StoredMessage]:
     return await jetstream.read_stream(client, stream)
+
+
+async def test_reads_fall_to_the_configured_replica_when_the_primary_is_gone(
+    postgres_url: str, nats_url: str
+) -> None:
+    # The stand-in replica is the same database: what matters is which pool answers.
+    env = {**service_env(postgres_url, nats_url), ENV_POSTGRES_REPLICA_URL: postgres_url}
+    daemon = Daemon(dev_config(), shipped_catalog(), handle_signals=False, backbone=True, env=env)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            running = await start(nursery, daemon)
+        tree, backbone = daemon.tree, daemon.backbone
+        assert tree is not None and tree.db_writer is not None
+        assert backbone is not None and backbone.replica is not None
+        writer = tree.db_writer
+        assert await writer.read(_whoami) == ("triage_daemon", 2)
+        assert writer.replica_reads == 0
+        writer.primary_breaker.force_open("test: primary failed over")
+        assert await writer.read(_whoami) == ("triage_daemon", 2)
+        assert writer.replica_reads == 1
+        writer.primary_breaker.reset()
+        daemon.request_drain("test")
+    assert running.code == 0
+    assert backbone.replica.closed
