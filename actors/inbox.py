@@ -59,8 +59,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from config.catalog import Catalog, alert_name
 from config.schema import DetectorConfig, InboxConfig, TriageConfig, engine_kwargs
+from engine.breaker import Breaker, CircuitState
 from engine.detectors import CountInWindowDetector, make_detector
-from engine.errors import ProviderError
+from engine.errors import CircuitOpen, ProviderError
 from engine.supervisor import ChildSpec, Restart
 from providers import jetstream, jetstream_consumer
 from providers.bridge import run, translate_error
@@ -172,9 +173,16 @@ def decode_event(data: bytes) -> SchedulingEvent:
     return _decoder.decode(data)
 
 
+#: Breaker states in which the database is not worth a fetch.
+_REFUSING = frozenset({CircuitState.OPEN, CircuitState.FORCED_OPEN})
+
+
 def _transient(exc: Exception) -> bool:
     """A connection-level failure (already translated or not): the event may succeed later."""
-    return isinstance(exc, ProviderError) or translate_error(exc, service="postgres") is not None
+    return (
+        isinstance(exc, (ProviderError, CircuitOpen))
+        or translate_error(exc, service="postgres") is not None
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -194,8 +202,13 @@ class InboxConsumer:
         config: InboxConfig,
         detector: CountInWindowDetector | None = None,
         registry: CollectorRegistry | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.pool = pool
+        #: The database's breaker (the daemon shares the primary's): while it is open
+        #: the consumer fetches nothing, so events wait in JetStream instead of
+        #: burning their deliveries on naks.
+        self.breaker = breaker
         self.client = client
         self.config = config
         self.settings = consumer_settings(config)
@@ -215,6 +228,7 @@ class InboxConsumer:
         *,
         runtime: Runtime | None = None,
         detector: CountInWindowDetector | None = None,
+        breaker: Breaker | None = None,
     ) -> InboxConsumer:
         """A consumer wired from ``[inbox]`` and row 18's detector (or the one given)."""
         common: dict[str, Any] = {}
@@ -235,6 +249,7 @@ class InboxConsumer:
             registry=runtime.metrics.registry
             if runtime is not None and runtime.metrics is not None
             else None,
+            breaker=breaker,
         )
 
     # -- outside API -----------------------------------------------------------------
@@ -280,6 +295,9 @@ class InboxConsumer:
         """One turn: fetch, apply, dead-letter, settle. Returns the messages fetched."""
         consumer = self.consumer if self.consumer is not None else await self.open()
         config = self.config
+        if self.breaker is not None and self.breaker.state in _REFUSING:
+            self._enter(InboxState.DEGRADED, "database breaker open: not fetching")
+            await self.breaker.wait_until_half_open()
         try:
             batch = await run(
                 jetstream_consumer.fetch_batch, consumer, config.batch_size,
@@ -365,10 +383,28 @@ class InboxConsumer:
         return [(batch[i], decisions[i]) for i in sorted(decisions)]
 
     async def _apply(self, items: list[InboxItem]) -> list[bool | Exception]:
+        breaker = self.breaker
         try:
-            return await run(apply_batch, self.pool, items, service="postgres")
-        except ProviderError as exc:  # e.g. the pool itself failed: every item is transient
+            start = breaker.before_call() if breaker is not None else 0.0
+        except CircuitOpen as exc:  # every item waits for a redelivery
             return [exc] * len(items)
+        try:
+            results = await run(apply_batch, self.pool, items, service="postgres")
+        except ProviderError as exc:  # e.g. the pool itself failed: every item is transient
+            if breaker is not None:
+                breaker.on_failure(exc, start)
+            return [exc] * len(items)
+        except BaseException as exc:
+            if breaker is not None:
+                breaker.on_failure(exc, start)
+            raise
+        if breaker is not None:
+            failed = next((r for r in results if isinstance(r, Exception) and _transient(r)), None)
+            if failed is not None:
+                breaker.on_failure(failed, start)
+            else:
+                breaker.on_success(start)
+        return results
 
     def _count_outcomes(self, results: Sequence[bool | Exception]) -> None:
         new = sum(1 for r in results if r is True)

@@ -332,6 +332,7 @@ def build_tree(
             backbone.nats,
             runtime=runtime,
             detector=_row_detector(rows, detectors, 18, CountInWindowDetector),
+            breaker=db_health.breaker,  # one breaker for the primary database
         )
         backbone_specs += [
             ChildSpec(

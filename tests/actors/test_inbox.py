@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 import config
 from actors.inbox import InboxConsumer, InboxState, decode_event
 from config.schema import InboxConfig
+from engine.breaker import Breaker
 from engine.detectors import CountInWindowDetector
 from engine.errors import ProviderUnavailable
 from providers import jetstream
@@ -257,3 +258,24 @@ def test_inbox_config_refuses_more_backoff_steps_than_deliveries() -> None:
     with pytest.raises(ValueError, match="backoff_s"):
         InboxConfig(max_deliver=2, backoff_s=[0.1, 0.2])
     assert InboxConfig(max_deliver=3, backoff_s=[0.1, 0.2]).max_deliver == 3
+
+
+async def test_an_open_database_breaker_stops_fetching_until_half_open(world: World) -> None:
+    breaker = Breaker(
+        "postgres_primary", fail_max=1, reset_timeout_s=0.5, reset_timeout_max_s=0.5,
+        reset_backoff_multiplier=1.0, failure_rate_threshold=1.0, rate_window_s=10.0,
+        minimum_calls=100, slow_call_s=10.0, slow_call_rate_threshold=1.0, half_open_max_calls=1,
+    )  # fmt: skip
+    consumer = InboxConsumer(
+        pool=world.pool, client=world.client, config=world.config, breaker=breaker
+    )
+    await consumer.open()
+    await _publish(world, [(f"b{n}", _body(world.tenant, f"apt-b{n}")) for n in range(2)])
+    breaker.force_open("test: database down")
+    with trio.move_on_after(0.3):
+        await consumer.step()
+    # Nothing fetched while open: the events wait in JetStream, no delivery is spent.
+    assert consumer.stats.fetched == 0 and consumer.stats.naks == 0
+    breaker.reset()
+    await _turns(consumer, lambda: consumer.stats.applied == 2)
+    assert await _sessions(world) == {"appointment:apt-b0": 1, "appointment:apt-b1": 1}
