@@ -55,6 +55,7 @@ from prometheus_client import CollectorRegistry, Counter
 from config.catalog import Catalog, alert_name
 from config.schema import DetectorConfig, TriageConfig, engine_kwargs
 from engine.breaker import Breaker
+from engine.bulkhead import Bulkhead
 from engine.detectors import RatioDetector, make_detector
 from engine.errors import CircuitOpen, TriageError
 from providers.db.idempotency import KeyRecord, claim_key, recent_keys
@@ -115,6 +116,7 @@ class IdempotencyStats:
     misses: int = 0
     db_fallbacks: int = 0  # claims decided by the database while Redis was unavailable
     cache_errors: int = 0  # Redis calls that failed, timed out or were refused by the breaker
+    bulkhead_full: int = 0  # Redis calls skipped (straight to the database): bulkhead full
     conflicts: int = 0
     warmups: int = 0  # warm-ups that reached Redis
     warmed: int = 0  # keys put back into Redis by warm-ups
@@ -194,6 +196,7 @@ class IdempotencyStore:
         cache_timeout_s: float,
         max_tenants: int = 10_000,
         registry: CollectorRegistry | None = None,
+        bulkhead: Bulkhead | None = None,
     ) -> None:
         if not key_ttl_s > 0 or not cache_timeout_s > 0:
             raise ValueError("key_ttl_s and cache_timeout_s must be > 0")
@@ -202,6 +205,9 @@ class IdempotencyStore:
         self.pool = pool
         self.cache = cache
         self.breaker = breaker
+        #: Bounds concurrent Redis calls; a full bulkhead falls open to the database
+        #: at once rather than queue behind a slow cache.
+        self.bulkhead = bulkhead
         self.detector = detector
         self.key_ttl_s = key_ttl_s
         self.warm_batch = warm_batch
@@ -251,6 +257,11 @@ class IdempotencyStore:
             key_ttl_s=config.idempotency.key_ttl_s,
             warm_batch=config.idempotency.warm_batch,
             cache_timeout_s=config.guards["redis"].timeout_s,
+            bulkhead=Bulkhead(
+                "redis",
+                **engine_kwargs(config.bulkheads[config.guards["redis"].bulkhead]),
+                metrics=metrics,
+            ),
             registry=metrics.registry if metrics is not None else None,
         )
 
@@ -378,6 +389,19 @@ class IdempotencyStore:
         cache = self.cache
         if cache is None:
             return _UNAVAILABLE
+        permit = self.bulkhead.try_acquire_nowait() if self.bulkhead is not None else None
+        if self.bulkhead is not None and permit is None:
+            self.stats.bulkhead_full += 1
+            return _UNAVAILABLE
+        try:
+            return await self._guarded(cache, fn, *args)
+        finally:
+            if self.bulkhead is not None and permit is not None:
+                self.bulkhead.release(permit)
+
+    async def _guarded(
+        self, cache: RedisCache, fn: Callable[[RedisCache, *Ts], Awaitable[T]], *args: *Ts
+    ) -> T | _Unavailable:
         try:
             start = self.breaker.before_call()
         except CircuitOpen:

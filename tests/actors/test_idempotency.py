@@ -23,6 +23,7 @@ from actors.idempotency import (
     detector_config,
 )
 from engine.breaker import Breaker
+from engine.bulkhead import Bulkhead
 from engine.detectors import RatioDetector, make_detector
 from engine.metrics import Metrics
 from engine.runtime import Runtime
@@ -325,4 +326,24 @@ async def test_from_config_uses_the_chaos_override_and_the_redis_profiles(
         assert sample("triage_idempotency_cache_hit_ratio_numerator_total") == 2
     finally:
         other.close()
+        await close_store(store)
+
+
+async def test_a_full_redis_bulkhead_falls_open_to_the_database(
+    pool: Pool, tenants: tuple[uuid.UUID, uuid.UUID], redis_url: str
+) -> None:
+    bulkhead = Bulkhead("redis", capacity=1, max_wait_s=0.0, max_partitions=1, partition_capacity=1)
+    store = await open_store(pool, redis_url, bulkhead=bulkhead)
+    a, _ = tenants
+    k = key()
+    try:
+        held = bulkhead.try_acquire_nowait()
+        assert held is not None  # every Redis permit taken: a slow cache, say
+        first = await store.claim(a, k, "h")
+        again = await store.claim(a, k, "h")
+        assert first.first and not again.first and again.source == "database"
+        assert store.stats.bulkhead_full >= 2
+        bulkhead.release(held)
+        assert (await store.claim(a, k, "h")).source in ("cache", "database")
+    finally:
         await close_store(store)
