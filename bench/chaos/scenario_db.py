@@ -40,6 +40,7 @@ import asyncpg
 import trio
 
 from actors.db_writer import DbWriter, WriteOutcome, apply_inbox
+from bench.chaos.fixtures import create_tenants
 from bench.chaos.harness import ChaosContext, Ledger, Outcome
 from config import engine_kwargs
 from engine.breaker import Breaker
@@ -65,19 +66,6 @@ SPOOLABLE = "inbox"
 DIRECT = "direct"  # a write kind that may not be spooled: refused with a 503 while down
 # Durability traded for speed, as in the tests: the scenario stops processes, never the OS.
 FAST_POSTGRES = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-
-
-async def _create_tenants(url: str, count: int) -> list[uuid.UUID]:
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch(
-            "INSERT INTO tenants (name) SELECT 'tenant-' || g FROM generate_series(1, $1) g"
-            " RETURNING id",
-            count,
-        )
-        return [row["id"] for row in rows]
-    finally:
-        await conn.close()
 
 
 async def _inbox_rows(url: str) -> list[str]:
@@ -214,7 +202,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
             await trio.to_thread.run_sync(postgres.start)
             async with open_bridge():
                 await migrate(postgres.url)
-                tenants = await run(_create_tenants, postgres.url, 2)
+                tenants = await run(create_tenants, postgres.url, 2)
                 daemon_url = postgres_url_with(postgres.url, user=DAEMON_ROLE)
                 async with open_pool(daemon_url, config.database, close_s=2.0) as pool:
                     breaker = Breaker(

@@ -35,6 +35,7 @@ import asyncpg
 import trio
 
 from actors.outbox_relay import OutboxRelay, RelayState
+from bench.chaos.fixtures import create_tenants
 from bench.chaos.harness import ChaosContext, Ledger, Outcome
 from config import TriageConfig, engine_kwargs
 from config.schema import DetectorConfig
@@ -81,19 +82,6 @@ class Backbone:
     tenants: list[uuid.UUID]
 
 
-async def _create_tenants(url: str, count: int) -> list[uuid.UUID]:
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch(
-            "INSERT INTO tenants (name) SELECT 'tenant-' || g FROM generate_series(1, $1) g"
-            " RETURNING id",
-            count,
-        )
-        return [row["id"] for row in rows]
-    finally:
-        await conn.close()
-
-
 async def _pending_ids(url: str) -> list[int]:
     """Outbox ids not published yet, read as the superuser (outside the relay)."""
     conn = await asyncpg.connect(url)
@@ -114,7 +102,7 @@ async def open_backbone(*, tenants: int, pool_max: int = 4) -> AsyncIterator[Bac
         await trio.to_thread.run_sync(nats_server.start)
         async with open_bridge():
             await migrate(postgres.url)
-            tenant_ids = await run(_create_tenants, postgres.url, tenants)
+            tenant_ids = await run(create_tenants, postgres.url, tenants)
             daemon_url = postgres_url_with(postgres.url, user=DAEMON_ROLE)
             create = functools.partial(
                 asyncpg.create_pool, daemon_url, min_size=1, max_size=pool_max
