@@ -40,11 +40,11 @@ import asyncpg
 import trio
 
 from actors.db_writer import DbWriter, WriteOutcome, apply_inbox
-from bench.chaos.fixtures import create_tenants
+from bench.chaos.fixtures import create_tenants, evaluate_every, wait_until
 from bench.chaos.harness import ChaosContext, Ledger, Outcome
 from config import engine_kwargs
 from engine.breaker import Breaker
-from engine.detectors import Detector, RateDetector, make_detector
+from engine.detectors import RateDetector, make_detector
 from engine.errors import DatabaseUnavailable, LoadShed
 from engine.events import BreakerStateChanged, DetectorCleared, DetectorFired, Event, EventBus
 from providers.bridge import open_bridge, run
@@ -158,21 +158,6 @@ class _Load:
             await trio.sleep(pace_s)
 
 
-async def _wait_until(predicate: Any, timeout_s: float, tick_s: float = 0.02) -> bool:
-    deadline = trio.current_time() + timeout_s
-    while not predicate():
-        if trio.current_time() >= deadline:
-            return False
-        await trio.sleep(tick_s)
-    return True
-
-
-async def _evaluate(detector: Detector, tick_s: float) -> None:
-    while True:
-        detector.evaluate()
-        await trio.sleep(tick_s)
-
-
 def _in_order(applied: Sequence[str], spooled: Sequence[str]) -> bool:
     """The spooled keys appear in the database in the order they were accepted."""
     wanted = set(spooled)
@@ -226,7 +211,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
                     load = _Load(writer, tenants, ledger)
                     async with trio.open_nursery() as nursery:
                         await nursery.start(writer.run)
-                        nursery.start_soon(_evaluate, detector, tick_s)
+                        nursery.start_soon(evaluate_every, detector, tick_s)
 
                         # 1. steady state
                         await load.run(per_phase, 0.002)
@@ -251,7 +236,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
                         await trio.to_thread.run_sync(postgres.start)
                         restarted_at = trio.current_time()
                         await load.run(per_phase, 0.002)
-                        replayed = await _wait_until(
+                        replayed = await wait_until(
                             lambda: (
                                 spool.count == 0
                                 and watch.cleared_at is not None

@@ -29,18 +29,18 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 import trio
 
 from actors.outbox_relay import OutboxRelay, RelayState
-from bench.chaos.fixtures import create_tenants
+from bench.chaos.fixtures import create_tenants, evaluate_every, wait_until
 from bench.chaos.harness import ChaosContext, Ledger, Outcome
 from config import TriageConfig, engine_kwargs
 from config.schema import DetectorConfig
 from engine.breaker import Breaker
-from engine.detectors import AgeOfNewestDetector, Detector, make_detector
+from engine.detectors import AgeOfNewestDetector, make_detector
 from engine.events import BreakerStateChanged, DetectorCleared, DetectorFired, Event, EventBus
 from providers import jetstream
 from providers.bridge import open_bridge, run
@@ -207,22 +207,6 @@ class _Watch:
                 self.breaker_opened = True
 
 
-async def _wait_until(predicate: Any, timeout_s: float, tick_s: float = 0.02) -> bool:
-    """Poll ``predicate`` (it reads state that no event signals) until true or the time is up."""
-    deadline = trio.current_time() + timeout_s
-    while not predicate():
-        if trio.current_time() >= deadline:
-            return False
-        await trio.sleep(tick_s)
-    return True
-
-
-async def _evaluate(detector: Detector, tick_s: float) -> None:
-    while True:
-        detector.evaluate()
-        await trio.sleep(tick_s)
-
-
 async def run_scenario(ctx: ChaosContext) -> Outcome:
     """Scenario 6 (see the module docstring)."""
     config = ctx.config
@@ -258,11 +242,11 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         retained = 0
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.run)
-            nursery.start_soon(_evaluate, detector, tick_s)
+            nursery.start_soon(evaluate_every, detector, tick_s)
 
             # 1. steady state
             await writer.write(per_phase, pace_s=0.002)
-            drained = await _wait_until(
+            drained = await wait_until(
                 lambda: relay.lag_s is None and relay.published >= writer.written, 15
             )
             notes.append(f"steady: {relay.published}/{writer.written} published")
@@ -286,7 +270,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
             await trio.to_thread.run_sync(backbone.nats.start)
             restarted_at = trio.current_time()
             await writer.write(per_phase, pace_s=0.002)
-            replayed = await _wait_until(
+            replayed = await wait_until(
                 lambda: (
                     relay.lag_s is None
                     and relay.published >= writer.written

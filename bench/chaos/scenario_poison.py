@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -43,6 +43,7 @@ import asyncpg
 import trio
 
 from actors.outbox_relay import OutboxRelay, RelayState, dlq_stream_name
+from bench.chaos.fixtures import wait_until
 from bench.chaos.harness import ChaosContext, Ledger, Outcome
 from bench.chaos.scenario_nats import Writer, open_backbone
 from config import engine_kwargs
@@ -161,16 +162,6 @@ def _order_problems(
     return problems
 
 
-async def _wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    """Poll state that no event signals (the relay's counters) until true or the time is up."""
-    deadline = trio.current_time() + timeout_s
-    while not predicate():
-        if trio.current_time() >= deadline:
-            return False
-        await trio.sleep(0.02)
-    return True
-
-
 async def run_scenario(ctx: ChaosContext) -> Outcome:
     """Scenario 9 (see the module docstring)."""
     config = ctx.config
@@ -265,7 +256,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
             await add_crash(tenant_b, "a1")
             await writer.write(per_wave)
             relay.nudge()
-            first = await _wait_until(
+            first = await wait_until(
                 lambda: (
                     relay.dead_lettered >= 4 and relay.published >= writer.written + len(crash_rows)
                 ),
@@ -280,13 +271,13 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
             await add_crash(tenant_a, "a0")
             await writer.write(per_wave)
             relay.nudge()
-            second = await _wait_until(
+            second = await wait_until(
                 lambda: (
                     relay.dead_lettered >= 5 and relay.published >= writer.written + len(crash_rows)
                 ),
                 30,
             )
-            await _wait_until(lambda: watch.fired_at is not None, 2)
+            await wait_until(lambda: watch.fired_at is not None, 2)
             notes.append(
                 f"wave 2: drained={second}, restarts={relay.restarts},"
                 f" quarantined={relay.quarantined}, relay {relay.state.value}"
