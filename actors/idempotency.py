@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeVar, TypeVarTuple
@@ -52,12 +51,13 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeVar, TypeVa
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
-from config.catalog import Catalog, alert_name
+from config.catalog import Catalog, alert_name, row_detector
 from config.schema import DetectorConfig, TriageConfig, engine_kwargs
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
 from engine.detectors import RatioDetector, make_detector
 from engine.errors import CircuitOpen, TriageError
+from engine.metrics import families
 from providers.db.idempotency import KeyRecord, claim_key, recent_keys
 from providers.db.idempotency import complete_key as db_complete_key
 from providers.redis_cache import CachedKey, RedisCache, decode_entry
@@ -153,21 +153,13 @@ class _StoreMetrics:
         )
 
 
-# One set of families per registry: prometheus_client refuses a name registered twice.
-_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, _StoreMetrics] = weakref.WeakKeyDictionary()
-
-
 def _store_metrics(registry: CollectorRegistry) -> _StoreMetrics:
-    found = _METRICS.get(registry)
-    if found is None:
-        found = _METRICS[registry] = _StoreMetrics(registry)
-    return found
+    return families(registry, _StoreMetrics)
 
 
 def detector_config(config: TriageConfig, catalog: Catalog) -> DetectorConfig:
     """Row 7's detector settings: ``[detectors.idempotency_cache_hit_ratio]`` if set, else the row's."""
-    override = config.detectors.get(DETECTOR_OVERRIDE)
-    return override if override is not None else catalog.row(ROW).detector
+    return row_detector(config, catalog, ROW, DETECTOR_OVERRIDE)
 
 
 def _tenant_text(tenant_id: uuid.UUID | str) -> str:

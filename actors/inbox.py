@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -57,11 +56,12 @@ import msgspec
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
-from config.catalog import Catalog, alert_name
+from config.catalog import Catalog, alert_name, row_detector
 from config.schema import DetectorConfig, InboxConfig, TriageConfig, engine_kwargs
 from engine.breaker import Breaker, CircuitState
 from engine.detectors import CountInWindowDetector, make_detector
 from engine.errors import CircuitOpen, ProviderError
+from engine.metrics import families
 from engine.supervisor import ChildSpec, Restart
 from providers import jetstream, jetstream_consumer
 from providers.bridge import run, translate_error
@@ -139,20 +139,13 @@ class _InboxMetrics:
         )
 
 
-_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, _InboxMetrics] = weakref.WeakKeyDictionary()
-
-
 def _inbox_metrics(registry: CollectorRegistry) -> _InboxMetrics:
-    found = _METRICS.get(registry)
-    if found is None:
-        found = _METRICS[registry] = _InboxMetrics(registry)
-    return found
+    return families(registry, _InboxMetrics)
 
 
 def detector_config(config: TriageConfig, catalog: Catalog) -> DetectorConfig:
     """Row 18's detector: ``[detectors.inbox_duplicates]`` if set, else the catalog row's."""
-    override = config.detectors.get(DETECTOR_OVERRIDE)
-    return override if override is not None else catalog.row(ROW).detector
+    return row_detector(config, catalog, ROW, DETECTOR_OVERRIDE)
 
 
 def consumer_settings(config: InboxConfig) -> ConsumerSettings:

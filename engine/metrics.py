@@ -7,9 +7,15 @@ are folded into ``"_other"`` so a runaway tenant id cannot explode the registry.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["OVERFLOW_LABEL", "Metrics"]
+__all__ = ["OVERFLOW_LABEL", "Metrics", "families"]
+
+F = TypeVar("F")
 
 OVERFLOW_LABEL = "_other"
 
@@ -137,3 +143,20 @@ class Metrics:
         if cap is None:
             cap = self._caps[family] = _LabelCap(self.max_label_values)
         return cap(value)
+
+
+# Families already declared, per registry and per declaring class: prometheus_client
+# refuses a name registered twice, and an actor may be built again on the same registry
+# (a restart, a second store in a test). Weak keys: a dropped registry takes its entry.
+_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, dict[object, object]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def families(registry: CollectorRegistry, declare: Callable[[CollectorRegistry], F]) -> F:
+    """``declare(registry)`` once per registry; later calls return the same families."""
+    known = _FAMILIES.setdefault(registry, {})
+    found = known.get(declare)
+    if found is None:
+        found = known[declare] = declare(registry)
+    return found  # type: ignore[return-value]  # stored by this same ``declare``
