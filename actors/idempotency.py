@@ -248,6 +248,7 @@ class IdempotencyStore:
             detector=detector,
             key_ttl_s=config.idempotency.key_ttl_s,
             warm_batch=config.idempotency.warm_batch,
+            max_tenants=config.idempotency.max_tenants,
             cache_timeout_s=config.guards["redis"].timeout_s,
             bulkhead=Bulkhead(
                 "redis",

@@ -309,6 +309,7 @@ class IdempotencyConfig(_Section, frozen=True, kw_only=True):
     cache_ttl_s: PositiveFloat = 86_400.0
     key_ttl_s: PositiveFloat = 7 * 86_400.0
     warm_batch: PositiveInt = 1000
+    max_tenants: PositiveInt = 10_000  # tenants remembered for warm-up (least recent dropped)
 
 
 class InboxConfig(_Section, frozen=True, kw_only=True):
