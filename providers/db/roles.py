@@ -57,6 +57,8 @@ TENANT_TABLES = (
     "threads",
     "thread_participants",
     "templates",
+    "category_blocks",
+    "dead_recipients",
 )
 # Every table under row-level security (tenants: a tenant sees its own row).
 RLS_TABLES = ("tenants", *TENANT_TABLES)

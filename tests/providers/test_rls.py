@@ -66,6 +66,10 @@ SEED = {
     "threads": "INSERT INTO threads (tenant_id, topic) VALUES ($1, 'visit') RETURNING id",
     "templates": "INSERT INTO templates (tenant_id, name, version, channel, body)"
     " VALUES ($1, 'reminder', 1, 'sms', 'See you at {time}') RETURNING name",
+    "category_blocks": "INSERT INTO category_blocks (tenant_id, channel, category, state, reason)"
+    " VALUES ($1, 'email', 'reminder', 'disabled', 'bounce spike') RETURNING category",
+    "dead_recipients": "INSERT INTO dead_recipients (tenant_id, channel, recipient, reason)"
+    " VALUES ($1, 'push', 'token-1', 'UNREGISTERED') RETURNING recipient",
 }
 # thread_participants needs the tenant's thread: seeded apart. outbox_sequences is
 # filled by the outbox trigger.
@@ -317,6 +321,10 @@ INSERT_FOR = {
     " WHERE tenant_id = $1",
     "templates": "INSERT INTO templates (tenant_id, name, version, channel, body)"
     " VALUES ($1, 'reminder', 2, 'sms', 'x')",
+    "category_blocks": "INSERT INTO category_blocks (tenant_id, channel, category, state, reason)"
+    " VALUES ($1, 'sms', 'alerts', 'throttled', 'x')",
+    "dead_recipients": "INSERT INTO dead_recipients (tenant_id, channel, recipient, reason)"
+    " VALUES ($1, 'email', 'gone@example.org', '5.1.1')",
 }
 
 
@@ -490,7 +498,7 @@ async def test_relay_role_reads_every_tenants_outbox_but_no_dispatch(world: Worl
                 )
                 results.append(await conn.fetchval("SELECT count(*) FROM dead_letters"))
             for sql in (
-                "SELECT count(*) FROM dispatches",
+                "SELECT recipient, payload FROM dispatches",
                 "SELECT count(*) FROM threads",
                 "SELECT count(*) FROM tenants",
                 "UPDATE outbox SET payload = '{\"x\": 1}'",
