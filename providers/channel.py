@@ -45,6 +45,7 @@ __all__ = [
     "RecipientGone",
     "StatusAnswer",
     "retry_after",
+    "split_reference",
 ]
 
 
@@ -71,6 +72,21 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
     subject: str | None = None
     category: str = "default"
     data: dict[str, str] = msgspec.field(default_factory=dict)
+
+    @property
+    def reference(self) -> str:
+        """The wire reference: ``"<tenant_id>:<client_ref>"``. It travels with the message
+        (a field, the callback URL, a header) and comes back in receipts, so a receipt
+        names its tenant without a cross-tenant lookup; see :func:`split_reference`."""
+        return f"{self.tenant_id}:{self.client_ref}"
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """``(tenant_id, client_ref)`` from a wire reference; ``ValueError`` when malformed."""
+    tenant_id, sep, client_ref = reference.partition(":")
+    if not sep or not tenant_id or not client_ref:
+        raise ValueError(f"not a Triage message reference: {reference[:80]!r}")
+    return tenant_id, client_ref
 
 
 class Accepted(msgspec.Struct, frozen=True, kw_only=True):
