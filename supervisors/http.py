@@ -5,6 +5,9 @@
     GET /livez    200 {"status": "ok"}: the event loop is running (it answered)
     GET /readyz   200 or 503, JSON from the readiness probe (see supervisors.tree.Readiness)
     GET /metrics  200, Prometheus text exposition of the daemon's registry
+    mounted       ``mounts={"/v1/dispatches": app, "/webhooks/": app}``: a path equal to a
+                  mount, or under it (a mount ending in ``/`` is a prefix), goes to
+                  that ASGI app unchanged (the dispatch API, the DLR ingress)
     other paths   404 {"error": "not found", "path": ...}
     other methods 405 {"error": "method not allowed", ...}, with ``Allow: GET``
 
@@ -23,7 +26,7 @@ returns normally.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any, Final, Protocol
 
@@ -54,9 +57,25 @@ class ReadinessProbe(Protocol):
 class HealthApp:
     """The ASGI app behind the daemon's probes and metrics; holds no state of its own."""
 
-    def __init__(self, *, readiness: ReadinessProbe, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        *,
+        readiness: ReadinessProbe,
+        registry: CollectorRegistry,
+        mounts: Mapping[str, ASGIFramework] | None = None,
+    ) -> None:
         self._readiness = readiness
         self._registry = registry
+        # Longest prefix first, so "/webhooks/dlr/" wins over "/webhooks/".
+        self._mounts = sorted((mounts or {}).items(), key=lambda item: -len(item[0]))
+
+    def _mounted(self, path: str) -> ASGIFramework | None:
+        for prefix, app in self._mounts:
+            if path == prefix.rstrip("/") or (prefix.endswith("/") and path.startswith(prefix)):
+                return app
+            if not prefix.endswith("/") and path.startswith(prefix + "/"):
+                return app
+        return None
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -64,7 +83,11 @@ class HealthApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            await self._http(scope, send)
+            app = self._mounted(scope["path"])
+            if app is not None:
+                await app(scope, receive, send)
+            else:
+                await self._http(scope, send)
         else:
             await send({"type": "websocket.close", "code": 1003, "reason": "not supported"})
 

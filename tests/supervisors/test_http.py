@@ -167,3 +167,45 @@ async def test_a_request_in_flight_finishes_during_a_graceful_shutdown() -> None
             with trio.fail_after(5):
                 await server.wait_stopped()
     assert [(r.status_code, r.text) for r in results] == [(200, "late")]
+
+
+class Tagged:
+    """A mounted ASGI app that answers with its tag and the path it saw."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        body = f"{self.tag} {scope['path']}".encode()  # type: ignore[typeddict-item]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_mounted_apps_get_their_paths_longest_prefix_first() -> None:
+    registry = CollectorRegistry()
+    mounts: dict[str, Any] = {
+        "/v1/dispatches": Tagged("api"),
+        "/webhooks/": Tagged("hooks"),
+        "/webhooks/dlr/": Tagged("dlr"),
+    }
+    app = HealthApp(readiness=Probe(), registry=registry, mounts=mounts)
+    async with client_for(app) as client:
+        seen = [
+            (await client.post(path)).text
+            for path in (
+                "/v1/dispatches",
+                "/v1/dispatches/abc",
+                "/webhooks/bounces/smtp",
+                "/webhooks/dlr/twilio",
+            )
+        ]
+        other = await client.get("/v1/dispatchesX")
+        livez = await client.get("/livez")
+    assert seen == [
+        "api /v1/dispatches",
+        "api /v1/dispatches/abc",
+        "hooks /webhooks/bounces/smtp",
+        "dlr /webhooks/dlr/twilio",
+    ]
+    assert other.status_code == 404
+    assert livez.json() == {"status": "ok"}
