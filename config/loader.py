@@ -27,15 +27,22 @@ import msgspec
 import msgspec.inspect as mi
 
 from config.schema import (
+    BouncesConfig,
     BreakerConfig,
     BulkheadConfig,
+    ChannelsConfig,
     DaemonConfig,
     DatabaseConfig,
     DetectorConfig,
+    DispatchConfig,
+    DlrConfig,
+    EmulatorsConfig,
     GuardConfig,
     IdempotencyConfig,
     InboxConfig,
     MailboxConfig,
+    ProvidersConfig,
+    PushFeedbackConfig,
     RateLimitConfig,
     RelayConfig,
     RetryConfig,
@@ -68,7 +75,22 @@ PROFILE_SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "guards": GuardConfig,
     "detectors": DetectorConfig,
 }
-_PLAIN_SECTIONS: Final = ("services", "database", "relay", "idempotency", "inbox", "spool")
+#: The plain sections (one table each, every key optional) and their Structs.
+_PLAIN_SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
+    "services": ServicesConfig,
+    "database": DatabaseConfig,
+    "relay": RelayConfig,
+    "idempotency": IdempotencyConfig,
+    "inbox": InboxConfig,
+    "spool": SpoolConfig,
+    "emulators": EmulatorsConfig,
+    "providers": ProvidersConfig,
+    "channels": ChannelsConfig,
+    "dispatch": DispatchConfig,
+    "dlr": DlrConfig,
+    "push_feedback": PushFeedbackConfig,
+    "bounces": BouncesConfig,
+}
 _TOP_LEVEL: Final = frozenset({"daemon", "catalog", *_PLAIN_SECTIONS, *PROFILE_SECTIONS})
 #: Guard field -> the section its value must name.
 _GUARD_REFERENCES: Final = {
@@ -530,12 +552,10 @@ def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
         report.add(("daemon",), "missing required section [daemon]")
     else:
         daemon = report.decode(raw["daemon"], DaemonConfig, ("daemon",))
-    services = report.decode(raw.get("services", {}), ServicesConfig, ("services",))
-    database = report.decode(raw.get("database", {}), DatabaseConfig, ("database",))
-    relay = report.decode(raw.get("relay", {}), RelayConfig, ("relay",))
-    idempotency = report.decode(raw.get("idempotency", {}), IdempotencyConfig, ("idempotency",))
-    inbox = report.decode(raw.get("inbox", {}), InboxConfig, ("inbox",))
-    spool = report.decode(raw.get("spool", {}), SpoolConfig, ("spool",))
+    plain = {
+        name: report.decode(raw.get(name, {}), struct, (name,))
+        for name, struct in _PLAIN_SECTIONS.items()
+    }
     catalog = raw.get("catalog", "failures.toml")
     if not isinstance(catalog, str) or not catalog:
         report.add(("catalog",), f"expected a non-empty str, got {toml_repr(catalog)}")
@@ -562,17 +582,10 @@ def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
 
     report.raise_if_any()
     # No problems means every section decoded.
-    assert daemon is not None and services is not None and database is not None
-    assert relay is not None and idempotency is not None and inbox is not None
-    assert spool is not None
+    assert daemon is not None and all(value is not None for value in plain.values())
     return TriageConfig(
         daemon=daemon,
-        services=services,
-        database=database,
-        relay=relay,
-        idempotency=idempotency,
-        inbox=inbox,
-        spool=spool,
+        **plain,  # type: ignore[arg-type]  # each decoded to its own Struct above
         catalog=str(catalog),
         mailboxes=sections["mailboxes"],
         supervisors=sections["supervisors"],

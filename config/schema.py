@@ -31,21 +31,33 @@ import msgspec
 
 __all__ = [
     "OVERFLOW_POLICIES",
+    "ApnsConfig",
+    "BouncesConfig",
     "BreakerConfig",
     "BulkheadConfig",
+    "ChannelsConfig",
     "DaemonConfig",
     "DetectorConfig",
     "DetectorKind",
+    "DispatchConfig",
+    "DlrConfig",
+    "EmulatorsConfig",
+    "FcmConfig",
+    "GhasiConfig",
     "GuardConfig",
     "LogLevel",
     "MailboxConfig",
     "OverflowPolicy",
+    "ProvidersConfig",
+    "PushFeedbackConfig",
     "RateLimitConfig",
     "RetryConfig",
     "ServicesConfig",
+    "SmtpConfig",
     "Strategy",
     "SupervisorConfig",
     "TriageConfig",
+    "TwilioConfig",
     "engine_kwargs",
 ]
 
@@ -357,6 +369,185 @@ class SpoolConfig(_Section, frozen=True, kw_only=True):
     replay_batch: PositiveInt = 100
 
 
+Name = Annotated[str, msgspec.Meta(min_length=1)]
+UrlPath = Annotated[str, msgspec.Meta(pattern=r"^/")]
+
+
+class EmulatorsConfig(_Section, frozen=True, kw_only=True):
+    """Loopback provider emulators (``providers.emulators``) for ``make run`` and chaos.
+
+    With ``enabled``, every provider whose address is unset (``base_url`` / ``host``)
+    is played by its emulator on ``host`` (a free port each), with credentials the
+    daemon generates for both sides. Without, an unset address is a config error.
+    """
+
+    enabled: bool = False
+    host: Name = "127.0.0.1"
+    receipt_delay_s: NonNegativeFloat = 0.2  # an accepted message's receipt follows this late
+
+
+class GhasiConfig(_Section, frozen=True, kw_only=True):
+    """The primary SMS gateway ("Ghasi-SMS-Gateway"): generic HTTP JSON, shaped by config."""
+
+    base_url: str | None = None  # unset: the emulator
+    guard: Name = "sms_primary"
+    api_key_env: Name = "TRIAGE_GHASI_API_KEY"  # the environment variable holding the key
+    receipt_secret_env: Name = "TRIAGE_GHASI_RECEIPT_SECRET"
+    receipt_tolerance_s: PositiveFloat = 300.0  # receipts signed longer ago are refused
+    send_path: UrlPath = "/api/v1/messages"
+    status_path: UrlPath = "/api/v1/messages"
+    auth_header: Name = "Authorization"
+    auth_scheme: str = "Bearer"
+    idempotency_header: Name = "Idempotency-Key"
+    sender: Name = "TRIAGE"
+    field_to: Name = "to"
+    field_text: Name = "text"
+    field_sender: Name = "sender"
+    field_ref: Name = "client_ref"
+    field_message_id: Name = "message_id"
+    field_status: Name = "status"
+
+
+class TwilioConfig(_Section, frozen=True, kw_only=True):
+    """The secondary SMS provider, Twilio's Messages API."""
+
+    base_url: str | None = None  # unset: the emulator; else https://api.twilio.com
+    guard: Name = "sms_secondary"
+    account_sid: Name = "ACtriage"
+    auth_token_env: Name = "TRIAGE_TWILIO_AUTH_TOKEN"
+    from_number: Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$")] = "+15550000000"
+
+
+class FcmConfig(_Section, frozen=True, kw_only=True):
+    """Firebase Cloud Messaging HTTP v1, with an OAuth2 token from a service account."""
+
+    base_url: str | None = None  # unset: the emulator; else https://fcm.googleapis.com
+    guard: Name = "fcm"
+    project_id: Name = "triage"
+    service_account_file: str | None = None  # the JSON key file (unset with the emulator)
+    refresh_margin_s: PositiveFloat = 300.0  # renew the access token this long before expiry
+    feedback_subscription: Name = "triage-feedback"
+
+
+class ApnsConfig(_Section, frozen=True, kw_only=True):
+    """Apple Push Notification service over HTTP/2 with an ES256 provider token."""
+
+    base_url: str | None = None  # unset: the emulator; else https://api.push.apple.com
+    guard: Name = "apns"
+    key_id: Name = "TRIAGEKEY1"
+    team_id: Name = "TRIAGETEAM"
+    key_file: str | None = None  # the .p8 key (unset with the emulator)
+    topic: Name = "org.triage.app"
+    token_refresh_s: Annotated[float, msgspec.Meta(ge=1200, le=3600)] = 1800.0
+    feedback_subscription: Name = "triage-feedback"
+
+
+class SmtpConfig(_Section, frozen=True, kw_only=True):
+    """Email over SMTP; bounces come back as DSNs or provider events on the webhook."""
+
+    host: str | None = None  # unset: the emulator
+    port: Port = 25
+    guard: Name = "smtp"
+    sender: Name = "noreply@triage.invalid"
+    helo_name: Name = "triage.invalid"
+    username_env: str | None = None
+    password_env: str | None = None
+    bounce_secret_env: Name = "TRIAGE_SMTP_BOUNCE_SECRET"
+
+
+class ProvidersConfig(_Section, frozen=True, kw_only=True):
+    """One section per vendor adapter (``providers/<vendor>.py``)."""
+
+    ghasi: GhasiConfig = msgspec.field(default_factory=GhasiConfig)
+    twilio: TwilioConfig = msgspec.field(default_factory=TwilioConfig)
+    fcm: FcmConfig = msgspec.field(default_factory=FcmConfig)
+    apns: ApnsConfig = msgspec.field(default_factory=ApnsConfig)
+    smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
+
+
+ProviderName = Literal["ghasi", "twilio", "fcm", "apns", "smtp"]
+
+
+class ChannelsConfig(_Section, frozen=True, kw_only=True):
+    """Which providers serve each channel, in failover order (push: by token platform)."""
+
+    sms: list[Literal["ghasi", "twilio"]] = msgspec.field(default_factory=lambda: ["ghasi", "twilio"])
+    push: list[Literal["fcm", "apns"]] = msgspec.field(default_factory=lambda: ["fcm", "apns"])
+    email: list[Literal["smtp"]] = msgspec.field(default_factory=lambda: ["smtp"])
+
+    def __post_init__(self) -> None:
+        for name in ("sms", "push", "email"):
+            order = getattr(self, name)
+            if len(set(order)) != len(order):
+                raise ValueError(f"{name}: a provider is listed twice")
+
+
+class DispatchConfig(_Section, frozen=True, kw_only=True):
+    """Dispatch intake (HTTP and NATS) and the channel dispatchers."""
+
+    max_body_bytes: PositiveInt = 65_536
+    nats_subject: Name = "triage.commands.dispatch"
+    nats_queue: Name = "triage-dispatch"
+    concurrency: PositiveInt = 64  # sends in flight per channel
+    template_cache_ttl_s: PositiveFloat = 60.0
+    template_cache_max: PositiveInt = 10_000
+    settle_timeout_s: PositiveFloat = 5.0  # the status query that settles an ambiguous timeout
+    requeue_after_s: PositiveFloat = 60.0  # a dispatch every provider refused waits this long
+    give_up_after_s: PositiveFloat = 86_400.0  # then ends failed (providers_exhausted)
+    resume_interval_s: PositiveFloat = 30.0  # how often queued dispatches left behind are resumed
+    phi_fields: list[Name] = msgspec.field(
+        default_factory=lambda: ["diagnosis", "mrn", "dob", "ssn", "medication", "condition"]
+    )
+    phi_patterns: list[Name] = msgspec.field(default_factory=list)  # regexes over push text
+
+    def __post_init__(self) -> None:
+        if self.give_up_after_s < self.requeue_after_s:
+            raise ValueError(f"give_up_after_s: must be >= requeue_after_s ({self.requeue_after_s:g})")
+
+
+class DlrConfig(_Section, frozen=True, kw_only=True):
+    """The delivery-receipt and bounce webhooks (catalog row 13)."""
+
+    callback_base_url: Name = "http://127.0.0.1:8080"  # how providers reach /webhooks/...
+    max_body_bytes: PositiveInt = 16_384
+    rate_limit: Name = "dlr_callbacks"  # [rate_limits.NAME], per provider
+    queue_capacity: PositiveInt = 1000
+    workers_min: PositiveInt = 2
+    workers_max: PositiveInt = 16
+    scale_up_depth: PositiveInt = 200  # queue depth that asks for one more worker...
+    scale_up_after_s: PositiveFloat = 2.0  # ...when it holds this long
+    scale_down_after_s: PositiveFloat = 30.0  # an idle extra worker stops after this
+    ack_timeout_s: PositiveFloat = 2.0
+    batch_max: PositiveInt = 100
+
+    def __post_init__(self) -> None:
+        if self.workers_min > self.workers_max:
+            raise ValueError(f"workers_min: must be <= workers_max ({self.workers_max})")
+        if self.scale_up_depth > self.queue_capacity:
+            raise ValueError(f"scale_up_depth: must be <= queue_capacity ({self.queue_capacity})")
+
+
+class PushFeedbackConfig(_Section, frozen=True, kw_only=True):
+    """Push delivery feedback (catalog row 2)."""
+
+    poll_interval_s: PositiveFloat = 1.0
+    max_messages: PositiveInt = 100
+    pull_timeout_s: PositiveFloat = 30.0
+    stall_after_s: PositiveFloat = 600.0  # no feedback this long with pushes outstanding: refresh
+    stale_after_s: PositiveFloat = 1800.0  # a push dispatched this long without feedback: unknown
+    sweep_interval_s: PositiveFloat = 60.0
+    sweep_batch: PositiveInt = 500
+
+
+class BouncesConfig(_Section, frozen=True, kw_only=True):
+    """Email bounce tracking (catalog row 3; threshold, window and volume are the row's)."""
+
+    disable_after_s: NonNegativeFloat = 300.0  # above threshold this long: disable the category
+    max_keys: PositiveInt = 10_000  # (tenant, category) pairs tracked
+    throttle_rate_per_s: PositiveFloat = 1.0
+    throttle_burst: PositiveInt = 10
+
+
 class TriageConfig(_Section, frozen=True, kw_only=True):
     """The whole file. ``catalog`` is the failure catalog, relative to this file's directory."""
 
@@ -367,6 +558,13 @@ class TriageConfig(_Section, frozen=True, kw_only=True):
     idempotency: IdempotencyConfig = msgspec.field(default_factory=IdempotencyConfig)
     inbox: InboxConfig = msgspec.field(default_factory=InboxConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    emulators: EmulatorsConfig = msgspec.field(default_factory=EmulatorsConfig)
+    providers: ProvidersConfig = msgspec.field(default_factory=ProvidersConfig)
+    channels: ChannelsConfig = msgspec.field(default_factory=ChannelsConfig)
+    dispatch: DispatchConfig = msgspec.field(default_factory=DispatchConfig)
+    dlr: DlrConfig = msgspec.field(default_factory=DlrConfig)
+    push_feedback: PushFeedbackConfig = msgspec.field(default_factory=PushFeedbackConfig)
+    bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
     catalog: Annotated[str, msgspec.Meta(min_length=1)] = "failures.toml"
     mailboxes: dict[str, MailboxConfig] = msgspec.field(default_factory=dict)
     supervisors: dict[str, SupervisorConfig] = msgspec.field(default_factory=dict)

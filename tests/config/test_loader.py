@@ -341,3 +341,23 @@ def test_drain_grace_must_fit_inside_the_drain_budget() -> None:
     assert len(problems) == 1
     assert "$.daemon" in problems[0]
     assert "drain_grace_s: must be below drain_s (25)" in problems[0]
+
+
+def test_channel_sections_decode_with_their_defaults_and_refuse_bad_values() -> None:
+    base = '[daemon]\ndrain_s = 5.0\nmax_label_values = 10\ndetector_tick_s = 1.0\n'
+    config = load_config_text(base)
+    assert config.channels.sms == ["ghasi", "twilio"]
+    assert config.providers.ghasi.guard == "sms_primary"
+    assert config.emulators.enabled is False
+    bad = base + "[dlr]\nworkers_min = 9\nworkers_max = 4\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(bad, source="bad.toml")
+    assert "$.dlr.workers_min: must be <= workers_max (4)" in str(caught.value)
+    unknown = base + '[channels]\nsms = ["ghasi", "nexmo"]\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(unknown, source="bad.toml")
+    assert "$.channels.sms[1]" in str(caught.value)
+    typo = base + '[providers.ghasi]\nbase_ulr = "http://x"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(typo, source="bad.toml")
+    assert "base_ulr" in str(caught.value)
