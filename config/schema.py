@@ -384,6 +384,7 @@ class EmulatorsConfig(_Section, frozen=True, kw_only=True):
     enabled: bool = False
     host: Name = "127.0.0.1"
     receipt_delay_s: NonNegativeFloat = 0.2  # an accepted message's receipt follows this late
+    seed_demo: bool = False  # ensure the demo tenant and its templates (supervisors.demo)
 
 
 class GhasiConfig(_Section, frozen=True, kw_only=True):

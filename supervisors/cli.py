@@ -14,6 +14,8 @@
                                           the outbox's dead letters (pending redrive)
     triage dlq redrive ID [--config F] [--dsn DSN]
                                           put dead letter ID's event back in the outbox
+    triage send --channel C --to R --template T [--data K=V ...] [--url U | --config F]
+                                          hand one dispatch to a running daemon
 
 Exit status: 0 on success, 1 when a command fails (the reason on stderr), 2
 when a file is invalid (each problem printed to stderr as
@@ -47,6 +49,7 @@ from config import (
     rules_yaml,
 )
 from providers.services import ENV_POSTGRES_URL
+from supervisors import cli_send
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
 __all__ = ["main"]
@@ -393,6 +396,7 @@ def _parser() -> argparse.ArgumentParser:
     dlq_list.add_argument("--all", action="store_true", help="include redriven dead letters")
     dlq_list.set_defaults(handler=_dlq_list)
     dlq_redrive.set_defaults(handler=_dlq_redrive)
+    cli_send.add_parser(sub)
     return parser
 
 
