@@ -14,6 +14,8 @@
                                           the outbox's dead letters (pending redrive)
     triage dlq redrive ID [--config F] [--dsn DSN]
                                           put dead letter ID's event back in the outbox
+    triage category list [--tenant T] [--json] | enable TENANT CHANNEL CATEGORY
+                                          categories a bounce spike throttled or disabled
     triage send --channel C --to R --template T [--data K=V ...] [--url U | --config F]
                                           hand one dispatch to a running daemon
 
@@ -49,7 +51,7 @@ from config import (
     rules_yaml,
 )
 from providers.services import ENV_POSTGRES_URL
-from supervisors import cli_send
+from supervisors import cli_category, cli_send
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
 __all__ = ["main"]
@@ -397,6 +399,7 @@ def _parser() -> argparse.ArgumentParser:
     dlq_list.set_defaults(handler=_dlq_list)
     dlq_redrive.set_defaults(handler=_dlq_redrive)
     cli_send.add_parser(sub)
+    cli_category.add_parser(sub)
     return parser
 
 

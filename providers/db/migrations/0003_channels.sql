@@ -60,7 +60,9 @@ CREATE POLICY tenant_isolation ON dead_recipients TO triage_app
 GRANT SELECT (id, tenant_id, channel, category, status, provider, provider_ref, dispatched_at)
     ON dispatches TO triage_relay;
 GRANT UPDATE (status, reason) ON dispatches TO triage_relay;
+-- (An UPDATE with a WHERE clause checks its new row against the SELECT policy
+-- too, so the read policy must admit the 'unknown' it writes.)
 CREATE POLICY relay_stale_read ON dispatches FOR SELECT TO triage_relay
-    USING (status = 'dispatched');
+    USING (status IN ('dispatched', 'unknown'));
 CREATE POLICY relay_stale_mark ON dispatches FOR UPDATE TO triage_relay
     USING (status = 'dispatched') WITH CHECK (status = 'unknown');
