@@ -22,6 +22,10 @@ the actor. Each alert's lifecycle is the two-state machine of
                                                           half-open or forced-open;
                                                           else QUIET (removed)
 
+A :class:`~engine.events.Notice` (an actor's own alert: a throttled category,
+a forced refresh) is logged; a ``page`` notice also fires ``notice:<key>`` until
+a notice with the same key is ``resolved``.
+
 Crashes, restarts and escalations are log lines only (``error``, ``warning``,
 ``critical``): a restart is over when it is logged, and an escalation ends in
 the parent supervisor, which logs its own events.
@@ -46,6 +50,7 @@ from engine.events import (
     DetectorFired,
     Event,
     EventBus,
+    Notice,
     SupervisorEscalated,
 )
 
@@ -68,6 +73,7 @@ AlertEvent = (
     | ActorCrashed
     | ActorRestarted
     | SupervisorEscalated
+    | Notice
 )
 ALERT_EVENTS: Final = (
     DetectorFired,
@@ -76,6 +82,7 @@ ALERT_EVENTS: Final = (
     ActorCrashed,
     ActorRestarted,
     SupervisorEscalated,
+    Notice,
 )
 
 #: Breaker states (``engine.breaker.CircuitState`` values) in which calls are refused
@@ -205,6 +212,26 @@ class AlertSink(Actor[AlertEvent]):
                 log.warning("child restarted", extra=_fields(message))
             case SupervisorEscalated():
                 log.critical("supervisor escalated", extra=_fields(message))
+            case Notice():
+                key = f"notice:{message.alert_key()}"
+                if message.resolved:
+                    board.clear(key)
+                    log.info("notice resolved", extra=_fields(message))
+                elif message.severity == "page":
+                    board.fire(
+                        Alert(
+                            key=key,
+                            kind="notice",
+                            name=type(message).__name__,
+                            row=message.row,
+                            since=message.at,
+                            since_wall=message.wall,
+                            state=message.severity,
+                        )
+                    )
+                    log.critical("page", extra=_fields(message))
+                else:
+                    log.warning("notice", extra=_fields(message))
 
 
 class EventForwarder:

@@ -62,7 +62,7 @@ from prometheus_client import CollectorRegistry, Counter
 from engine.clock import Clock
 from engine.detectors import RatioDetector
 from engine.errors import ConfigError, ProviderError
-from engine.events import Event, EventBus
+from engine.events import EventBus, Notice
 from engine.metrics import OVERFLOW_LABEL, Metrics, families
 from engine.supervisor import ChildSpec, Restart
 from providers.bridge import run
@@ -101,20 +101,25 @@ class KeyState(enum.Enum):
     DISABLED = "disabled"
 
 
-class BounceAlert(Event, frozen=True):
+class BounceAlert(Notice, frozen=True):
     """Row 3 acted on one tenant's category: ``action`` is throttled, disabled or lifted.
 
     ``severity`` is ``page`` for throttled and disabled, ``info`` for lifted.
     """
 
-    severity: str
-    row: int
     tenant: str
     channel: str
     category: str
     action: str
     ratio: float
     volume: int
+
+    def alert_key(self) -> str:
+        return f"bounce_spike:{self.tenant}:{self.channel}:{self.category}"
+
+    @property
+    def resolved(self) -> bool:
+        return self.action == "lifted"
 
 
 class BlockStore(Protocol):

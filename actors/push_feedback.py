@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from engine.clock import Clock
 from engine.detectors import AgeOfNewestDetector
 from engine.errors import ConfigError, ProviderError, TriageError
-from engine.events import Event, EventBus
+from engine.events import EventBus, Notice
 from engine.metrics import families
 from engine.supervisor import ChildSpec, Restart
 from providers.channel import ChannelName, Receipt
@@ -120,11 +120,9 @@ class FeedbackStalled(TriageError):
         self.outstanding = outstanding
 
 
-class FeedbackStallAlert(Event, frozen=True):
+class FeedbackStallAlert(Notice, frozen=True):
     """Row 2's mitigation ran: the feedback actor is being restarted."""
 
-    severity: str
-    row: int
     silent_s: float
     outstanding: int
     refreshes: int

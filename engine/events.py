@@ -76,6 +76,26 @@ class DetectorCleared(Event, frozen=True):
     row: int | None = None
 
 
+class Notice(Event, frozen=True):
+    """An actor's own alert: a mitigation it ran, for the on-call engineer.
+
+    ``severity`` is ``page``, ``ticket`` or ``info``. The alert sink logs every
+    notice; a ``page`` notice stays on the active-alert board under
+    :meth:`alert_key` until a notice with the same key says it is ``resolved``.
+    Subclasses add their own fields and override the key and resolution.
+    """
+
+    severity: str
+    row: int | None  # the catalog row whose mitigation this is, if any
+
+    def alert_key(self) -> str:
+        return type(self).__name__
+
+    @property
+    def resolved(self) -> bool:
+        return False
+
+
 Handler = Callable[[Event], Any]
 
 

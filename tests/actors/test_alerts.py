@@ -23,6 +23,7 @@ from engine.events import (
     DetectorCleared,
     DetectorFired,
     Event,
+    Notice,
     SupervisorEscalated,
 )
 from engine.metrics import Metrics
@@ -294,3 +295,39 @@ async def test_events_the_sink_does_not_handle_are_not_forwarded(runtime: Runtim
     runtime.events.emit(Unrelated(at=0.0, wall=WALL, note="x"))
     assert (ref.queued(), forwarder.refused) == (0, 0)
     unsubscribe()
+
+
+class SpikeNotice(Notice, frozen=True):
+    tenant: str
+    action: str
+
+    def alert_key(self) -> str:
+        return f"spike:{self.tenant}"
+
+    @property
+    def resolved(self) -> bool:
+        return self.action == "lifted"
+
+
+async def test_a_page_notice_holds_the_board_until_resolved_a_ticket_is_a_log_line(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="triage.alerts")
+    async with trio.open_nursery() as nursery:
+        sink = await start_sink(nursery, runtime)
+        sink.emit(SpikeNotice(at=1.0, wall=WALL, severity="ticket", row=2, tenant="t", action="x"))
+        await sink.settle()
+        assert len(sink.board) == 0
+        assert json_line(records(caplog, "notice")[0])["tenant"] == "t"
+        sink.emit(SpikeNotice(at=2.0, wall=WALL, severity="page", row=3, tenant="a", action="on"))
+        await sink.settle()
+        (alert,) = sink.board.snapshot()
+        assert (alert.key, alert.kind, alert.name, alert.row, alert.state) == (
+            "notice:spike:a", "notice", "SpikeNotice", 3, "page"
+        )  # fmt: skip
+        assert json_line(records(caplog, "page")[0])["level"] == "critical"
+        sink.emit(SpikeNotice(at=3.0, wall=WALL, severity="info", row=3, tenant="a", action="lifted"))
+        await sink.settle()
+        assert len(sink.board) == 0
+        assert records(caplog, "notice resolved")
+        nursery.cancel_scope.cancel()
