@@ -1,0 +1,171 @@
+"""The HTTP dispatch API: ``POST /v1/dispatches``, an ASGI app served by hypercorn on Trio.
+
+Mounted by the daemon's :class:`~supervisors.http.HealthApp`
+(``mounts={"/v1/dispatches": api}``)::
+
+    POST /v1/dispatches
+    Idempotency-Key: <1..max_key_length visible ASCII characters>
+    Content-Type: application/json
+    {"tenant_id": uuid, "channel": "sms"|"push"|"email", "template": str,
+     "template_version": int|null, "recipient": str, "data": {str: str}}
+
+The body and the answers are :mod:`actors.dispatch_commands`' (the NATS command
+subject answers the same JSON). Checks run cheapest first, and every refusal is
+``{"error": code, "message": ..., "field"?: ...}`` reaching no submitter:
+
+=================================================  ====  ===========================
+another path under the mount                       404   not_found
+another method                                     405   method_not_allowed (Allow)
+not ``application/json``                           415   unsupported_media_type
+no / a bad ``Idempotency-Key``                     400   missing_idempotency_key /
+                                                         invalid_idempotency_key
+no ``Content-Length`` (``require_content_length``)  411   length_required
+``Content-Length`` not a number                    400   invalid_content_length
+``Content-Length`` or the body over the cap        413   payload_too_large (reading
+                                                         stops at the cap)
+bytes that are not JSON                            400   invalid_json
+a field missing, unknown or of the wrong type      400   invalid_field (``field``)
+=================================================  ====  ===========================
+
+Then the submitter decides: 202 ``{"dispatch_id", "status"}``, 200 with the
+original answer for a replay, or its typed error (409 idempotency_conflict, 422
+template_not_found / category_disabled, 429/503 overloaded with
+``Retry-After``...), see the error convention in :mod:`actors.dispatch_commands`.
+
+``GET /v1/dispatches/{id}`` is not served (404): the dispatcher offers no
+lookup yet.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+
+from actors.dispatch_commands import (
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    Answer,
+    DispatchRequest,
+    RequestRejected,
+    Submitter,
+    answer_for_error,
+    check_idempotency_key,
+    decode_body,
+    submit_and_answer,
+)
+from actors.dlr_ingress import (
+    BodyTooLarge,
+    ClientDisconnected,
+    declared_length,
+    header_value,
+    lifespan,
+    read_body,
+    send_json,
+)
+
+__all__ = ["DispatchApi"]
+
+log = logging.getLogger("triage.dispatch_api")
+
+_JSON_TYPES = frozenset({"application/json"})
+
+
+class DispatchApi:
+    """The ASGI app of ``POST {path}``; holds no state of its own.
+
+    ``max_body_bytes`` caps the body (never buffered beyond it);
+    ``retry_after_s`` is the ``Retry-After`` for load shedding that names none;
+    ``require_content_length`` refuses bodies without ``Content-Length`` (411)
+    instead of reading them up to the cap; ``max_key_length`` bounds the key.
+    """
+
+    def __init__(
+        self,
+        submitter: Submitter,
+        *,
+        max_body_bytes: int,
+        retry_after_s: float,
+        require_content_length: bool = False,
+        max_key_length: int = MAX_IDEMPOTENCY_KEY_LENGTH,
+        path: str = "/v1/dispatches",
+    ) -> None:
+        if max_body_bytes < 1 or max_key_length < 1 or not retry_after_s > 0:
+            raise ValueError("max_body_bytes, max_key_length and retry_after_s must be > 0")
+        self.submitter = submitter
+        self.max_body_bytes = max_body_bytes
+        self.retry_after_s = retry_after_s
+        self.require_content_length = require_content_length
+        self.max_key_length = max_key_length
+        self.path = path.rstrip("/")
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+        elif scope["type"] == "http":
+            try:
+                answer = await self._answer(scope, receive)
+            except ClientDisconnected:
+                return  # nobody to answer; nothing was submitted
+            await _send(send, answer)
+        else:
+            await send({"type": "websocket.close", "code": 1003, "reason": "not supported"})
+
+    async def _answer(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> Answer:
+        path = scope["path"].rstrip("/")
+        if path != self.path:
+            return Answer.error(404, "not_found", f"nothing at {scope['path'][:200]!r}")
+        if scope["method"] != "POST":
+            return Answer.error(
+                405, "method_not_allowed", f"{scope['method']} is not allowed; use POST"
+            )
+        try:
+            return await self._post(scope, receive)
+        except RequestRejected as exc:
+            return answer_for_error(exc, retry_after_s=self.retry_after_s)
+
+    async def _post(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> Answer:
+        media = (header_value(scope, b"content-type") or "").partition(";")[0].strip().lower()
+        if media not in _JSON_TYPES:
+            raise RequestRejected(
+                "unsupported_media_type",
+                f"Content-Type must be application/json, not {media[:100]!r}",
+                http_status=415,
+                field="Content-Type",
+            )
+        key = check_idempotency_key(
+            header_value(scope, b"idempotency-key"), max_length=self.max_key_length
+        )
+        try:
+            declared = declared_length(scope)
+        except ValueError as exc:
+            raise RequestRejected(
+                "invalid_content_length", str(exc), field="Content-Length"
+            ) from exc
+        if declared is None and self.require_content_length:
+            raise RequestRejected(
+                "length_required", "a Content-Length header is required", http_status=411
+            )
+        if declared is not None and declared > self.max_body_bytes:
+            raise RequestRejected(
+                "payload_too_large",
+                str(BodyTooLarge(self.max_body_bytes, declared=declared)),
+                http_status=413,
+            )
+        try:
+            data = await read_body(receive, max_bytes=self.max_body_bytes)
+        except BodyTooLarge as exc:
+            raise RequestRejected("payload_too_large", str(exc), http_status=413) from exc
+        request = DispatchRequest.of(decode_body(data), key)
+        return await submit_and_answer(self.submitter, request, retry_after_s=self.retry_after_s)
+
+
+async def _send(send: ASGISendCallable, answer: Answer) -> None:
+    extra: list[tuple[bytes, bytes]] = []
+    if answer.status == 405:
+        extra.append((b"allow", b"POST"))
+    retry_after = answer.retry_after
+    if retry_after is not None:
+        extra.append((b"retry-after", retry_after.encode()))
+    await send_json(send, answer.status, answer.body, extra_headers=extra)

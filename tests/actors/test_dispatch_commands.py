@@ -1,0 +1,233 @@
+"""The dispatch command subject on a real nats-server: request/reply, garbage, queue group."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry
+
+from actors.dispatch_commands import (
+    STATUS_HEADER,
+    CommandsState,
+    DispatchCommands,
+    DispatchRequest,
+    SubmitResult,
+)
+from engine.errors import BulkheadFull
+from providers import jetstream
+from providers.bridge import run
+from providers.channel import ChannelName
+
+TENANT = "6f1c2f1e-4a8b-4c36-9d76-0e4f7a1b2c3d"
+MAX_BODY = 1024
+
+
+class Typed(Exception):
+    def __init__(self, code: str, http_status: int) -> None:
+        super().__init__(f"{code} happened")
+        self.code = code
+        self.http_status = http_status
+
+
+class Submitter:
+    def __init__(self) -> None:
+        self.seen: list[DispatchRequest] = []
+        self.by_key: dict[str, SubmitResult] = {}
+        self.error: Exception | None = None
+
+    async def submit(self, request: DispatchRequest) -> SubmitResult:
+        await trio.lowlevel.checkpoint()
+        if self.error is not None:
+            raise self.error
+        self.seen.append(request)
+        known = self.by_key.get(request.idempotency_key)
+        if known is not None:
+            return SubmitResult(dispatch_id=known.dispatch_id, status=known.status, replay=True)
+        result = SubmitResult(dispatch_id=f"d{len(self.by_key) + 1}", status="queued")
+        self.by_key[request.idempotency_key] = result
+        return result
+
+
+def command(**changes: Any) -> bytes:
+    base: dict[str, Any] = {
+        "tenant_id": TENANT,
+        "channel": "push",
+        "template": "visit_ready",
+        "recipient": "device-token-1",
+        "data": {"room": "7"},
+        "idempotency_key": "key-1",
+    }
+    base.update(changes)
+    return msgspec.json.encode({k: v for k, v in base.items() if v is not ...})
+
+
+@asynccontextmanager
+async def serving(
+    nats_url: str, subject: str, submitter: Submitter, *, replicas: int = 1
+) -> AsyncIterator[tuple[jetstream.JetStreamClient, list[DispatchCommands]]]:
+    clients = [await run(jetstream.connect, nats_url) for _ in range(replicas + 1)]
+    registry = CollectorRegistry()
+    actors = [
+        DispatchCommands(
+            client=client,
+            submitter=submitter,
+            subject=subject,
+            queue="triage-dispatch",
+            max_body_bytes=MAX_BODY,
+            batch_max=16,
+            poll_timeout_s=0.2,
+            pending_msgs_limit=256,
+            retry_after_s=2.0,
+            unsubscribe_timeout_s=1.0,
+            registry=registry,
+        )
+        for client in clients[1:]
+    ]
+    try:
+        async with trio.open_nursery() as nursery:
+            for actor in actors:
+                await nursery.start(actor.run)
+            yield clients[0], actors
+            nursery.cancel_scope.cancel()
+    finally:
+        for client in clients:
+            await run(jetstream.close, client)
+    assert all(actor.state is CommandsState.STOPPED for actor in actors)
+
+
+async def request(
+    client: jetstream.JetStreamClient,
+    subject: str,
+    data: bytes,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any], Msg]:
+    reply: Msg = await run(
+        partial(client.nc.request, subject, data, timeout=5.0, headers=headers), service="nats"
+    )
+    status = int((reply.headers or {})[STATUS_HEADER])
+    return status, msgspec.json.decode(reply.data), reply
+
+
+def subject() -> str:
+    return f"test.commands.dispatch.{uuid.uuid4().hex[:8]}"
+
+
+async def test_request_reply_accepts_then_replays(
+    nats_url: str, bridge: asyncio.AbstractEventLoop
+) -> None:
+    submitter = Submitter()
+    name = subject()
+    async with serving(nats_url, name, submitter) as (client, _):
+        first = await request(client, name, command())
+        by_header = await request(
+            client, name, command(idempotency_key=...), {"Idempotency-Key": "key-1"}
+        )
+        other = await request(client, name, command(idempotency_key="key-2"))
+    assert first[:2] == (202, {"dispatch_id": "d1", "status": "queued"})
+    assert by_header[:2] == (200, {"dispatch_id": "d1", "status": "queued"})
+    assert other[:2] == (202, {"dispatch_id": "d2", "status": "queued"})
+    assert submitter.seen[0] == DispatchRequest(
+        idempotency_key="key-1",
+        tenant_id=TENANT,
+        channel=ChannelName.PUSH,
+        template="visit_ready",
+        recipient="device-token-1",
+        data={"room": "7"},
+    )
+
+
+GARBAGE: Sequence[Any] = [
+    pytest.param(b"\x00\x01garbage", None, 400, "invalid_json", id="not-json"),
+    pytest.param(b"", None, 400, "invalid_json", id="empty"),
+    pytest.param(command(channel="fax"), None, 400, "invalid_field", id="bad-channel"),
+    pytest.param(command(extra=1), None, 400, "invalid_field", id="unknown-field"),
+    pytest.param(command(idempotency_key=...), None, 400, "missing_idempotency_key", id="no-key"),
+    pytest.param(
+        command(idempotency_key="a"),
+        {"Idempotency-Key": "b"},
+        400,
+        "invalid_idempotency_key",
+        id="header-and-field-differ",
+    ),
+    pytest.param(
+        command(data={"x": "y" * MAX_BODY}), None, 413, "payload_too_large", id="oversize"
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "headers", "status", "code"), GARBAGE)
+async def test_garbage_gets_a_typed_error_reply_and_the_subject_keeps_serving(
+    nats_url: str,
+    bridge: asyncio.AbstractEventLoop,
+    data: bytes,
+    headers: dict[str, str] | None,
+    status: int,
+    code: str,
+) -> None:
+    submitter = Submitter()
+    name = subject()
+    async with serving(nats_url, name, submitter) as (client, actors):
+        refused = await request(client, name, data, headers)
+        assert submitter.seen == []
+        accepted = await request(client, name, command())
+    assert refused[0] == status
+    assert refused[1]["error"] == code and refused[1]["message"]
+    assert accepted[0] == 202
+    assert actors[0].stats.rejected == 1
+
+
+async def test_submitter_errors_are_typed_replies_with_retry_after(
+    nats_url: str, bridge: asyncio.AbstractEventLoop
+) -> None:
+    submitter = Submitter()
+    name = subject()
+    async with serving(nats_url, name, submitter) as (client, _):
+        submitter.error = Typed("template_not_found", 422)
+        missing = await request(client, name, command())
+        submitter.error = BulkheadFull("push", capacity=8, waited_s=0.05)
+        shed = await request(client, name, command())
+    assert missing[:2] == (
+        422,
+        {"error": "template_not_found", "message": "template_not_found happened"},
+    )
+    assert (shed[0], shed[1]["error"]) == (503, "overloaded")
+    assert (shed[2].headers or {})["Retry-After"] == "2"
+
+
+async def test_replicas_in_the_queue_group_answer_each_command_once(
+    nats_url: str, bridge: asyncio.AbstractEventLoop
+) -> None:
+    submitter = Submitter()
+    name = subject()
+    async with (
+        serving(nats_url, name, submitter, replicas=2) as (client, actors),
+        trio.open_nursery() as nursery,
+    ):
+        for i in range(20):
+            nursery.start_soon(request, client, name, command(idempotency_key=f"k{i}"))
+    assert sum(actor.stats.answered for actor in actors) == 20
+    assert len(submitter.seen) == 20
+
+
+async def test_a_command_without_a_reply_subject_is_counted_and_dropped(
+    nats_url: str, bridge: asyncio.AbstractEventLoop
+) -> None:
+    submitter = Submitter()
+    name = subject()
+    async with serving(nats_url, name, submitter) as (client, actors):
+        await run(partial(client.nc.publish, name, command()), service="nats")
+        # One connection, one subscriber: the server delivers in publish order, so the
+        # command without a reply was handled by the time this request is answered.
+        after = await request(client, name, command(idempotency_key="k2"))
+        assert actors[0].stats.unanswerable == 1
+    assert submitter.seen[0].idempotency_key == "k2"  # the dropped one never reached it
+    assert after[0] == 202
