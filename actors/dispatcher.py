@@ -75,7 +75,7 @@ from actors.failover import (
 from actors.idempotency import IdempotencyConflict, IdempotencyStore
 from actors.templates import MissingField, TemplateNotFound, TemplateRegistry, TemplateRenderError
 from engine.detectors import CountInWindowDetector
-from engine.errors import CircuitOpen, LoadShed, ProviderError, TriageError
+from engine.errors import CircuitOpen, LoadShed, ProviderError, Rejected, TriageError
 from engine.metrics import families
 from engine.ratelimit import RateLimiter
 from engine.supervisor import ChildSpec, Restart, Supervisor
@@ -92,6 +92,7 @@ from providers.db.dispatches import (
     queued_backlog_async,
     record_outcome_async,
 )
+from providers.push_feedback import push_platform
 from providers.redis_cache import CachedKey, decode_entry
 
 if TYPE_CHECKING:
@@ -113,7 +114,6 @@ __all__ = [
     "SubmitRequest",
     "SubmitResult",
     "TemplateNotFound",
-    "push_platform",
 ]
 
 log = logging.getLogger("triage.dispatcher")
@@ -238,19 +238,10 @@ class DispatchLimits:
 
 
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
-_TOKEN = re.compile(r"(fcm|apns):([A-Za-z0-9_\-:.]+)")
 _EMAIL = re.compile(r"[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+")
 _TEMPLATE = re.compile(r"[A-Za-z0-9_.\-]+")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY = re.compile(r"[\x21-\x7e]+")
-
-
-def push_platform(recipient: str) -> tuple[str, str]:
-    """``("fcm" | "apns", token)`` of a push recipient; ValueError when it has no prefix."""
-    match = _TOKEN.fullmatch(recipient)
-    if match is None:
-        raise ValueError(f"not a push recipient: {recipient[:40]!r}")
-    return match.group(1), match.group(2)
 
 
 # -- the channel dispatcher -----------------------------------------------------------------
@@ -429,9 +420,7 @@ class ChannelDispatcher:
         if job.throttled and self.throttle is not None:
             await self.throttle.acquire(f"{job.tenant_id}:{job.category}")
         failover = self.failovers[self.route_key(job.recipient)]
-        recipient = job.recipient
-        if self.channel is ChannelName.PUSH:
-            recipient = push_platform(recipient)[1]
+        recipient = job.recipient  # push keeps its "<platform>:" prefix: the adapter reads it
         message = Message(
             client_ref=str(job.dispatch_id),
             tenant_id=job.tenant_id,
@@ -921,8 +910,11 @@ class DispatchService:
             raise InvalidRequest("recipient", f"at most {limits.max_recipient_chars} characters")
         if channel is ChannelName.SMS and _E164.fullmatch(recipient) is None:
             raise InvalidRequest("recipient", "not an E.164 number (+ and 7 to 15 digits)")
-        if channel is ChannelName.PUSH and _TOKEN.fullmatch(recipient) is None:
-            raise InvalidRequest("recipient", "not a push token ('fcm:<token>' or 'apns:<token>')")
+        if channel is ChannelName.PUSH:
+            try:
+                push_platform(recipient)
+            except Rejected as exc:
+                raise InvalidRequest("recipient", str(exc)) from None
         if channel is ChannelName.EMAIL and _EMAIL.fullmatch(recipient) is None:
             raise InvalidRequest("recipient", "not an email address")
         name = request.template

@@ -427,7 +427,9 @@ class FcmConfig(_Section, frozen=True, kw_only=True):
     project_id: Name = "triage"
     service_account_file: str | None = None  # the JSON key file (unset with the emulator)
     refresh_margin_s: PositiveFloat = 300.0  # renew the access token this long before expiry
-    feedback_subscription: Name = "triage-feedback"
+    assertion_lifetime_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 3600.0  # JWT exp - iat
+    feedback_url: str | None = None  # the Pub/Sub-style feedback service (unset: base_url)
+    feedback_subscription: Name = "projects/triage/subscriptions/fcm-feedback"
 
 
 class ApnsConfig(_Section, frozen=True, kw_only=True):
@@ -439,8 +441,12 @@ class ApnsConfig(_Section, frozen=True, kw_only=True):
     team_id: Name = "TRIAGETEAM"
     key_file: str | None = None  # the .p8 key (unset with the emulator)
     topic: Name = "org.triage.app"
-    token_refresh_s: Annotated[float, msgspec.Meta(ge=1200, le=3600)] = 1800.0
-    feedback_subscription: Name = "triage-feedback"
+    token_refresh_s: Annotated[float, msgspec.Meta(ge=1200, lt=3600)] = 1800.0
+    expiration_s: NonNegativeFloat = 3600.0  # how long APNs keeps trying an offline device
+    priority: Literal[1, 5, 10] = 10
+    keepalive_expiry_s: PositiveFloat = 60.0  # drop idle HTTP/2 connections before APNs does
+    feedback_url: str | None = None
+    feedback_subscription: Name = "projects/triage/subscriptions/apns-feedback"
 
 
 class SmtpConfig(_Section, frozen=True, kw_only=True):
@@ -500,6 +506,22 @@ class DispatchConfig(_Section, frozen=True, kw_only=True):
         default_factory=lambda: ["diagnosis", "mrn", "dob", "ssn", "medication", "condition"]
     )
     phi_patterns: list[Name] = msgspec.field(default_factory=list)  # regexes over push text
+    retry_after_s: PositiveFloat = 1.0  # what a 429/503 answer tells the client
+    max_key_chars: PositiveInt = 200  # the Idempotency-Key
+    max_template_chars: PositiveInt = 200
+    max_recipient_chars: PositiveInt = 320
+    max_data_fields: PositiveInt = 64
+    max_field_name_chars: PositiveInt = 64
+    max_value_chars: PositiveInt = 2048
+    record_attempts: PositiveInt = 5  # tries of the outcome write after a send
+    record_backoff_s: PositiveFloat = 0.2
+    max_parked: NonNegativeInt = 10_000  # dispatches waiting in memory for a requeue
+    backlog_batch: PositiveInt = 500
+    max_tenants: PositiveInt = 10_000  # tenants whose queued backlog is resumed
+    nats_batch_max: PositiveInt = 100
+    nats_poll_timeout_s: PositiveFloat = 0.5
+    nats_pending_limit: PositiveInt = 10_000
+    nats_unsubscribe_timeout_s: PositiveFloat = 2.0
 
     def __post_init__(self) -> None:
         if self.give_up_after_s < self.requeue_after_s:
@@ -509,7 +531,10 @@ class DispatchConfig(_Section, frozen=True, kw_only=True):
 class DlrConfig(_Section, frozen=True, kw_only=True):
     """The delivery-receipt and bounce webhooks (catalog row 13)."""
 
-    callback_base_url: Name = "http://127.0.0.1:8080"  # how providers reach /webhooks/...
+    # How providers reach /webhooks/... (Twilio's StatusCallback, signature checks);
+    # unset: the daemon's own address (loopback emulators).
+    callback_base_url: str | None = None
+    retry_after_s: PositiveFloat = 1.0  # what a 429/503 tells the provider
     max_body_bytes: PositiveInt = 16_384
     rate_limit: Name = "dlr_callbacks"  # [rate_limits.NAME], per provider
     queue_capacity: PositiveInt = 1000
@@ -531,6 +556,7 @@ class DlrConfig(_Section, frozen=True, kw_only=True):
 class PushFeedbackConfig(_Section, frozen=True, kw_only=True):
     """Push delivery feedback (catalog row 2)."""
 
+    watchdog_interval_s: PositiveFloat = 5.0
     poll_interval_s: PositiveFloat = 1.0
     max_messages: PositiveInt = 100
     pull_timeout_s: PositiveFloat = 30.0
@@ -547,6 +573,8 @@ class BouncesConfig(_Section, frozen=True, kw_only=True):
     max_keys: PositiveInt = 10_000  # (tenant, category) pairs tracked
     throttle_rate_per_s: PositiveFloat = 1.0
     throttle_burst: PositiveInt = 10
+    ceiling_ratio: Fraction = 0.5  # at once disabled when this share bounces (with min volume)
+    reload_interval_s: PositiveFloat = 30.0  # re-read blocks (an operator's enable)
 
 
 class TriageConfig(_Section, frozen=True, kw_only=True):

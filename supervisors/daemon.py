@@ -65,8 +65,11 @@ from config import (
 )
 from engine.metrics import Metrics
 from engine.runtime import Runtime, open_runtime
+from providers.bridge import run
 from providers.db import UnsafeRoleError
 from supervisors.backbone import Backbone, StartAbandoned, StartGuard, open_backbone
+from supervisors.demo import seed_demo_async
+from supervisors.emulated import Emulated, Endpoints, open_emulators, resolve_endpoints
 from supervisors.logging import json_logging
 from supervisors.tree import Phase, Readiness, Tree, build_tree, check_profiles
 from supervisors.vocabulary import METRICS, MITIGATIONS
@@ -164,6 +167,7 @@ class Daemon:
         self.use_backbone = backbone
         self.env: Mapping[str, str] = os.environ if env is None else env
         self.backbone: Backbone | None = None
+        self.emulated: Emulated | None = None  # the loopback provider emulators, when enabled
         self.tree: Tree | None = None
         self.runtime: Runtime | None = None
         self.drain_reason: str | None = None
@@ -253,6 +257,7 @@ class Daemon:
 
     async def _run_with_backbone(self, runtime: Runtime, task_status: trio.TaskStatus[int]) -> int:
         async with contextlib.AsyncExitStack() as stack:
+            endpoints: Endpoints | None = None
             if self.use_backbone:
                 try:
                     self.backbone = await stack.enter_async_context(
@@ -262,20 +267,69 @@ class Daemon:
                     log.info("start abandoned", extra={"reason": self.drain_reason})
                     task_status.started(0)  # nothing listens: port 0
                     return EXIT_OK
-            return await self._run(runtime, self.backbone, task_status)
+                endpoints = await self._open_providers(stack)
+            return await self._run(runtime, self.backbone, task_status, endpoints)
         raise AssertionError("unreachable")  # pragma: no cover - mypy: the stack may swallow
 
+    async def _open_providers(self, stack: contextlib.AsyncExitStack) -> Endpoints:
+        """The providers' endpoints: the loopback emulators (``[emulators] enabled``),
+        else the configured vendors (a :class:`ConfigError` names what is missing)."""
+        config = self.config
+        if config.emulators.seed_demo and self.backbone is not None:
+            tenant = await run(
+                seed_demo_async, self.backbone.services.postgres_url, service="postgres"
+            )
+            log.info("demo tenant ready", extra={"tenant_id": str(tenant)})
+        if not config.emulators.enabled:
+            return resolve_endpoints(config, self.env)
+        emulated = self.emulated = await stack.enter_async_context(open_emulators(config))
+        log.info(
+            "provider emulators listening",
+            extra={name: server.url for name, server in emulated.servers.items()}
+            | {"smtp": f"{emulated.endpoints.smtp_host}:{emulated.endpoints.smtp_port}"},
+        )
+        return emulated.endpoints
+
+    def _point_providers_at(self, tree: Tree) -> None:
+        """Once the daemon listens: receipts, bounces and callbacks come to its address."""
+        if tree.http.port is None:
+            return
+        host = self.config.daemon.host
+        base = f"http://[{host}]:{tree.http.port}" if ":" in host else f"http://{host}:{tree.http.port}"
+        if self.emulated is not None:
+            self.emulated.point_receipts_at(base)
+        if tree.channels is not None:
+            tree.channels.set_public_base(base)
+
     async def _run(
-        self, runtime: Runtime, backbone: Backbone | None, task_status: trio.TaskStatus[int]
+        self,
+        runtime: Runtime,
+        backbone: Backbone | None,
+        task_status: trio.TaskStatus[int],
+        endpoints: Endpoints | None = None,
     ) -> int:
         tree = self.tree = build_tree(
-            self.config, self.catalog, runtime, source=self.source, backbone=backbone
+            self.config,
+            self.catalog,
+            runtime,
+            source=self.source,
+            backbone=backbone,
+            endpoints=endpoints,
         )
+        try:
+            return await self._serve(tree, task_status)
+        finally:
+            if tree.channels is not None:
+                with trio.CancelScope(shield=True):
+                    await tree.channels.aclose()
+
+    async def _serve(self, tree: Tree, task_status: trio.TaskStatus[int]) -> int:
         if self.drain_reason is not None:  # requested before the tree existed
             tree.readiness.begin_drain()
         root_stopped = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(self._supervise, tree, root_stopped)
+            self._point_providers_at(tree)
             tree.readiness.mark_running()
             if tree.readiness.phase is Phase.RUNNING:
                 log.info(
@@ -390,6 +444,8 @@ def main_run(config_path: str) -> int:
     catalog_file = catalog_path(config, config_path)
     catalog = load_catalog(catalog_file, metrics=METRICS, mitigations=MITIGATIONS)
     check_profiles(config, config_path)
+    if not config.emulators.enabled:
+        resolve_endpoints(config)  # every provider's address and secrets, or a ConfigError now
     wall = time.time
     with json_logging(config.daemon.log_level, wall=wall):
         daemon = Daemon(

@@ -76,6 +76,10 @@ class JsonFormatter(logging.Formatter):
         return self._encoder.encode(entry).decode()
 
 
+#: Libraries whose per-request logging is held at warning.
+QUIET_LIBRARIES = ("httpx", "httpcore", "hpack", "h2", "hypercorn.access")
+
+
 @contextmanager
 def json_logging(
     level: str,
@@ -99,9 +103,17 @@ def json_logging(
     saved_handlers, saved_level = root.handlers[:], root.level
     root.handlers = [handler]
     root.setLevel(threshold)
+    # The HTTP client libraries log every request at info/debug: one line per SMS
+    # is noise at any level we run at. Their warnings still come through.
+    quiet = [logging.getLogger(name) for name in QUIET_LIBRARIES]
+    saved_quiet = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(max(threshold, logging.WARNING))
     try:
         yield handler
     finally:
         root.handlers = saved_handlers
         root.setLevel(saved_level)
+        for logger, saved in zip(quiet, saved_quiet, strict=True):
+            logger.setLevel(saved)
         handler.close()

@@ -75,10 +75,12 @@ from engine.detectors import (
 from engine.runtime import Runtime
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers.spool import Spool
+from supervisors.channels import CHANNEL_OWNERS, CHANNEL_ROWS, Channels, build_channels
 from supervisors.http import HealthApp, HttpServer
 
 if TYPE_CHECKING:
     from supervisors.backbone import Backbone
+    from supervisors.emulated import Endpoints
 
 __all__ = [
     "DB_BREAKER",
@@ -198,6 +200,7 @@ class Tree:
     idempotency: IdempotencyStore | None = None
     inbox: InboxConsumer | None = None
     db_writer: DbWriter | None = None
+    channels: Channels | None = None
 
 
 D = TypeVar("D", bound=Detector)
@@ -208,10 +211,12 @@ BACKBONE_OWNERS: Final = frozenset(
 )
 
 
-def live_rows(catalog: Catalog, *, backbone: bool) -> list[CatalogRow]:
+def live_rows(catalog: Catalog, *, backbone: bool, channels: bool = False) -> list[CatalogRow]:
     """Built rows whose owning actor runs in this tree: only their detectors are evaluated
     (an unfed detector would raise a false alarm)."""
     owners = BACKBONE_OWNERS if backbone else frozenset()
+    if backbone and channels:
+        owners = owners | CHANNEL_OWNERS
     return [row for row in catalog.rows if row.built and row.owner in owners]
 
 
@@ -246,6 +251,7 @@ def build_tree(
     source: str = "<config>",
     backbone: Backbone | None = None,
     children: Sequence[ChildSpec] = (),
+    endpoints: Endpoints | None = None,
 ) -> Tree:
     """Wire the root supervisor and its children from ``config`` (nothing runs yet).
 
@@ -275,8 +281,10 @@ def build_tree(
         deadlines=runtime.deadlines,
         metrics=runtime.metrics,
     )
-    rows = live_rows(catalog, backbone=backbone is not None)
-    detectors = build_detectors(config, rows, runtime)
+    with_channels = backbone is not None and endpoints is not None
+    rows = live_rows(catalog, backbone=backbone is not None, channels=with_channels)
+    # The channels build their rows' detectors themselves (row 1: one per provider).
+    detectors = build_detectors(config, [r for r in rows if r.id not in CHANNEL_ROWS], runtime)
     detectors_spec = ChildSpec(
         id="detectors",
         start=partial(detectors.run, daemon.detector_tick_s),
@@ -363,10 +371,25 @@ def build_tree(
             ),
             inbox.child_spec(shutdown_s=child_shutdown_s),
         ]
+    channels: Channels | None = None
+    if backbone is not None and endpoints is not None:
+        channels = build_channels(
+            config,
+            catalog,
+            runtime,
+            backbone,
+            detectors,
+            endpoints,
+            shutdown_s=child_shutdown_s,
+            idempotency=store,
+            wall=runtime.clock.wall,
+        )
+        backbone_specs += channels.specs
     registry = runtime.metrics.registry if runtime.metrics is not None else None
     if registry is None:
         raise ValueError("the daemon's runtime needs metrics (a registry to serve on /metrics)")
-    app = HealthApp(readiness=readiness, registry=registry)
+    mounts = channels.mounts if channels is not None else None
+    app = HealthApp(readiness=readiness, registry=registry, mounts=mounts)
     http = HttpServer(app, host=daemon.host, port=daemon.port, graceful_timeout_s=daemon.drain_s)
     http_spec = ChildSpec(
         id="http", start=http.run, restart=Restart.TRANSIENT, shutdown_s=child_shutdown_s
@@ -390,6 +413,7 @@ def build_tree(
         idempotency=store,
         inbox=inbox,
         db_writer=writer,
+        channels=channels,
     )
 
 

@@ -511,6 +511,21 @@ async def mark_stale_unknown_async(
     return await run_as_relay(pool, _mark_stale, channel, older_than_s, limit)
 
 
+_OUTSTANDING = """
+SELECT count(id) FROM dispatches WHERE channel = $1 AND status = 'dispatched'
+"""
+
+
+async def _outstanding(conn: Connection, channel: str) -> int:
+    return int(await conn.fetchval(_OUTSTANDING, channel) or 0)
+
+
+async def outstanding_async(pool: Pool, channel: str) -> int:
+    """Unit of work as ``triage_relay``: how many ``channel`` dispatches wait for feedback
+    (``dispatched``, every tenant). Row 2's watchdog calls a silence a stall only then."""
+    return await run_as_relay(pool, _outstanding, channel)
+
+
 # -- the crash backlog ------------------------------------------------------------------
 
 

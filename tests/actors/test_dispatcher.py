@@ -24,7 +24,6 @@ from actors.dispatcher import (
     PhiRefused,
     SubmitRequest,
     TemplateNotFound,
-    push_platform,
 )
 from actors.failover import Failover, Route
 from actors.idempotency import IdempotencyStore
@@ -312,12 +311,11 @@ async def test_push_phi_guard_and_platform_routing(world: World) -> None:
     record = await row(world, by_field.value.dispatch_id)
     assert (record["status"], record["reason"]) == ("failed", "phi_guard")
     assert world.metrics.get_sample_value("triage_phi_guard_hits_total", {"channel": "push"}) == 2
-    assert [m.recipient for _, m in fcm.sent] == ["tok1"] and [
-        m.recipient for _, m in apns.sent
-    ] == ["tok2"]
+    # The adapter gets the recipient whole: it reads the platform prefix itself.
+    assert [m.recipient for _, m in fcm.sent] == ["fcm:tok1"]
+    assert [m.recipient for _, m in apns.sent] == ["apns:tok2"]
     assert (await row(world, ok_fcm.dispatch_id))["provider"] == "fcm"
     assert (await row(world, ok_apns.dispatch_id))["provider"] == "apns"
-    assert push_platform("apns:abc") == ("apns", "abc")
 
 
 async def test_recipient_gone_marks_dead_then_blocks(world: World) -> None:

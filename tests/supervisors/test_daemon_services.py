@@ -81,20 +81,21 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             running = await start(nursery, daemon)
         backbone = daemon.backbone
         assert backbone is not None
-        assert backbone.migrated == ["0001", "0002"]
+        assert backbone.migrated == ["0001", "0002", "0003"]
         assert backbone.services.embedded == frozenset()
         async with httpx.AsyncClient(base_url=running.url) as client:
             readyz = await client.get("/readyz")
             assert (readyz.status_code, readyz.json()) == (200, {"status": "ready", "alerts": []})
             metrics = await client.get("/metrics")
-            assert 'triage_supervisor_children{supervisor="root"} 8.0' in metrics.text
+            assert 'triage_supervisor_children{supervisor="root"} 15.0' in metrics.text
             assert 'triage_breaker_state{breaker="postgres_primary"} 0.0' in metrics.text
             assert 'triage_breaker_state{breaker="nats_publish"} 0.0' in metrics.text
             tree = daemon.tree
             assert tree is not None and tree.relay is not None
             assert [c.id for c in tree.root.which_children()] == [
                 "alerts", "detectors", "db_health", "db_writer", "relay", "idempotency",
-                "inbox_consumer", "http",
+                "inbox_consumer", "channels", "dispatch_backlog", "bounce_tracker", "dlr_ingress",
+                "push_feedback", "push_stale_sweep", "dispatch_commands", "http",
             ]  # fmt: skip
             # End to end: an event committed to the outbox reaches JetStream through
             # the daemon's own relay, with the outbox id as its Nats-Msg-Id.
@@ -108,7 +109,7 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
                 await trio.sleep(0.05)
             assert [m.msg_id for m in stored] == [str(event_id)]
             # Queries run as the daemon's role, never the owner URL's.
-            assert await backbone.pool.run_unit(_whoami) == ("triage_daemon", 2)
+            assert await backbone.pool.run_unit(_whoami) == ("triage_daemon", 3)
 
             # The probe's breaker open: unready, named; closed again: ready.
             assert tree.db_health is not None
@@ -135,7 +136,7 @@ async def test_a_second_start_finds_the_schema_up_to_date(
     postgres_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    for expected in (["0001", "0002"], []):
+    for expected in (["0001", "0002", "0003"], []):
         daemon = Daemon(
             dev_config(),
             shipped_catalog(),
@@ -341,10 +342,10 @@ async def test_reads_fall_to_the_configured_replica_when_the_primary_is_gone(
         assert tree is not None and tree.db_writer is not None
         assert backbone is not None and backbone.replica is not None
         writer = tree.db_writer
-        assert await writer.read(_whoami) == ("triage_daemon", 2)
+        assert await writer.read(_whoami) == ("triage_daemon", 3)
         assert writer.replica_reads == 0
         writer.primary_breaker.force_open("test: primary failed over")
-        assert await writer.read(_whoami) == ("triage_daemon", 2)
+        assert await writer.read(_whoami) == ("triage_daemon", 3)
         assert writer.replica_reads == 1
         writer.primary_breaker.reset()
         daemon.request_drain("test")

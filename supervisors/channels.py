@@ -1,0 +1,653 @@
+"""The channels wired from config: adapters, guards, failover, dispatchers, receipts, rows.
+
+:func:`build_channels` is what the daemon (and the chaos scenarios and the
+dispatch bench, so that they measure the same wiring) calls with the backbone
+and the resolved provider :class:`~supervisors.emulated.Endpoints`:
+
+=========================  ===================================================
+piece                      from
+=========================  ===================================================
+one adapter per vendor     ``[providers.<vendor>]``; its httpx timeout is the
+                           guard's ``timeout_s`` (the transport keeps the
+                           deadline: ``deadline_enforced_by_transport``)
+one Guard per vendor       ``[guards.<providers.vendor.guard>]``: bulkhead,
+                           breaker, rate limit; its retry runs *between
+                           failover rounds*, never inside a route (a retry
+                           inside would resend an unsettled timeout)
+one Failover per route     ``[channels]`` order (push: by token platform);
+                           ``[dispatch] settle_timeout_s / requeue_after_s /
+                           give_up_after_s``
+dispatchers + service      ``[dispatch]``, ``[mailboxes.dispatcher]``,
+                           ``[supervisors.providers]``
+HTTP API, NATS commands    ``POST /v1/dispatches``; ``[dispatch] nats_subject``
+DLR ingress (row 13)       ``/webhooks/dlr/{ghasi,twilio}``,
+                           ``/webhooks/bounces/smtp``; ``[dlr]``
+push feedback (row 2)      ``[push_feedback]``: FCM and APNs feedback sources,
+                           the stall watchdog, the stale sweep
+bounce tracker (row 3)     ``[bounces]`` and the row's detector
+template registry (19)     ``[dispatch] template_cache_*``
+=========================  ===================================================
+
+Each catalog row's detector is the row's own unless the config has a
+``[detectors.<override>]`` (``config/chaos.toml`` shortens windows that way);
+row 1 gets one detector per SMS provider (the rule is per adapter).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import httpx
+
+from actors.bounce_tracker import BounceTracker, DbBlockStore
+from actors.dispatch_commands import DispatchCommands, DispatchRequest
+from actors.dispatch_commands import SubmitResult as WireResult
+from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
+from actors.dlr_ingress import DlrIngress
+from actors.failover import Failover, Route
+from actors.push_feedback import PushFeedback, StaleSweep
+from actors.templates import TemplateRegistry
+from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
+from config.catalog import alert_name, row_detector
+from engine.breaker import Breaker
+from engine.bulkhead import Bulkhead
+from engine.detectors import (
+    AgeOfNewestDetector,
+    CountInWindowDetector,
+    DetectorSet,
+    RatioDetector,
+    SpikeOverBaselineDetector,
+    make_detector,
+)
+from engine.guard import Guard
+from engine.ratelimit import RateLimiter
+from engine.retry import RetryPolicy
+from engine.runtime import Runtime
+from engine.supervisor import ChildSpec
+from providers.apns import ApnsAdapter, apns_client
+from providers.bounces import bounce_parser
+from providers.channel import Accepted, Adapter, ChannelName, DeliveryState, Message, Receipt
+from providers.db.dispatches import (
+    apply_receipts_async,
+    mark_stale_unknown_async,
+    outstanding_async,
+)
+from providers.fcm import FcmAdapter
+from providers.ghasi import GhasiAdapter, parse_ghasi_receipt
+from providers.push_feedback import FeedbackSource
+from providers.smtp import SmtpAdapter
+from providers.twilio import TwilioAdapter, parse_twilio_receipt
+from supervisors.dispatch_api import DispatchApi
+from supervisors.emulated import Endpoints
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework
+
+    from providers.channel import StatusAnswer
+    from supervisors.backbone import Backbone
+
+__all__ = ["CHANNEL_ROWS", "Channels", "ReceiptApplier", "build_channels", "channel_profiles"]
+
+#: Catalog rows whose detectors the channels build (the tree leaves them out).
+CHANNEL_ROWS: Final = frozenset({1, 2, 3, 13, 19})
+#: ``[detectors.<name>]`` that replace a channel row's detector (chaos.toml uses them).
+OVERRIDES: Final = {
+    1: "sms_provider_errors",
+    2: "push_feedback_age",
+    3: "email_bounce_ratio",
+    13: "dlr_callback_spike",
+    19: "template_not_found",
+}
+#: Catalog owners the channels run.
+CHANNEL_OWNERS: Final = frozenset(
+    {"sms_dispatcher", "push_feedback", "bounce_tracker", "dlr_ingress", "template_registry"}
+)
+
+
+def channel_profiles(config: TriageConfig) -> list[tuple[str, str]]:
+    """Profiles the channels need, as (section, name): the tree refuses to start without."""
+    p = config.providers
+    needed = [("mailboxes", "dispatcher"), ("supervisors", "providers")]
+    needed += [("guards", getattr(p, vendor).guard) for vendor in _VENDORS]
+    needed.append(("rate_limits", config.dlr.rate_limit))
+    out: list[tuple[str, str]] = []
+    for section, name in needed:
+        if (section, name) not in out:
+            out.append((section, name))
+    return out
+
+
+_VENDORS: Final = ("ghasi", "twilio", "fcm", "apns", "smtp")
+
+
+def _missing_profiles(config: TriageConfig) -> None:
+    problems = [
+        ConfigProblem(
+            source="<config>",
+            line=None,
+            path=f"$.{section}.{name}",
+            message=f"missing profile [{section}.{name}] (the channels use it)",
+        )
+        for section, name in channel_profiles(config)
+        if name not in getattr(config, section)
+    ]
+    for vendor in _VENDORS:
+        guard = config.guards.get(getattr(config.providers, vendor).guard)
+        if guard is not None and guard.retry not in config.retries:
+            problems.append(
+                ConfigProblem(
+                    source="<config>",
+                    line=None,
+                    path=f"$.guards.{getattr(config.providers, vendor).guard}.retry",
+                    message=f"unknown retries profile {guard.retry!r}",
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+class ReceiptApplier:
+    """The DLR workers' and push feedback's sink: receipts to dispatch rows, bounces to row 3.
+
+    A soft bounce (``FAILED``, not permanent) leaves its dispatch as it is: the mail
+    server goes on trying; only the bounce tracker hears of it.
+    """
+
+    def __init__(self, backbone: Backbone, tracker: BounceTracker | None) -> None:
+        self.db = backbone.pool
+        self.tracker = tracker
+
+    async def apply(self, receipts: Sequence[Receipt]) -> None:
+        final = [r for r in receipts if r.permanent or r.state is not DeliveryState.FAILED]
+        if final:
+            await self.db.run_unit(apply_receipts_async, final)
+        if self.tracker is not None:
+            for receipt in receipts:
+                if receipt.provider in _BOUNCE_PROVIDERS and receipt.state in _BOUNCES:
+                    self.tracker.record_bounce(receipt)
+
+
+_BOUNCE_PROVIDERS: Final = frozenset({"smtp"})
+_BOUNCES: Final = frozenset({DeliveryState.UNDELIVERABLE, DeliveryState.FAILED})
+
+
+class CountedSends:
+    """An adapter wrapper: each accepted email counts as sent for the bounce ratio (row 3)."""
+
+    def __init__(self, inner: Adapter, tracker: BounceTracker) -> None:
+        self.inner = inner
+        self.tracker = tracker
+        self.name = inner.name
+        self.channel = inner.channel
+
+    async def send(self, message: Message) -> Accepted:
+        accepted = await self.inner.send(message)
+        self.tracker.record_sent(message.tenant_id, message.category)
+        return accepted
+
+    async def status(self, message: Message) -> StatusAnswer | None:
+        return await self.inner.status(message)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class Submitter:
+    """The ingress's view of the :class:`DispatchService` (the wire's result type)."""
+
+    def __init__(self, service: DispatchService) -> None:
+        self.service = service
+
+    async def submit(self, request: DispatchRequest) -> WireResult:
+        result = await self.service.submit(request)
+        status = result.status.value if result.status is not None else "queued"
+        return WireResult(dispatch_id=str(result.dispatch_id), status=status, replay=result.replay)
+
+
+@dataclass
+class Channels:
+    """Everything :func:`build_channels` wired."""
+
+    service: DispatchService
+    submitter: Submitter
+    adapters: dict[str, Adapter]
+    guards: dict[str, Guard]
+    failovers: dict[str, Failover]
+    ingress: DlrIngress
+    api: DispatchApi
+    commands: DispatchCommands
+    templates: TemplateRegistry
+    tracker: BounceTracker
+    feedback: PushFeedback
+    sweep: StaleSweep
+    sources: list[FeedbackSource] = field(default_factory=list)
+    specs: list[ChildSpec] = field(default_factory=list)
+    mounts: dict[str, ASGIFramework] = field(default_factory=dict)
+    callback_base: list[str] = field(default_factory=list)
+
+    def set_public_base(self, url: str) -> None:
+        """The daemon's own address, once it listens: Twilio's StatusCallback base."""
+        twilio = self.adapters.get("twilio")
+        if isinstance(twilio, TwilioAdapter) and twilio.callback_base is None:
+            twilio.callback_base = url.rstrip("/")
+
+    async def aclose(self) -> None:
+        """Close every provider connection (adapters, feedback sessions)."""
+        for adapter in self.adapters.values():
+            await adapter.aclose()
+        for source in self.sources:
+            await source.aclose()
+
+
+def _row_config(config: TriageConfig, catalog: Catalog, row: int) -> Any:
+    return row_detector(config, catalog, row, OVERRIDES[row])
+
+
+def _detector(
+    config: TriageConfig,
+    catalog: Catalog,
+    runtime: Runtime,
+    detectors: DetectorSet,
+    row: int,
+    kind: type[Any],
+    suffix: str = "",
+) -> Any:
+    name = alert_name(catalog.row(row)) + suffix
+    detector = make_detector(
+        name,
+        row=row,
+        **engine_kwargs(_row_config(config, catalog, row)),
+        clock=runtime.clock,
+        events=runtime.events,
+        metrics=runtime.metrics,
+    )
+    detectors.add(detector)
+    return detector.expect(kind)
+
+
+def _guard(config: TriageConfig, vendor: str, runtime: Runtime) -> tuple[Guard, RetryPolicy]:
+    """The vendor's route guard (no retry inside) and its retry profile (for the rounds)."""
+    profile = config.guards[getattr(config.providers, vendor).guard]
+    common: dict[str, Any] = {"metrics": runtime.metrics}
+    breaker = Breaker(
+        vendor,
+        **engine_kwargs(config.breakers[profile.breaker]),
+        clock=runtime.clock,
+        events=runtime.events,
+        metrics=runtime.metrics,
+    )
+    bulkhead = Bulkhead(vendor, **engine_kwargs(config.bulkheads[profile.bulkhead]), **common)
+    limiter = None
+    if profile.rate_limit is not None:
+        limiter = RateLimiter(
+            vendor, **engine_kwargs(config.rate_limits[profile.rate_limit]), **common
+        )
+    rounds = RetryPolicy(
+        f"{vendor}_rounds",
+        **engine_kwargs(config.retries[profile.retry]),
+        chance=runtime.chance.fork(f"{vendor}_rounds"),
+        **common,
+    )
+    single = RetryPolicy(
+        vendor,
+        max_attempts=1,
+        time_budget_s=profile.timeout_s,
+        backoff_initial_s=0.0,
+        backoff_max_s=0.0,
+        backoff_multiplier=1.0,
+        jitter=0.0,
+    )
+    guard = Guard(
+        vendor,
+        breaker=breaker,
+        bulkhead=bulkhead,
+        retry=single,
+        timeout_s=profile.timeout_s,
+        rate_limiter=limiter,
+        deadline_enforced_by_transport=True,
+    )
+    return guard, rounds
+
+
+def _adapters(
+    config: TriageConfig, endpoints: Endpoints, guards: Mapping[str, Guard]
+) -> dict[str, Adapter]:
+    p = config.providers
+    return {
+        "ghasi": GhasiAdapter(
+            "ghasi",
+            base_url=endpoints.ghasi_url,
+            api_key=endpoints.ghasi_api_key,
+            sender=p.ghasi.sender,
+            timeout_s=guards["ghasi"].timeout_s,
+            wire=ghasi_wire(config),
+        ),
+        "twilio": TwilioAdapter(
+            "twilio",
+            base_url=endpoints.twilio_url,
+            account_sid=p.twilio.account_sid,
+            auth_token=endpoints.twilio_auth_token,
+            from_number=p.twilio.from_number,
+            timeout_s=guards["twilio"].timeout_s,
+            callback_base=config.dlr.callback_base_url,
+        ),
+        "fcm": FcmAdapter(
+            "fcm",
+            client=httpx.AsyncClient(timeout=guards["fcm"].timeout_s),
+            account=endpoints.fcm_account,
+            refresh_margin_s=p.fcm.refresh_margin_s,
+            token_lifetime_s=p.fcm.assertion_lifetime_s,
+            base_url=endpoints.fcm_url,
+        ),
+        "apns": ApnsAdapter(
+            "apns",
+            client=apns_client(
+                timeout_s=guards["apns"].timeout_s, keepalive_expiry_s=p.apns.keepalive_expiry_s
+            ),
+            team_id=p.apns.team_id,
+            key_id=p.apns.key_id,
+            private_key=endpoints.apns_private_key,
+            topic=p.apns.topic,
+            token_refresh_s=p.apns.token_refresh_s,
+            expiration_s=p.apns.expiration_s,
+            priority=p.apns.priority,
+            base_url=endpoints.apns_url,
+        ),
+        "smtp": SmtpAdapter(
+            "smtp",
+            host=endpoints.smtp_host,
+            port=endpoints.smtp_port,
+            sender=p.smtp.sender,
+            helo_name=p.smtp.helo_name,
+            timeout_s=guards["smtp"].timeout_s,
+            username=endpoints.smtp_username,
+            password=endpoints.smtp_password,
+        ),
+    }
+
+
+def ghasi_wire(config: TriageConfig) -> Any:
+    """The Ghasi gateway's wire shape from ``[providers.ghasi]``."""
+    from providers.ghasi import GhasiWire
+
+    g = config.providers.ghasi
+    fields = {
+        name: getattr(g, name)
+        for name in GhasiWire.__struct_fields__
+        if hasattr(g, name)
+    }
+    return GhasiWire(**fields)
+
+
+def build_channels(
+    config: TriageConfig,
+    catalog: Catalog,
+    runtime: Runtime,
+    backbone: Backbone,
+    detectors: DetectorSet,
+    endpoints: Endpoints,
+    *,
+    shutdown_s: float,
+    idempotency: Any = None,
+    wall: Callable[[], float] = time.time,
+) -> Channels:
+    """Wire the channels (nothing runs yet); see the module docstring."""
+    _missing_profiles(config)
+    registry = runtime.metrics.registry if runtime.metrics is not None else None
+    dispatch = config.dispatch
+
+    guards: dict[str, Guard] = {}
+    rounds: dict[str, RetryPolicy] = {}
+    for vendor in _VENDORS:
+        guards[vendor], rounds[vendor] = _guard(config, vendor, runtime)
+    adapters = _adapters(config, endpoints, guards)
+
+    # Row 3: the bounce tracker counts every accepted email and every bounce.
+    bounce_cfg = _row_config(config, catalog, 3)
+    bounces = config.bounces
+    tracker = BounceTracker(
+        store=DbBlockStore(backbone.pool.asyncpg_pool),
+        **engine_kwargs(bounce_cfg),
+        disable_after_s=bounces.disable_after_s,
+        ceiling_ratio=bounces.ceiling_ratio,
+        throttle_rate_per_s=bounces.throttle_rate_per_s,
+        max_keys=bounces.max_keys,
+        evaluate_interval_s=config.daemon.detector_tick_s,
+        reload_interval_s=bounces.reload_interval_s,
+        detector=_detector(config, catalog, runtime, detectors, 3, RatioDetector),
+        events=runtime.events,
+        metrics=runtime.metrics,
+        clock=runtime.clock,
+    )
+    routed: dict[str, Adapter] = dict(adapters)
+    routed["smtp"] = CountedSends(adapters["smtp"], tracker)
+
+    # Row 1: one error-ratio detector per SMS provider.
+    sms_ratio = {
+        vendor: _detector(config, catalog, runtime, detectors, 1, RatioDetector, f"_{vendor}")
+        for vendor in config.channels.sms
+    }
+
+    def failover(name: str, vendors: Sequence[str], ratio: Any = None) -> Failover:
+        return Failover(
+            name,
+            [Route(routed[v], guards[v]) for v in vendors],
+            rounds=rounds[vendors[0]],
+            status_timeout_s=dispatch.settle_timeout_s,
+            requeue_after_s=dispatch.requeue_after_s,
+            give_up_after_s=dispatch.give_up_after_s,
+            registry=registry,
+            error_ratio=ratio,
+        )
+
+    failovers = {
+        "sms": failover("sms", config.channels.sms, sms_ratio),
+        "email": failover("email", config.channels.email),
+        **{f"push_{v}": failover(f"push_{v}", [v]) for v in config.channels.push},
+    }
+    mailbox = config.mailboxes["dispatcher"]
+    throttle = RateLimiter(
+        "category_throttle",
+        rate_per_s=bounces.throttle_rate_per_s,
+        burst=bounces.throttle_burst,
+        max_keys=bounces.max_keys,
+        metrics=runtime.metrics,
+    )
+
+    def dispatcher(channel: ChannelName, routes: Mapping[str, Failover]) -> ChannelDispatcher:
+        return ChannelDispatcher(
+            channel,
+            backbone.pool,
+            routes,
+            capacity=mailbox.capacity,
+            concurrency=dispatch.concurrency,
+            record_attempts=dispatch.record_attempts,
+            record_backoff_s=dispatch.record_backoff_s,
+            max_parked=dispatch.max_parked,
+            throttle=throttle,
+            shutdown_s=shutdown_s,
+        )
+
+    dispatchers = [
+        dispatcher(ChannelName.SMS, {"default": failovers["sms"]}),
+        dispatcher(ChannelName.EMAIL, {"default": failovers["email"]}),
+        dispatcher(
+            ChannelName.PUSH, {v: failovers[f"push_{v}"] for v in config.channels.push}
+        ),
+    ]
+    templates = TemplateRegistry(
+        backbone.pool,
+        ttl_s=dispatch.template_cache_ttl_s,
+        max_entries=dispatch.template_cache_max,
+        registry=registry,
+        events=runtime.events,
+        clock=runtime.clock,
+        detector=_detector(config, catalog, runtime, detectors, 19, CountInWindowDetector),
+    )
+    service = DispatchService(
+        backbone.pool,
+        templates,
+        dispatchers,
+        limits=DispatchLimits(
+            max_key_chars=dispatch.max_key_chars,
+            max_template_chars=dispatch.max_template_chars,
+            max_recipient_chars=dispatch.max_recipient_chars,
+            max_data_fields=dispatch.max_data_fields,
+            max_field_name_chars=dispatch.max_field_name_chars,
+            max_value_chars=dispatch.max_value_chars,
+        ),
+        key_ttl_s=config.idempotency.key_ttl_s,
+        backlog_older_than_s=dispatch.requeue_after_s,
+        backlog_batch=dispatch.backlog_batch,
+        backlog_interval_s=dispatch.resume_interval_s,
+        max_tenants=dispatch.max_tenants,
+        phi_fields=dispatch.phi_fields,
+        phi_patterns=dispatch.phi_patterns,
+        idempotency=idempotency,
+        registry=registry,
+        runtime=runtime,
+        channels_supervisor=engine_kwargs(config.supervisors["providers"]),
+    )
+    submitter = Submitter(service)
+    sink = ReceiptApplier(backbone, tracker)
+
+    # Row 13: the DLR and bounce webhooks.
+    dlr = config.dlr
+    secret_g = endpoints.ghasi_receipt_secret
+    ghasi_cfg = config.providers.ghasi
+    wire = ghasi_wire(config)
+
+    def ghasi_parser(url: str, headers: Mapping[str, str], body: bytes) -> list[Receipt]:
+        return [
+            parse_ghasi_receipt(
+                headers,
+                body,
+                secret=secret_g,
+                now=wall(),
+                tolerance_s=ghasi_cfg.receipt_tolerance_s,
+                wire=wire,
+            )
+        ]
+
+    token = endpoints.twilio_auth_token
+
+    def twilio_parser(url: str, headers: Mapping[str, str], body: bytes) -> list[Receipt]:
+        return [parse_twilio_receipt(url, headers, body, auth_token=token)]
+
+    ingress = DlrIngress(
+        sink=sink,
+        limiter=RateLimiter(
+            "dlr", **engine_kwargs(config.rate_limits[dlr.rate_limit]), metrics=runtime.metrics
+        ),
+        dlr_parsers={"ghasi": ghasi_parser, "twilio": twilio_parser},
+        bounce_parsers={"smtp": bounce_parser(endpoints.smtp_bounce_secret, provider="smtp")},
+        max_body_bytes=dlr.max_body_bytes,
+        queue_capacity=dlr.queue_capacity,
+        workers_min=dlr.workers_min,
+        workers_max=dlr.workers_max,
+        scale_up_depth=dlr.scale_up_depth,
+        scale_up_after_s=dlr.scale_up_after_s,
+        scale_down_after_s=dlr.scale_down_after_s,
+        ack_timeout_s=dlr.ack_timeout_s,
+        batch_max=dlr.batch_max,
+        retry_after_s=dlr.retry_after_s,
+        public_base_url=dlr.callback_base_url,
+        detector=_detector(config, catalog, runtime, detectors, 13, SpikeOverBaselineDetector),
+        registry=registry,
+    )
+
+    # Row 2: push feedback, its watchdog and the stale sweep.
+    pf = config.push_feedback
+    p = config.providers
+    sources = [
+        FeedbackSource(
+            "fcm",
+            endpoints.fcm_feedback_url,
+            p.fcm.feedback_subscription,
+            pf.pull_timeout_s,
+            pf.max_messages,
+        ),
+        FeedbackSource(
+            "apns",
+            endpoints.apns_feedback_url,
+            p.apns.feedback_subscription,
+            pf.pull_timeout_s,
+            pf.max_messages,
+        ),
+    ]
+
+    async def outstanding() -> int:
+        count: int = await backbone.pool.run_unit(outstanding_async, ChannelName.PUSH.value)
+        return count
+
+    feedback = PushFeedback(
+        sources=sources,
+        sink=sink,
+        outstanding=outstanding,
+        poll_interval_s=pf.poll_interval_s,
+        batch_size=pf.max_messages,
+        stall_after_s=pf.stall_after_s,
+        watchdog_interval_s=pf.watchdog_interval_s,
+        severity=catalog.row(2).severity,
+        detector=_detector(config, catalog, runtime, detectors, 2, AgeOfNewestDetector),
+        events=runtime.events,
+        registry=registry,
+        clock=runtime.clock,
+    )
+
+    async def sweeper(channel: str, older_than_s: float, limit: int) -> int:
+        marked = await backbone.pool.run_unit(mark_stale_unknown_async, channel, older_than_s, limit)
+        return len(marked)
+
+    sweep = StaleSweep(
+        sweeper=sweeper,
+        stale_after_s=pf.stale_after_s,
+        sweep_interval_s=pf.sweep_interval_s,
+        sweep_limit=pf.sweep_batch,
+        registry=registry,
+    )
+
+    api = DispatchApi(
+        submitter, max_body_bytes=dispatch.max_body_bytes, retry_after_s=dispatch.retry_after_s
+    )
+    commands = DispatchCommands(
+        client=backbone.nats,
+        submitter=submitter,
+        subject=dispatch.nats_subject,
+        queue=dispatch.nats_queue,
+        max_body_bytes=dispatch.max_body_bytes,
+        batch_max=dispatch.nats_batch_max,
+        poll_timeout_s=dispatch.nats_poll_timeout_s,
+        pending_msgs_limit=dispatch.nats_pending_limit,
+        retry_after_s=dispatch.retry_after_s,
+        unsubscribe_timeout_s=dispatch.nats_unsubscribe_timeout_s,
+        registry=registry,
+    )
+    specs = [
+        *service.child_specs(),
+        tracker.child_spec(shutdown_s=shutdown_s),
+        ingress.child_spec(shutdown_s=shutdown_s),
+        feedback.child_spec(shutdown_s=shutdown_s),
+        sweep.child_spec(shutdown_s=shutdown_s),
+        commands.child_spec(shutdown_s=shutdown_s),
+    ]
+    return Channels(
+        service=service,
+        submitter=submitter,
+        adapters=adapters,
+        guards=guards,
+        failovers=failovers,
+        ingress=ingress,
+        api=api,
+        commands=commands,
+        templates=templates,
+        tracker=tracker,
+        feedback=feedback,
+        sweep=sweep,
+        sources=sources,
+        specs=specs,
+        mounts={"/v1/dispatches": api, "/webhooks/": ingress},
+    )
