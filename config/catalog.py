@@ -390,6 +390,21 @@ def rules_yaml(catalog: Catalog) -> str:
     return header + to_yaml(alert_rules(catalog))
 
 
+def row_override(config: TriageConfig, row: CatalogRow) -> DetectorConfig:
+    """Row ``row``'s detector settings in a daemon: a ``[detectors.*]`` section on the
+    row's own metric replaces the row's (chaos.toml shortens windows that way), else
+    the catalog row's own."""
+    for section in config.detectors.values():
+        if section.metric == row.detector.metric:
+            return section
+    return row.detector
+
+
+def overrides_a_row(catalog: Catalog, section: DetectorConfig) -> bool:
+    """Whether a ``[detectors.*]`` section is a row's override (not a detector of its own)."""
+    return any(row.detector.metric == section.metric for row in catalog.rows)
+
+
 def row_detector(
     config: TriageConfig, catalog: Catalog, row_id: int, override: str
 ) -> DetectorConfig:

@@ -28,8 +28,8 @@ bounce tracker (row 3)     ``[bounces]`` and the row's detector
 template registry (19)     ``[dispatch] template_cache_*``
 =========================  ===================================================
 
-Each catalog row's detector is the row's own unless the config has a
-``[detectors.<override>]`` (``config/chaos.toml`` shortens windows that way);
+Each catalog row's detector is the row's own unless a ``[detectors.*]`` section
+watches the row's metric (``config/chaos.toml`` shortens windows that way);
 row 1 gets one detector per SMS provider (the rule is per adapter).
 """
 
@@ -51,7 +51,7 @@ from actors.failover import Failover, Route
 from actors.push_feedback import PushFeedback, StaleSweep
 from actors.templates import TemplateRegistry
 from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
-from config.catalog import alert_name, row_detector
+from config.catalog import alert_name, row_override
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
 from engine.detectors import (
@@ -93,14 +93,6 @@ __all__ = ["CHANNEL_ROWS", "Channels", "ReceiptApplier", "build_channels", "chan
 
 #: Catalog rows whose detectors the channels build (the tree leaves them out).
 CHANNEL_ROWS: Final = frozenset({1, 2, 3, 13, 19})
-#: ``[detectors.<name>]`` that replace a channel row's detector (chaos.toml uses them).
-OVERRIDES: Final = {
-    1: "sms_provider_errors",
-    2: "push_feedback_age",
-    3: "email_bounce_ratio",
-    13: "dlr_callback_spike",
-    19: "template_not_found",
-}
 #: Catalog owners the channels run.
 CHANNEL_OWNERS: Final = frozenset(
     {"sms_dispatcher", "push_feedback", "bounce_tracker", "dlr_ingress", "template_registry"}
@@ -243,7 +235,7 @@ class Channels:
 
 
 def _row_config(config: TriageConfig, catalog: Catalog, row: int) -> Any:
-    return row_detector(config, catalog, row, OVERRIDES[row])
+    return row_override(config, catalog.row(row))
 
 
 def _detector(

@@ -60,7 +60,7 @@ from actors.idempotency import IdempotencyStore
 from actors.inbox import InboxConsumer
 from actors.outbox_relay import OutboxRelay
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
-from config.catalog import alert_name
+from config.catalog import alert_name, overrides_a_row, row_override
 from engine.actor import ActorRef, Overflow, actor_child
 from engine.breaker import Breaker
 from engine.detectors import (
@@ -226,9 +226,15 @@ def detector_name(row: CatalogRow) -> str:
 
 
 def build_detectors(
-    config: TriageConfig, rows: Iterable[CatalogRow], runtime: Runtime
+    config: TriageConfig,
+    rows: Iterable[CatalogRow],
+    runtime: Runtime,
+    catalog: Catalog | None = None,
 ) -> DetectorSet:
-    """The detectors of the given (built) catalog rows, then those of ``[detectors.*]``."""
+    """The detectors of the given (built) catalog rows, then those of ``[detectors.*]``.
+
+    A ``[detectors.*]`` on a row's metric is that row's override (see
+    :func:`config.catalog.row_override`), not a detector of its own."""
     common: dict[str, Any] = {
         "clock": runtime.clock,
         "events": runtime.events,
@@ -236,9 +242,11 @@ def build_detectors(
     }
     detectors = DetectorSet()
     for row in rows:
-        fields = engine_kwargs(row.detector)
+        fields = engine_kwargs(row_override(config, row))
         detectors.add(make_detector(detector_name(row), row=row.id, **fields, **common))
     for name, section in config.detectors.items():
+        if catalog is not None and overrides_a_row(catalog, section):
+            continue
         detectors.add(make_detector(name, **engine_kwargs(section), **common))
     return detectors
 
@@ -284,7 +292,9 @@ def build_tree(
     with_channels = backbone is not None and endpoints is not None
     rows = live_rows(catalog, backbone=backbone is not None, channels=with_channels)
     # The channels build their rows' detectors themselves (row 1: one per provider).
-    detectors = build_detectors(config, [r for r in rows if r.id not in CHANNEL_ROWS], runtime)
+    detectors = build_detectors(
+        config, [r for r in rows if r.id not in CHANNEL_ROWS], runtime, catalog
+    )
     detectors_spec = ChildSpec(
         id="detectors",
         start=partial(detectors.run, daemon.detector_tick_s),
