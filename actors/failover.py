@@ -38,8 +38,10 @@ The guards must not retry (``max_attempts == 1``): a retry inside a guard would
 resend after a timeout without settling it, and would delay the failover.
 
 Every guarded call is recorded for the row-1 metric ``triage_sms_provider_error_ratio``
-(``_numerator_total``: failed calls -- unavailable, timeout, rate limited, auth;
-``_denominator_total``: calls made; label ``provider``) and fed to the row-1
+(``_numerator_total``: failed calls -- unavailable, timeout, rate limited, auth, and
+calls the provider's open breaker refused; ``_denominator_total``: calls made or
+refused by the breaker; label ``provider``; our own load shedding -- a full bulkhead,
+a rate limit -- counts in neither) and fed to the row-1
 :class:`~engine.detectors.RatioDetector` if one is given (one for all, or per provider).
 """
 
@@ -326,7 +328,14 @@ class Failover:
             name = route.adapter.name
             try:
                 accepted: Accepted = await route.guard.call(route.adapter.send, message)
-            except (CircuitOpen, BulkheadFull, RateLimitExceeded) as exc:
+            except CircuitOpen as exc:
+                # The provider is known down: the call failed as surely as a refused
+                # connection. Counting it keeps the row-1 ratio high while the outage
+                # lasts, however many calls succeeded before it (the window stays honest).
+                self._record(name, failed=True)
+                attempts.append(Attempt(name, AttemptResult.SKIPPED, now(), _text(exc)))
+                continue
+            except (BulkheadFull, RateLimitExceeded) as exc:
                 attempts.append(Attempt(name, AttemptResult.SKIPPED, now(), _text(exc)))
                 continue
             except RecipientGone as exc:

@@ -156,7 +156,9 @@ async def test_breaker_open_goes_to_the_secondary_at_once(autojump_clock: MockCl
     assert primary.elapsed() == 0.0
     assert primary.sent == [] and [t for t, _ in secondary.sent] == [0.0]
     assert [a.result for a in outcome.attempts] == [AttemptResult.SKIPPED, AttemptResult.ACCEPTED]
-    assert fo.stats.calls == 1 and fo.stats.failed_calls == 0  # a refusal is not a call
+    # A refusal by the open breaker counts as a failed call of that provider (row 1).
+    assert fo.stats.calls == 2 and fo.stats.failed_calls == 1
+    assert fo.stats.per_provider == {"ghasi": [1, 1], "twilio": [0, 1]}
 
 
 async def test_5xx_goes_to_the_secondary_at_once_and_is_measured(autojump_clock: MockClock) -> None:
