@@ -12,6 +12,8 @@ from bench.chaos import (
     scenario_poison,
     scenario_redelivery,
     scenario_redis,
+    scenario_sms,
+    scenario_templates,
 )
 from bench.chaos.harness import Scenario
 
@@ -21,4 +23,6 @@ SCENARIOS: dict[int, Scenario] = {
     scenario_redis.SCENARIO.id: scenario_redis.SCENARIO,
     scenario_poison.ROW: Scenario(scenario_poison.ROW, scenario_poison.run_scenario),
     scenario_redelivery.SCENARIO.id: scenario_redelivery.SCENARIO,
+    scenario_sms.SCENARIO.id: scenario_sms.SCENARIO,
+    scenario_templates.SCENARIO.id: scenario_templates.SCENARIO,
 }

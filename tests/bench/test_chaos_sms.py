@@ -1,0 +1,22 @@
+"""Scenario 1 (SMS provider outage) runs once in its quick configuration, through the real daemon."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.chaos.__main__ import main
+from bench.chaos.scenario_sms import ROW, SCENARIO
+
+
+def test_scenario_1_passes_in_quick_mode(tmp_path: Path) -> None:
+    out = tmp_path / "chaos.json"
+    assert main([str(ROW), "--quick", "--json", str(out)], scenarios={ROW: SCENARIO}) == 0
+    [row] = json.loads(out.read_text())["scenarios"]
+    assert row["id"] == ROW and row["passed"], row
+    assert row["detected"] and row["mitigated"]
+    # Every accepted dispatch delivered, none taken twice across both SMS providers.
+    assert row["lost"] == 0 and row["duplicates"] == 0
+    assert row["accepted"] == row["settled"] > 0
+    assert "settled by the status query, kept by ghasi: True" in row["notes"]
+    assert row["detect_s"] is not None and row["detect_s"] >= 0
