@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bench.chaos import (
     scenario_db,
+    scenario_dlr,
     scenario_nats,
     scenario_poison,
     scenario_redelivery,
@@ -24,5 +25,6 @@ SCENARIOS: dict[int, Scenario] = {
     scenario_poison.ROW: Scenario(scenario_poison.ROW, scenario_poison.run_scenario),
     scenario_redelivery.SCENARIO.id: scenario_redelivery.SCENARIO,
     scenario_sms.SCENARIO.id: scenario_sms.SCENARIO,
+    scenario_dlr.SCENARIO.id: scenario_dlr.SCENARIO,
     scenario_templates.SCENARIO.id: scenario_templates.SCENARIO,
 }

@@ -59,6 +59,7 @@ TENANT_TABLES = (
     "templates",
     "category_blocks",
     "dead_recipients",
+    "early_receipts",
 )
 # Every table under row-level security (tenants: a tenant sees its own row).
 RLS_TABLES = ("tenants", *TENANT_TABLES)

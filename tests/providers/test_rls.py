@@ -70,6 +70,8 @@ SEED = {
     " VALUES ($1, 'email', 'reminder', 'disabled', 'bounce spike') RETURNING category",
     "dead_recipients": "INSERT INTO dead_recipients (tenant_id, channel, recipient, reason)"
     " VALUES ($1, 'push', 'token-1', 'UNREGISTERED') RETURNING recipient",
+    "early_receipts": "INSERT INTO early_receipts (tenant_id, dispatch_id, state, provider)"
+    " VALUES ($1, gen_random_uuid(), 'delivered', 'ghasi') RETURNING dispatch_id",
 }
 # thread_participants needs the tenant's thread: seeded apart. outbox_sequences is
 # filled by the outbox trigger.
@@ -325,6 +327,8 @@ INSERT_FOR = {
     " VALUES ($1, 'sms', 'alerts', 'throttled', 'x')",
     "dead_recipients": "INSERT INTO dead_recipients (tenant_id, channel, recipient, reason)"
     " VALUES ($1, 'email', 'gone@example.org', '5.1.1')",
+    "early_receipts": "INSERT INTO early_receipts (tenant_id, dispatch_id, state, provider)"
+    " VALUES ($1, gen_random_uuid(), 'failed', 'twilio')",
 }
 
 

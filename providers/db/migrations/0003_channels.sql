@@ -43,11 +43,31 @@ CREATE TABLE dead_recipients (
     PRIMARY KEY (tenant_id, channel, recipient)
 );
 
+-- A receipt can overtake the send it reports on: a fast provider's DLR may arrive
+-- before the dispatch row records 'dispatched' (or while an ambiguous timeout is
+-- being settled). It waits here and is applied in the transaction that records the
+-- send; nothing is dropped for arriving early.
+CREATE TABLE early_receipts (
+    tenant_id     uuid NOT NULL REFERENCES tenants (id),
+    dispatch_id   uuid NOT NULL,
+    state         text NOT NULL CHECK (state IN ('delivered', 'failed', 'undeliverable')),
+    reason        text,
+    provider      text NOT NULL CHECK (provider <> ''),
+    provider_ref  text,
+    received_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, dispatch_id, state)
+);
+
+GRANT SELECT, INSERT, DELETE ON early_receipts TO triage_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON category_blocks TO triage_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON dead_recipients TO triage_app;
 
 ALTER TABLE category_blocks ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenant_isolation ON category_blocks TO triage_app
+    USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id());
+
+ALTER TABLE early_receipts ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON early_receipts TO triage_app
     USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id());
 
 ALTER TABLE dead_recipients ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
