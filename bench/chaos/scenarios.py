@@ -7,10 +7,12 @@ harness reports every other row as "not implemented yet", naming the issue.
 from __future__ import annotations
 
 from bench.chaos import (
+    scenario_bounces,
     scenario_db,
     scenario_dlr,
     scenario_nats,
     scenario_poison,
+    scenario_push,
     scenario_redelivery,
     scenario_redis,
     scenario_sms,
@@ -26,5 +28,7 @@ SCENARIOS: dict[int, Scenario] = {
     scenario_redelivery.SCENARIO.id: scenario_redelivery.SCENARIO,
     scenario_sms.SCENARIO.id: scenario_sms.SCENARIO,
     scenario_dlr.SCENARIO.id: scenario_dlr.SCENARIO,
+    scenario_push.SCENARIO.id: scenario_push.SCENARIO,
+    scenario_bounces.SCENARIO.id: scenario_bounces.SCENARIO,
     scenario_templates.SCENARIO.id: scenario_templates.SCENARIO,
 }
