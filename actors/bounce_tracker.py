@@ -587,12 +587,7 @@ class BounceTracker:
 
     def child_spec(self, *, shutdown_s: float = 5.0, restart: Restart | None = None) -> ChildSpec:
         """A supervisor child running :meth:`run`."""
-        return ChildSpec(
-            id=self.name,
-            start=self.run,
-            restart=restart if restart is not None else Restart.PERMANENT,
-            shutdown_s=shutdown_s,
-        )
+        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
 
 
 def _key_window(

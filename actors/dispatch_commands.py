@@ -537,12 +537,7 @@ class DispatchCommands:
 
     def child_spec(self, *, shutdown_s: float, restart: Restart | None = None) -> ChildSpec:
         """A supervisor child running :meth:`run`."""
-        return ChildSpec(
-            id=self.name,
-            start=self.run,
-            restart=restart if restart is not None else Restart.PERMANENT,
-            shutdown_s=shutdown_s,
-        )
+        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
 
     async def step(self) -> int:
         """One turn: fetch a batch, answer every command, publish the replies. Returns the count."""

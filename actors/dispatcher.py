@@ -80,10 +80,10 @@ from engine.metrics import families
 from engine.ratelimit import RateLimiter
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers.channel import ChannelName, Message
+from providers.db.categories import BlockState
 from providers.db.dispatches import (
     AcceptRequest,
     AcceptResult,
-    CategoryState,
     DeadRecipient,
     DispatchStatus,
     QueuedDispatch,
@@ -698,7 +698,7 @@ class DispatchService:
                 category=row.category,
                 data=row.data,
                 accepted_at=now - row.age_s,
-                throttled=row.category_state is CategoryState.THROTTLED,
+                throttled=row.category_state is BlockState.THROTTLED,
             )
             try:
                 if dispatcher.offer(job):
@@ -854,7 +854,7 @@ class DispatchService:
             category=template.category,
             data=dict(request.data),
             accepted_at=trio.current_time(),
-            throttled=result.category_state is CategoryState.THROTTLED,
+            throttled=result.category_state is BlockState.THROTTLED,
         )
         try:
             dispatcher.offer(job)

@@ -74,8 +74,9 @@ as malformed). ``url`` is the URL the provider called: ``public_base_url`` plus
 the path and query when set (Twilio signs the URL it saw), else rebuilt from the
 request.
 
-This module also holds the small ASGI helpers the dispatch API shares
-(:func:`read_body`, :func:`send_json`).
+The ASGI helpers it uses (:func:`~providers.asgi.read_body`,
+:func:`~providers.asgi.send_json` ...) live in :mod:`providers.asgi` and are
+re-exported here for older imports.
 """
 
 from __future__ import annotations
@@ -97,6 +98,17 @@ from engine.errors import RateLimitExceeded
 from engine.metrics import families
 from engine.ratelimit import RateLimiter
 from engine.supervisor import ChildSpec, Restart
+from providers.asgi import (
+    BodyTooLarge,
+    ClientDisconnected,
+    declared_length,
+    header_value,
+    lifespan,
+    read_body,
+    request_headers,
+    send_json,
+    serve_scope,
+)
 from providers.channel import Receipt
 from providers.receipts import BadSignature
 
@@ -126,7 +138,6 @@ Parser = Callable[[str, Mapping[str, str], bytes], Sequence[Receipt]]
 
 #: The provider label for callbacks to a provider nobody configured.
 UNKNOWN_PROVIDER: Final = "_unknown"
-_JSON: Final = b"application/json"
 
 
 class ReceiptSink(Protocol):
@@ -159,95 +170,6 @@ class Outcome(enum.Enum):
     APPLIED = "applied"
     FAILED = "failed"  # the sink raised, or the ingress stopped
     ABANDONED = "abandoned"  # the request stopped waiting (ack timeout); skipped if still queued
-
-
-# -- ASGI helpers ------------------------------------------------------------------------
-
-
-class BodyTooLarge(Exception):
-    """The request body is longer than the cap; reading stopped at the cap."""
-
-    def __init__(self, limit: int, *, declared: int | None = None) -> None:
-        what = f"declared {declared} bytes" if declared is not None else "the body grew"
-        super().__init__(f"{what}; at most {limit} bytes are accepted")
-        self.limit = limit
-        self.declared = declared
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the body was read."""
-
-
-def header_value(scope: HTTPScope, name: bytes) -> str | None:
-    """A request header (``name`` lowercase) as text; repeated headers joined with ``, ``."""
-    values = [value for key, value in scope["headers"] if key.lower() == name]
-    if not values:
-        return None
-    return b", ".join(values).decode("latin-1")
-
-
-def declared_length(scope: HTTPScope) -> int | None:
-    """``Content-Length`` as a number; ``ValueError`` when it is not one."""
-    value = header_value(scope, b"content-length")
-    if value is None:
-        return None
-    text = value.strip()
-    if not text.isdigit():
-        raise ValueError(f"Content-Length {value[:40]!r} is not a number")
-    return int(text)
-
-
-async def read_body(receive: ASGIReceiveCallable, *, max_bytes: int) -> bytes:
-    """The whole body, never holding more than ``max_bytes`` of it.
-
-    Raises :class:`BodyTooLarge` as soon as the bytes received pass ``max_bytes``
-    (the rest is never read) and :class:`ClientDisconnected` if the client left.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected("the client disconnected while sending the body")
-        if message["type"] != "http.request":
-            continue
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLarge(max_bytes)
-        if chunk:
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def send_json(
-    send: ASGISendCallable,
-    status: int,
-    body: bytes,
-    *,
-    extra_headers: Iterable[tuple[bytes, bytes]] = (),
-) -> None:
-    """Send a complete JSON response (``body`` already encoded)."""
-    headers = [
-        (b"content-type", _JSON),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *extra_headers,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    """Acknowledge the ASGI lifespan protocol (hypercorn needs it when served alone)."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def _retry_after(seconds: float) -> tuple[bytes, bytes]:
@@ -451,12 +373,7 @@ class DlrIngress:
 
     def child_spec(self, *, shutdown_s: float, restart: Restart | None = None) -> ChildSpec:
         """A supervisor child running :meth:`run`."""
-        return ChildSpec(
-            id=self.name,
-            start=self.run,
-            restart=restart if restart is not None else Restart.PERMANENT,
-            shutdown_s=shutdown_s,
-        )
+        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
 
     @property
     def running(self) -> bool:
@@ -638,12 +555,7 @@ class DlrIngress:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
-        elif scope["type"] == "http":
-            await self._http(scope, receive, send)
-        else:
-            await send({"type": "websocket.close", "code": 1003, "reason": "not supported"})
+        await serve_scope(scope, receive, send, self._http)
 
     def _route(self, path: str) -> tuple[WebhookKind, str] | None:
         if not path.startswith(self.prefix + "/"):
@@ -708,7 +620,7 @@ class DlrIngress:
             self._refused(provider, "disconnected")
             return
         try:
-            receipts = list(parser(self._url(scope), _headers(scope), body))
+            receipts = list(parser(self._url(scope), request_headers(scope), body))
         except BadSignature as exc:
             await self._refuse(send, provider, 401, "bad_signature", str(exc))
             return
@@ -809,13 +721,3 @@ class DlrIngress:
         refusal = _Refusal(error=code, message=message, provider=provider if named else None)
         body = msgspec.json.encode(refusal)
         await send_json(send, status, body, extra_headers=extra_headers)
-
-
-def _headers(scope: HTTPScope) -> dict[str, str]:
-    """Request headers by lowercase name; repeated headers joined with ``, ``."""
-    merged: dict[str, str] = {}
-    for key, value in scope["headers"]:
-        name = key.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        merged[name] = f"{merged[name]}, {text}" if name in merged else text
-    return merged

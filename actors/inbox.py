@@ -260,12 +260,7 @@ class InboxConsumer:
 
     def child_spec(self, *, shutdown_s: float = 5.0, restart: Restart | None = None) -> ChildSpec:
         """A supervisor child running :meth:`run`."""
-        return ChildSpec(
-            id=self.name,
-            start=self.run,
-            restart=restart if restart is not None else Restart.PERMANENT,
-            shutdown_s=shutdown_s,
-        )
+        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
 
     async def open(self) -> PullConsumer:
         """Ensure the stream and the durable consumer (created, or updated to ``[inbox]``)."""

@@ -261,12 +261,7 @@ class PushFeedback:
 
     def child_spec(self, *, shutdown_s: float = 5.0, restart: Restart | None = None) -> ChildSpec:
         """A supervisor child running :meth:`run`."""
-        return ChildSpec(
-            id=self.name,
-            start=self.run,
-            restart=restart if restart is not None else Restart.PERMANENT,
-            shutdown_s=shutdown_s,
-        )
+        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
 
     # -- one round -------------------------------------------------------------------------
 
@@ -442,12 +437,7 @@ class StaleSweep:
             await trio.sleep(self.sweep_interval_s)
 
     def child_spec(self, *, shutdown_s: float = 5.0, restart: Restart | None = None) -> ChildSpec:
-        return ChildSpec(
-            id=self.name,
-            start=self.run,
-            restart=restart if restart is not None else Restart.PERMANENT,
-            shutdown_s=shutdown_s,
-        )
+        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
 
 
 def child_specs(

@@ -20,8 +20,9 @@ and, in the same transaction, the internal-ops notice of
 :meth:`TemplateRegistry.notice_for` (``triage.events.ops.notice``, ``kind =
 "template_not_found"``); once that row is new, :meth:`TemplateRegistry.not_found`
 counts ``triage_template_not_found_total`` (label ``channel``), feeds row 19's
-count-in-window detector and emits a :class:`TemplateMissing` event on the
-runtime's bus for the alert sink. Nothing is sent.
+count-in-window detector and emits a :class:`TemplateMissing` notice (severity
+``severity``, the catalog's ``ticket``) on the runtime's bus: the alert sink logs
+it. Nothing is sent.
 
 **Rendering** is ``str.format_map`` over a strict mapping: a placeholder the data
 lacks raises :class:`MissingField` naming it; a malformed template raises
@@ -42,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter
 from engine.clock import Clock
 from engine.detectors import CountInWindowDetector
 from engine.errors import TriageError
-from engine.events import Event, EventBus
+from engine.events import EventBus, Notice
 from engine.metrics import families
 from providers.db.templates import TemplateRow, lookup_template_async
 
@@ -64,6 +65,7 @@ __all__ = [
 log = logging.getLogger("triage.templates")
 
 ROW = 19
+SEVERITY = "ticket"  # row 19's severity in the catalog (config/failures.toml)
 NOTICE_KIND = "template_not_found"
 
 
@@ -103,14 +105,23 @@ class MissingField(TemplateRenderError):
         self.field = field
 
 
-class TemplateMissing(Event, frozen=True):
-    """Alert event: a dispatch named a template that does not exist (row 19)."""
+class TemplateMissing(Notice, frozen=True, kw_only=True):
+    """Row 19's notice: a dispatch named a template that does not exist.
+
+    The alert sink logs it (a ``ticket``, the catalog's severity for row 19, is
+    logged and not held on the active-alert board); its :meth:`alert_key` is one
+    per tenant and template.
+    """
 
     tenant: str
     template: str
     version: int | None
     channel: str
-    row: int = ROW
+    severity: str = SEVERITY
+    row: int | None = ROW
+
+    def alert_key(self) -> str:
+        return f"template_missing:{self.tenant}:{self.template}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +168,7 @@ class TemplateRegistry:
         events: EventBus | None = None,
         clock: Clock | None = None,
         detector: CountInWindowDetector | None = None,
+        severity: str = SEVERITY,
     ) -> None:
         if not ttl_s > 0 or negative_ttl_s < 0 or max_entries < 1:
             raise ValueError("ttl_s must be > 0, negative_ttl_s >= 0 and max_entries >= 1")
@@ -167,6 +179,7 @@ class TemplateRegistry:
         self.events = events
         self.clock = clock if clock is not None else Clock()
         self.detector = detector
+        self.severity = severity
         self.hits = 0
         self.misses = 0
         self.not_found_count = 0
@@ -262,6 +275,8 @@ class TemplateRegistry:
                     template=error.name,
                     version=error.version,
                     channel=channel,
+                    severity=self.severity,
+                    row=ROW,
                 )
             )
         log.warning("%s (channel %s): the dispatch fails closed", error, channel)

@@ -57,6 +57,7 @@ __all__ = [
     "ChildState",
     "Exit",
     "Restart",
+    "Runnable",
     "Strategy",
     "Supervisor",
 ]
@@ -97,6 +98,16 @@ class BreakerLike(Protocol):
 Start = Callable[..., Awaitable[None]]
 
 
+class Runnable(Protocol):
+    """A long-running service object: a ``name`` and a ``run`` that follows Trio's
+    ``nursery.start`` protocol (see :meth:`ChildSpec.of`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def run(self, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
     """What to run and how to treat its exits.
@@ -116,6 +127,19 @@ class ChildSpec:
     ready_on_spawn: bool = False
     breaker: BreakerLike | None = None
     on_removed: Callable[[], None] | None = None
+
+    @classmethod
+    def of(
+        cls, service: Runnable, *, shutdown_s: float, restart: Restart | None = None
+    ) -> ChildSpec:
+        """The child running ``service.run``, named ``service.name``; ``restart``
+        defaults to ``PERMANENT``."""
+        return cls(
+            id=service.name,
+            start=service.run,
+            restart=restart if restart is not None else Restart.PERMANENT,
+            shutdown_s=shutdown_s,
+        )
 
 
 class ChildInfo(msgspec.Struct, frozen=True):

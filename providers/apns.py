@@ -23,7 +23,7 @@ ProviderToken, BadCertificate ...)   next send signs a new one (no retry here)
 500, 503                             ``ProviderUnavailable``
 ===================================  ============================================
 
-Transport failures map as in :func:`providers.push_feedback.transport_error`.
+Transport failures map as in :func:`providers.http_errors.transport_error`.
 APNs has no status query: :meth:`ApnsAdapter.status` answers ``None``.
 """
 
@@ -49,12 +49,8 @@ from engine.errors import (
     Rejected,
 )
 from providers.channel import Accepted, ChannelName, Message, RecipientGone, StatusAnswer
-from providers.push_feedback import (
-    parse_retry_after,
-    post_bytes,
-    push_platform,
-    transport_error,
-)
+from providers.http_errors import parse_retry_after, transport_error
+from providers.push_feedback import post_bytes, push_platform
 
 __all__ = ["APNS_BASE_URL", "APNS_TOKEN_MAX_AGE_S", "ApnsAdapter", "apns_client"]
 

@@ -23,7 +23,7 @@ INVALID_ARGUMENT 400,               ``Rejected``
 SENDER_ID_MISMATCH 403, other 4xx
 ==================================  ============================================
 
-Transport failures map as in :func:`providers.push_feedback.transport_error`. A
+Transport failures map as in :func:`providers.http_errors.transport_error`. A
 failure while fetching the access token is never ambiguous (the message was not
 sent yet): it is ``ProviderUnavailable``, ``RateLimited`` or ``AuthFailed``.
 FCM has no status query: :meth:`FcmAdapter.status` answers ``None``.
@@ -51,12 +51,8 @@ from engine.errors import (
     Rejected,
 )
 from providers.channel import Accepted, ChannelName, Message, RecipientGone, StatusAnswer
-from providers.push_feedback import (
-    parse_retry_after,
-    post_bytes,
-    push_platform,
-    transport_error,
-)
+from providers.http_errors import parse_retry_after, transport_error
+from providers.push_feedback import post_bytes, push_platform
 
 __all__ = [
     "FCM_BASE_URL",

@@ -31,14 +31,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from engine.errors import (
-    AuthFailed,
-    ProviderError,
-    ProviderTimeout,
-    ProviderUnavailable,
-    RateLimited,
-    Rejected,
-)
+from engine.errors import ProviderTimeout
 from providers.channel import (
     Accepted,
     ChannelName,
@@ -48,6 +41,7 @@ from providers.channel import (
     StatusAnswer,
     split_reference,
 )
+from providers.http_errors import http_error, parse_retry_after, transport_error
 from providers.receipts import (
     BadSignature,
     MalformedReceipt,
@@ -107,42 +101,6 @@ def ghasi_signature(secret: str, timestamp: str, body: bytes) -> str:
     """``hex(HMAC-SHA256(secret, timestamp + "." + body))``."""
     signed = timestamp.encode() + b"." + body
     return hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a delta-seconds ``Retry-After``; ``None`` when absent or unreadable."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
-
-
-def transport_error(exc: httpx.TransportError, who: str) -> ProviderError:
-    """Nothing left the machine → ``ProviderUnavailable``; the request went out and no
-    answer came (timeout, reset, hang-up) → ``ProviderTimeout`` (ambiguous)."""
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
-        return ProviderUnavailable(f"{who}: not reachable: {exc!r}")
-    if isinstance(exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError):
-        return ProviderTimeout(f"{who}: no answer after the request went out: {exc!r}")
-    return ProviderUnavailable(f"{who}: transport failure: {exc!r}")
-
-
-def http_error(answer: httpx.Response, who: str, detail: str) -> ProviderError:
-    """The engine's error for a non-2xx answer, by HTTP status."""
-    status = answer.status_code
-    text = f"{who}: HTTP {status}: {detail}"
-    if status == 429:
-        return RateLimited(text, retry_after_s=parse_retry_after(answer.headers.get("retry-after")))
-    if status in (401, 403):
-        return AuthFailed(text)
-    if status == 408:
-        return ProviderTimeout(text)
-    if 400 <= status < 500:
-        return Rejected(text)
-    return ProviderUnavailable(text)
 
 
 class GhasiAdapter:

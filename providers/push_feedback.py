@@ -23,15 +23,14 @@ Pub/Sub's streaming-pull ``client_id``, that lets the server tell sessions apart
 across reconnects.
 
 Shared by the push adapters: :func:`push_platform` (the dispatcher routes by it),
-:func:`transport_error` (httpx failures onto the error tree, in one place),
-:func:`post_bytes` and :func:`parse_retry_after`.
+:func:`post_bytes`; :func:`transport_error` and :func:`parse_retry_after` are
+re-exported from :mod:`providers.http_errors`, where every HTTP adapter gets them.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,15 +39,9 @@ import httpx
 import msgspec
 import trio
 
-from engine.errors import (
-    AuthFailed,
-    ProviderError,
-    ProviderTimeout,
-    ProviderUnavailable,
-    RateLimited,
-    Rejected,
-)
+from engine.errors import ProviderUnavailable, Rejected
 from providers.channel import DeliveryState, Receipt, split_reference
+from providers.http_errors import http_error, parse_retry_after, transport_error
 from providers.receipts import MalformedReceipt
 
 __all__ = [
@@ -85,27 +78,6 @@ def push_platform(recipient: str) -> tuple[str, str]:
     return platform, token
 
 
-def transport_error(exc: httpx.TransportError, who: str) -> ProviderError:
-    """The engine's error for an httpx transport failure (``raise ... from exc``).
-
-    Nothing left the machine (refused, connect timeout, no pooled connection):
-    ``ProviderUnavailable``. The request may have gone out and no answer came (read
-    or write timeout, a reset, the server hung up): ``ProviderTimeout`` — ambiguous.
-    A failed *write* is ambiguous too: on HTTP/2 the client writes (window updates,
-    settings acks) while it waits for the answer, after the request went out.
-    Note that httpcore does not notice that the server closed an idle pooled HTTP/2
-    connection: the next request on it fails this way (so keep
-    ``keepalive_expiry`` below the server's idle timeout, see ``apns_client``).
-    """
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
-        return ProviderUnavailable(f"{who}: request not delivered: {exc!r}")
-    if isinstance(exc, httpx.TimeoutException):
-        return ProviderTimeout(f"{who}: no answer in time: {exc!r}")
-    if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
-        return ProviderTimeout(f"{who}: connection lost after the request went out: {exc!r}")
-    return ProviderUnavailable(f"{who}: transport failure: {exc!r}")
-
-
 async def post_bytes(
     client: httpx.AsyncClient, url: str, *, content: bytes, headers: dict[str, str]
 ) -> httpx.Response:
@@ -140,21 +112,6 @@ class _Once:
             raise StopAsyncIteration
         data, self._data = self._data, None
         return data
-
-
-def parse_retry_after(value: str | None, *, now: float) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); ``None`` if absent
-    or unreadable. ``now`` is the wall clock, for the HTTP-date form."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 class PushFeedback(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -324,14 +281,6 @@ class FeedbackSource:
             )
         except httpx.TransportError as exc:
             raise transport_error(exc, who) from exc
-        status = response.status_code
-        if status == 200:
+        if response.status_code == 200:
             return response.content
-        detail = f"{who}: HTTP {status} {response.text[:200]}"
-        if status == 429:
-            raise RateLimited(detail)
-        if status >= 500:
-            raise ProviderUnavailable(detail)
-        if status in (401, 403):
-            raise AuthFailed(detail)
-        raise Rejected(detail)
+        raise http_error(response, who, response.text[:200])

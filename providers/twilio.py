@@ -19,7 +19,8 @@ day and matches on the body: none → ``NOT_FOUND``; exactly one → its state; 
 or more pages than one → ``None`` (cannot tell; the caller records a possible
 duplicate). Twilio codes 20429 and HTTP 429 → ``RateLimited``; 20003/401/403 →
 ``AuthFailed``; other 4xx (21211 invalid To, 21602 no Body ...) → ``Rejected``;
-5xx → ``ProviderUnavailable``; transport failures as for every adapter.
+5xx → ``ProviderUnavailable``: the table of :mod:`providers.http_errors`, as are
+transport failures.
 """
 
 from __future__ import annotations
@@ -36,14 +37,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from engine.errors import (
-    AuthFailed,
-    ProviderError,
-    ProviderTimeout,
-    ProviderUnavailable,
-    RateLimited,
-    Rejected,
-)
+from engine.errors import ProviderError, ProviderTimeout
 from providers.channel import (
     Accepted,
     ChannelName,
@@ -53,6 +47,7 @@ from providers.channel import (
     StatusAnswer,
     split_reference,
 )
+from providers.http_errors import http_error, transport_error
 from providers.receipts import BadSignature, MalformedReceipt, header, signatures_match
 
 __all__ = [
@@ -97,37 +92,19 @@ def twilio_signature(auth_token: str, url: str, params: Mapping[str, str]) -> st
     return base64.b64encode(digest).decode()
 
 
-def _transport_error(exc: httpx.TransportError, who: str) -> ProviderError:
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
-        return ProviderUnavailable(f"{who}: not reachable: {exc!r}")
-    if isinstance(exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError):
-        return ProviderTimeout(f"{who}: no answer after the request went out: {exc!r}")
-    return ProviderUnavailable(f"{who}: transport failure: {exc!r}")
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and seconds >= 0 else None
-
-
 def _http_error(answer: httpx.Response, who: str) -> ProviderError:
-    status = answer.status_code
     try:
         body = msgspec.json.decode(answer.content, type=dict[str, Any])
     except msgspec.DecodeError:
         body = {}
     code = body.get("code")
-    text = f"{who}: HTTP {status} code {code}: {str(body.get('message', answer.text))[:200]}"
-    if status == 429 or code in RATE_LIMIT_CODES:
-        return RateLimited(text, retry_after_s=_retry_after(answer.headers.get("retry-after")))
-    if status in (401, 403) or code in AUTH_CODES:
-        return AuthFailed(text)
-    if 400 <= status < 500:
-        return Rejected(text)
-    return ProviderUnavailable(text)
+    return http_error(
+        answer,
+        who,
+        f"code {code}: {str(body.get('message', answer.text))[:200]}",
+        rate_limited=code in RATE_LIMIT_CODES,
+        auth_failed=code in AUTH_CODES,
+    )
 
 
 class TwilioAdapter:
@@ -174,7 +151,7 @@ class TwilioAdapter:
                 method, self._url, auth=self._auth, timeout=self._timeout, **kwargs
             )
         except httpx.TransportError as exc:
-            raise _transport_error(exc, self.name) from exc
+            raise transport_error(exc, self.name) from exc
 
     async def send(self, message: Message) -> Accepted:
         form = {"To": message.recipient, "From": self._from, "Body": message.body}

@@ -27,15 +27,12 @@ when a file is invalid (each problem printed to stderr as
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -52,21 +49,19 @@ from config import (
 )
 from providers.services import ENV_POSTGRES_URL
 from supervisors import cli_category, cli_send
+from supervisors.cli_common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_database_arguments,
+    postgres_dsn,
+    report,
+    require_dsn,
+    run_on_database,
+    table,
+)
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
 __all__ = ["main"]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INVALID = 2
-
-
-def _report(error: ConfigError) -> int:
-    for problem in error.problems:
-        print(problem, file=sys.stderr)
-    count = len(error.problems)
-    print(f"{count} problem{'s' if count != 1 else ''} found", file=sys.stderr)
-    return EXIT_INVALID
 
 
 def _load_catalog(path: Path) -> Catalog:
@@ -118,7 +113,7 @@ def _check_config(args: argparse.Namespace) -> int:
         path = Path(args.catalog) if args.catalog is not None else catalog_path(config, args.file)
         catalog = _load_catalog(path)
     except ConfigError as exc:
-        return _report(exc)
+        return report(exc)
     built = sum(row.built for row in catalog.rows)
     print(f"ok: {args.file}")
     print(_summary(config))
@@ -126,17 +121,11 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def _catalog(args: argparse.Namespace) -> int:
     try:
         _, catalog = _catalog_from_args(args)
     except ConfigError as exc:
-        return _report(exc)
+        return report(exc)
     if args.json:
         rows: list[dict[str, Any]] = []
         for row in catalog.rows:
@@ -146,8 +135,8 @@ def _catalog(args: argparse.Namespace) -> int:
             rows.append(item)
         print(msgspec.json.format(msgspec.json.encode({"rows": rows}), indent=2).decode())
         return EXIT_OK
-    table = [["ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "STATE"]]
-    table += [
+    lines = [["ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "STATE"]]
+    lines += [
         [
             str(row.id),
             row.name,
@@ -158,7 +147,7 @@ def _catalog(args: argparse.Namespace) -> int:
         ]
         for row in catalog.rows
     ]
-    print(_table(table))
+    print(table(lines))
     return EXIT_OK
 
 
@@ -166,7 +155,7 @@ def _rules(args: argparse.Namespace) -> int:
     try:
         _, catalog = _catalog_from_args(args)
     except ConfigError as exc:
-        return _report(exc)
+        return report(exc)
     text = rules_yaml(catalog)
     if args.output is None:
         sys.stdout.write(text)
@@ -184,36 +173,14 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return main_run(config)
     except ConfigError as exc:
-        return _report(exc)
-
-
-def _postgres_dsn(args: argparse.Namespace) -> str | None:
-    """``--dsn``, else ``TRIAGE_POSTGRES_URL``, else ``services.postgres_url`` of ``--config``."""
-    if args.dsn:
-        return str(args.dsn)
-    env = os.environ.get(ENV_POSTGRES_URL)
-    if env:
-        return env
-    if args.config is not None:
-        return load_config(args.config).services.postgres_url or None
-    return None
-
-
-def _redacted(dsn: str) -> str:
-    """``dsn`` without its password, for messages."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    user = credentials.partition(":")[0]
-    return parts._replace(netloc=f"{user}:***@{hosts}").geturl()
+        return report(exc)
 
 
 def _migrate(args: argparse.Namespace) -> int:
     try:
-        dsn = _postgres_dsn(args)
+        dsn = postgres_dsn(args)
     except ConfigError as exc:
-        return _report(exc)
+        return report(exc)
     if dsn is None:
         print(
             "triage migrate: no PostgreSQL configured: pass --dsn, set "
@@ -223,22 +190,15 @@ def _migrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    # Imported here: asyncpg and the migrations are not needed by the other subcommands.
-    import asyncpg
-
+    # Imported here: the migrations are not needed by the other subcommands.
     from providers.db.migrate import MigrationError, load_migrations, migrate_async
 
-    # A one-shot command outside the daemon: plain asyncio, no Trio and no bridge.
     try:
-        applied = asyncio.run(migrate_async(dsn))
+        applied = run_on_database("triage migrate", dsn, migrate_async(dsn))
     except MigrationError as exc:
         print(f"triage migrate: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(
-            f"triage migrate: {_redacted(dsn)}: {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
+    if applied is None:
         return EXIT_FAILED
     names = {m.version: m.path.name for m in load_migrations()}
     for version in applied:
@@ -251,19 +211,6 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _dlq_dsn(args: argparse.Namespace, verb: str) -> str | None:
-    """The DSN as for ``migrate``, or None after printing why there is none."""
-    dsn = _postgres_dsn(args)
-    if dsn is None:
-        print(
-            f"triage dlq {verb}: no PostgreSQL configured: pass --dsn, set "
-            f"{ENV_POSTGRES_URL}, or set services.postgres_url in the --config file "
-            "(the owner/admin URL, as for `triage migrate`).",
-            file=sys.stderr,
-        )
-    return dsn
-
-
 def _one_line(text: str, width: int = 80) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
@@ -271,19 +218,17 @@ def _one_line(text: str, width: int = 80) -> str:
 
 def _dlq_list(args: argparse.Namespace) -> int:
     try:
-        dsn = _dlq_dsn(args, "list")
+        dsn = require_dsn(args, "triage dlq list")
     except ConfigError as exc:
-        return _report(exc)
+        return report(exc)
     if dsn is None:
         return EXIT_FAILED
-    import asyncpg
-
     from providers.db.dead_letters import list_dead_letters
 
-    try:
-        letters = asyncio.run(list_dead_letters(dsn, include_redriven=args.all))
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"triage dlq list: {_redacted(dsn)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    letters = run_on_database(
+        "triage dlq list", dsn, list_dead_letters(dsn, include_redriven=args.all)
+    )
+    if letters is None:
         return EXIT_FAILED
     if args.json:
         print(json.dumps([letter.to_json() for letter in letters], indent=2))
@@ -304,29 +249,27 @@ def _dlq_list(args: argparse.Namespace) -> int:
             redriven = letter.redriven_at
             row.append("" if redriven is None else redriven.isoformat(timespec="seconds"))
         rows.append(row)
-    print(_table(rows))
+    print(table(rows))
     return EXIT_OK
 
 
 def _dlq_redrive(args: argparse.Namespace) -> int:
     try:
-        dsn = _dlq_dsn(args, "redrive")
+        dsn = require_dsn(args, "triage dlq redrive")
     except ConfigError as exc:
-        return _report(exc)
+        return report(exc)
     if dsn is None:
         return EXIT_FAILED
-    import asyncpg
-
     from providers.db.dead_letters import RedriveError, redrive
 
     try:
-        outbox_id, seq = asyncio.run(redrive(dsn, args.id))
+        redriven = run_on_database("triage dlq redrive", dsn, redrive(dsn, args.id))
     except RedriveError as exc:
         print(f"triage dlq redrive: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"triage dlq redrive: {_redacted(dsn)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if redriven is None:
         return EXIT_FAILED
+    outbox_id, seq = redriven
     print(f"dead letter {args.id} redriven: outbox event {outbox_id} (seq {seq} of its aggregate)")
     return EXIT_OK
 
@@ -370,10 +313,7 @@ def _parser() -> argparse.ArgumentParser:
         "services.postgres_url of --config. Connect as the tables' owner or a "
         "superuser, not as the daemon's role.",
     )
-    migrate.add_argument(
-        "--config", metavar="FILE", help="config file naming services.postgres_url"
-    )
-    migrate.add_argument("--dsn", metavar="DSN", help="PostgreSQL URL (overrides the config)")
+    add_database_arguments(migrate)
     migrate.set_defaults(handler=_migrate)
 
     dlq = sub.add_parser(
@@ -390,10 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     dlq_redrive.add_argument("id", metavar="ID", type=int, help="the dead letter's id")
     for verb in (dlq_list, dlq_redrive):
-        verb.add_argument(
-            "--config", metavar="FILE", help="config file naming services.postgres_url"
-        )
-        verb.add_argument("--dsn", metavar="DSN", help="PostgreSQL URL (overrides the config)")
+        add_database_arguments(verb)
     dlq_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
     dlq_list.add_argument("--all", action="store_true", help="include redriven dead letters")
     dlq_list.set_defaults(handler=_dlq_list)

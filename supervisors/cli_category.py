@@ -22,66 +22,28 @@ disabled or the database failed (the reason on stderr), 2 bad arguments
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import sys
 from typing import Any
 
-from config import ConfigError, load_config
+from config import ConfigError
 from providers.services import ENV_POSTGRES_URL
+from supervisors.cli_common import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    add_database_arguments,
+    report,
+    require_dsn,
+    run_on_database,
+    table,
+)
 
 __all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "add_parser", "enable", "list_blocks"]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INVALID = 2
-
-
-def _dsn(args: argparse.Namespace, verb: str) -> str | None:
-    """``--dsn``, else the environment, else the config; None after saying why there is none."""
-    dsn: str | None = args.dsn or os.environ.get(ENV_POSTGRES_URL) or None
-    if dsn is None and args.config is not None:
-        dsn = load_config(args.config).services.postgres_url or None
-    if dsn is None:
-        print(
-            f"triage category {verb}: no PostgreSQL configured: pass --dsn, set "
-            f"{ENV_POSTGRES_URL}, or set services.postgres_url in the --config file "
-            "(the owner/admin URL, as for `triage migrate`).",
-            file=sys.stderr,
-        )
-    return dsn
-
-
-def _redacted(dsn: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    return parts._replace(netloc=f"{credentials.partition(':')[0]}:***@{hosts}").geturl()
-
-
-def _config_problem(verb: str, exc: ConfigError) -> int:
-    for problem in exc.problems:
-        print(problem, file=sys.stderr)
-    print(f"triage category {verb}: the --config file is invalid", file=sys.stderr)
-    return EXIT_INVALID
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
 
 
 def list_blocks(args: argparse.Namespace) -> int:
     """``triage category list``: the blocks as a table, or JSON with ``--json``."""
-    import asyncpg
-
     from providers.db.categories import CategoryError, list_blocks_async, validate_key
 
     if args.tenant is not None:
@@ -91,21 +53,19 @@ def list_blocks(args: argparse.Namespace) -> int:
             print(f"triage category list: {exc}", file=sys.stderr)
             return EXIT_INVALID
     try:
-        dsn = _dsn(args, "list")
+        dsn = require_dsn(args, "triage category list")
     except ConfigError as exc:
-        return _config_problem("list", exc)
+        return report(exc)
     if dsn is None:
         return EXIT_FAILED
     try:
-        blocks = asyncio.run(list_blocks_async(dsn, tenant_id=args.tenant))
+        blocks = run_on_database(
+            "triage category list", dsn, list_blocks_async(dsn, tenant_id=args.tenant)
+        )
     except CategoryError as exc:
         print(f"triage category list: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(
-            f"triage category list: {_redacted(dsn)}: {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
+    if blocks is None:
         return EXIT_FAILED
     if args.json:
         document: list[dict[str, Any]] = [block.to_json() for block in blocks]
@@ -126,14 +86,12 @@ def list_blocks(args: argparse.Namespace) -> int:
         ]
         for b in blocks
     ]
-    print(_table(rows))
+    print(table(rows))
     return EXIT_OK
 
 
 def enable(args: argparse.Namespace) -> int:
     """``triage category enable TENANT CHANNEL CATEGORY``: lift a ``disabled`` block."""
-    import asyncpg
-
     from providers.db.categories import CategoryError, enable_async, validate_key
 
     try:
@@ -142,22 +100,21 @@ def enable(args: argparse.Namespace) -> int:
         print(f"triage category enable: {exc}", file=sys.stderr)
         return EXIT_INVALID
     try:
-        dsn = _dsn(args, "enable")
+        dsn = require_dsn(args, "triage category enable")
     except ConfigError as exc:
-        return _config_problem("enable", exc)
+        return report(exc)
     if dsn is None:
         return EXIT_FAILED
     try:
-        removed, current = asyncio.run(enable_async(dsn, tenant, channel, category))
+        outcome = run_on_database(
+            "triage category enable", dsn, enable_async(dsn, tenant, channel, category)
+        )
     except CategoryError as exc:
         print(f"triage category enable: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(
-            f"triage category enable: {_redacted(dsn)}: {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
+    if outcome is None:
         return EXIT_FAILED
+    removed, current = outcome
     what = f"{channel} category {category!r} of tenant {tenant}"
     if removed is not None:
         print(
@@ -202,8 +159,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     enabling.add_argument("category", metavar="CATEGORY", help="the message category")
     enabling.set_defaults(handler=enable)
     for verb in (listing, enabling):
-        verb.add_argument(
-            "--config", metavar="FILE", help="config file naming services.postgres_url"
-        )
-        verb.add_argument("--dsn", metavar="DSN", help="PostgreSQL URL (overrides the config)")
+        add_database_arguments(verb)
     return category

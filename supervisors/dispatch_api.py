@@ -53,14 +53,14 @@ from actors.dispatch_commands import (
     decode_body,
     submit_and_answer,
 )
-from actors.dlr_ingress import (
+from providers.asgi import (
     BodyTooLarge,
     ClientDisconnected,
     declared_length,
     header_value,
-    lifespan,
     read_body,
     send_json,
+    serve_scope,
 )
 
 __all__ = ["DispatchApi"]
@@ -101,16 +101,16 @@ class DispatchApi:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
-        elif scope["type"] == "http":
-            try:
-                answer = await self._answer(scope, receive)
-            except ClientDisconnected:
-                return  # nobody to answer; nothing was submitted
-            await _send(send, answer)
-        else:
-            await send({"type": "websocket.close", "code": 1003, "reason": "not supported"})
+        await serve_scope(scope, receive, send, self._http)
+
+    async def _http(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        try:
+            answer = await self._answer(scope, receive)
+        except ClientDisconnected:
+            return  # nobody to answer; nothing was submitted
+        await _send(send, answer)
 
     async def _answer(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> Answer:
         path = scope["path"].rstrip("/")

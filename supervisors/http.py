@@ -43,9 +43,10 @@ from hypercorn.typing import (
 )
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from providers.asgi import respond, send_json, serve_scope
+
 __all__ = ["HealthApp", "HttpServer", "ReadinessProbe"]
 
-_JSON: Final = b"application/json"
 _ALLOWED: Final = "GET"
 
 
@@ -80,30 +81,16 @@ class HealthApp:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-        elif scope["type"] == "http":
-            app = self._mounted(scope["path"])
-            if app is not None:
-                await app(scope, receive, send)
-            else:
-                await self._http(scope, send)
-        else:
-            await send({"type": "websocket.close", "code": 1003, "reason": "not supported"})
+        await serve_scope(scope, receive, send, self._http)
 
-    async def _lifespan(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        # Nothing to set up or tear down: the daemon owns every resource and
-        # starts it before the server. Acknowledge both phases.
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    async def _http(self, scope: HTTPScope, send: ASGISendCallable) -> None:
+    async def _http(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         path = scope["path"]
+        app = self._mounted(path)
+        if app is not None:
+            await app(scope, receive, send)
+            return
         if path not in ("/livez", "/readyz", "/metrics"):
             await _json(send, 404, {"error": "not found", "path": path})
             return
@@ -121,7 +108,7 @@ class HealthApp:
             ready, body = self._readiness.readiness()
             await _json(send, 200 if ready else 503, body)
         else:
-            await _respond(send, 200, generate_latest(self._registry), CONTENT_TYPE_LATEST.encode())
+            await respond(send, 200, generate_latest(self._registry), CONTENT_TYPE_LATEST.encode())
 
 
 async def _json(
@@ -131,25 +118,7 @@ async def _json(
     *,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    await _respond(send, status, msgspec.json.encode(body), _JSON, extra_headers=extra_headers)
-
-
-async def _respond(
-    send: ASGISendCallable,
-    status: int,
-    body: bytes,
-    content_type: bytes,
-    *,
-    extra_headers: Iterable[tuple[bytes, bytes]] = (),
-) -> None:
-    headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *extra_headers,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_json(send, status, msgspec.json.encode(body), extra_headers=extra_headers)
 
 
 def _bind_address(host: str, port: int) -> str:

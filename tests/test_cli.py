@@ -50,7 +50,7 @@ def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
     out, err = capsys.readouterr()
     assert out.startswith(f"ok: {path}\n")
     assert "13 breakers" in out
-    assert "20 rows, 5 built" in out
+    assert "20 rows, 10 built" in out
     assert err == ""
 
 
@@ -118,7 +118,7 @@ def test_catalog_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ratio triage_sms_provider_error_ratio > 0.2 / 300s" in rows[0]
     assert "failover_provider, retry_with_backoff, alert" in rows[0]
     assert "sms_dispatcher" in rows[0]
-    assert rows[0].endswith("not built (issue 4)")
+    assert rows[0].endswith("built") and "not built" not in rows[0]  # built by issue 4
     assert rows[4].endswith("built") and "not built" not in rows[4]
     assert rows[3].endswith("not built (later)")
 
@@ -128,7 +128,8 @@ def test_catalog_json_from_a_config(capsys: pytest.CaptureFixture[str]) -> None:
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [row["id"] for row in rows] == list(range(1, 21))
     assert rows[0]["detector"]["kind"] == "ratio"
-    assert rows[0]["state"] == "not built (issue 4)"
+    assert rows[0]["state"] == "built"
+    assert rows[7]["state"] == "not built (later)"
     assert rows[0]["detector_text"].startswith("ratio triage_sms_provider_error_ratio > 0.2")
 
 

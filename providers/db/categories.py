@@ -14,7 +14,8 @@ only :func:`enable_async` (the operator's command) removes that.
 
 ``dead_recipients`` holds device tokens and addresses a provider said are gone
 (UNREGISTERED, 410, hard bounce 5.1.1): :func:`mark_dead_async` records one,
-:func:`is_dead_async` answers whether one is.
+:func:`is_dead_async` answers whether one is. (The dispatch accept statement in
+:mod:`providers.db.dispatches` reads both tables inline, in its one statement.)
 
 Every function here is an asyncio coroutine that is **one unit of work**: the
 Trio caller crosses the bridge once per call
@@ -63,6 +64,7 @@ __all__ = [
     "lookup_block_async",
     "lookup_block_in",
     "mark_dead_async",
+    "mark_dead_in",
     "unblock_async",
     "validate_key",
 ]
@@ -273,10 +275,12 @@ async def mark_dead_async(
     if not recipient or not reason.strip():
         raise CategoryError("a dead recipient needs a recipient and a reason")
 
-    async def work(conn: Connection) -> bool:
-        return await conn.fetchval(_MARK_DEAD, channel, recipient, reason) is not None
+    return await run_in_tenant(pool, tenant, mark_dead_in, channel, recipient, reason)
 
-    return await run_in_tenant(pool, tenant, work)
+
+async def mark_dead_in(conn: Connection, channel: str, recipient: str, reason: str) -> bool:
+    """Inside the caller's tenant transaction: mark ``recipient`` dead; True if newly marked."""
+    return await conn.fetchval(_MARK_DEAD, channel, recipient, reason) is not None
 
 
 async def is_dead_in(conn: Connection, channel: str, recipient: str) -> bool:

@@ -22,6 +22,9 @@ category's block state and whether the recipient is dead. A disabled category
 or a dead recipient ends the new row at once (``failed`` / ``undeliverable``)
 in the same transaction, with its second event: nothing is sent.
 
+Dead recipients and category blocks are :mod:`providers.db.categories`' (one
+implementation each); the accept statement only reads them, inline.
+
 Cross-tenant work
     :func:`mark_stale_unknown_async` runs as ``triage_relay`` (``0003_channels``
     grants it SELECT of the non-PHI columns of *dispatched* rows and the move to
@@ -42,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 
 from providers.channel import DeliveryState, Receipt
+from providers.db.categories import BlockState, mark_dead_in
 from providers.db.tenancy import run_as_relay, run_in_tenant, tenant_transaction
 
 if TYPE_CHECKING:
@@ -66,10 +70,7 @@ __all__ = [
     "TransitionResult",
     "accept_async",
     "apply_receipts_async",
-    "category_state_async",
     "event_subject",
-    "is_dead_recipient",
-    "mark_dead_recipient_async",
     "mark_stale_unknown_async",
     "ops_notice_async",
     "queued_backlog_async",
@@ -92,9 +93,9 @@ class DispatchStatus(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
-class CategoryState(enum.StrEnum):
-    THROTTLED = "throttled"
-    DISABLED = "disabled"
+CategoryState = BlockState
+"""A category's block (``throttled`` / ``disabled``): the one enum of
+:mod:`providers.db.categories`, under the name this module's results use."""
 
 
 def event_subject(status: DispatchStatus | str) -> str:
@@ -601,49 +602,7 @@ async def queued_backlog_async(
     return out
 
 
-# -- dead recipients, category blocks, ops notices -------------------------------------
-
-_MARK_DEAD = """
-INSERT INTO dead_recipients (tenant_id, channel, recipient, reason)
-VALUES (current_tenant_id(), $1, $2, $3)
-ON CONFLICT (tenant_id, channel, recipient) DO NOTHING
-"""
-_IS_DEAD = "SELECT EXISTS (SELECT 1 FROM dead_recipients WHERE channel = $1 AND recipient = $2)"
-_CATEGORY = "SELECT state FROM category_blocks WHERE channel = $1 AND category = $2"
-
-
-async def _mark_dead(conn: Connection, channel: str, recipient: str, reason: str) -> bool:
-    return await conn.execute(_MARK_DEAD, channel, recipient, reason) == "INSERT 0 1"
-
-
-async def mark_dead_recipient_async(
-    pool: Pool, tenant_id: str | uuid.UUID, channel: str, recipient: str, reason: str
-) -> bool:
-    """Unit of work: never send to ``recipient`` on ``channel`` again; True if newly marked."""
-    return await run_in_tenant(pool, tenant_id, _mark_dead, channel, recipient, reason)
-
-
-async def _is_dead(conn: Connection, channel: str, recipient: str) -> bool:
-    return bool(await conn.fetchval(_IS_DEAD, channel, recipient))
-
-
-async def is_dead_recipient(
-    pool: Pool, tenant_id: str | uuid.UUID, channel: str, recipient: str
-) -> bool:
-    """Unit of work: whether ``recipient`` was marked dead on ``channel``."""
-    return await run_in_tenant(pool, tenant_id, _is_dead, channel, recipient)
-
-
-async def _category(conn: Connection, channel: str, category: str) -> CategoryState | None:
-    state = await conn.fetchval(_CATEGORY, channel, category)
-    return CategoryState(state) if state is not None else None
-
-
-async def category_state_async(
-    pool: Pool, tenant_id: str | uuid.UUID, channel: str, category: str
-) -> CategoryState | None:
-    """Unit of work: the tenant's block on ``category`` of ``channel`` (None: not blocked)."""
-    return await run_in_tenant(pool, tenant_id, _category, channel, category)
+# -- ops notices --------------------------------------------------------------------------
 
 
 async def _notice(conn: Connection, tenant_id: str, notice: dict[str, Any]) -> None:
@@ -678,7 +637,7 @@ async def _record_outcome(
 ) -> list[TransitionResult]:
     results = await _transitions(conn, steps)
     if dead is not None:
-        await _mark_dead(conn, dead.channel, dead.recipient, dead.reason)
+        await mark_dead_in(conn, dead.channel, dead.recipient, dead.reason)
     return results
 
 

@@ -14,6 +14,7 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from actors.alerts import ActiveAlerts, Alert, AlertEvent, AlertSink, AlertState, forward_events
+from actors.templates import TemplateNotFound, TemplateRegistry
 from engine.actor import ActorRef, Overflow, actor_child
 from engine.detectors import GaugeSustainedDetector, make_detector
 from engine.events import (
@@ -330,4 +331,29 @@ async def test_a_page_notice_holds_the_board_until_resolved_a_ticket_is_a_log_li
         await sink.settle()
         assert len(sink.board) == 0
         assert records(caplog, "notice resolved")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_missing_template_is_logged_as_a_row_19_ticket(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="triage.alerts")
+    registry = TemplateRegistry(
+        None,  # type: ignore[arg-type]  # never reaches the database here
+        ttl_s=1.0,
+        max_entries=1,
+        events=runtime.events,
+        clock=runtime.clock,
+    )
+    async with trio.open_nursery() as nursery:
+        sink = await start_sink(nursery, runtime)
+        registry.not_found(TemplateNotFound("t-1", "reminder", 3), channel="sms")
+        await sink.settle()
+        assert len(sink.board) == 0  # a ticket is a log line, not a held alert
+        (record,) = records(caplog, "notice")
+        line = json_line(record)
+        assert (line["tenant"], line["template"], line["version"], line["channel"]) == (
+            "t-1", "reminder", 3, "sms"
+        )  # fmt: skip
+        assert (line["severity"], line["row"]) == ("ticket", 19)
         nursery.cancel_scope.cancel()

@@ -28,7 +28,8 @@ from engine.runtime import Runtime
 from engine.supervisor import Supervisor
 from providers.bridge import run
 from providers.channel import DeliveryState, Receipt
-from providers.db import DAEMON_ROLE, migrate, run_as_relay
+from providers.db import DAEMON_ROLE, migrate
+from providers.db.dispatches import STALE_REASON, mark_stale_unknown_async
 from providers.db.migrate import migrate_async
 from providers.services import postgres_url_with
 
@@ -250,29 +251,6 @@ async def test_sweep_cadence(autojump_clock: trio.abc.Clock) -> None:
     assert registry.get_sample_value("triage_push_stale_unknown_total") == 3.0
 
 
-# An in-test StaleSweeper over the real database, as the relay role (the grant of 0003).
-_MARK_STALE = """
-UPDATE dispatches SET status = 'unknown', reason = 'no delivery feedback'
-WHERE id IN (
-    SELECT id FROM dispatches
-    WHERE status = 'dispatched' AND channel = $1::dispatch_channel
-      AND dispatched_at < now() - make_interval(secs => $2)
-    ORDER BY dispatched_at LIMIT $3
-    FOR UPDATE SKIP LOCKED
-)
-"""  # no RETURNING: the marked row (status 'unknown') fails the relay's SELECT policy
-
-
-async def _mark_stale_async(
-    pool: asyncpg.Pool[asyncpg.Record], channel: str, older_than_s: float, limit: int
-) -> int:
-    async def work(conn: Any) -> int:
-        tag = await conn.execute(_MARK_STALE, channel, older_than_s, limit)
-        return int(tag.rsplit(" ", 1)[1])  # "UPDATE n"
-
-    return await run_as_relay(pool, work)
-
-
 _SEED = [
     # (name, channel, final status, dispatched this many seconds ago)
     ("old push 1", "push", "dispatched", 3600),
@@ -345,7 +323,7 @@ def test_shipped_migration_lets_the_relay_mark_stale(postgres_url: str) -> None:
             postgres_url_with(postgres_url, user=DAEMON_ROLE), min_size=1, max_size=1
         )
         try:
-            return await _mark_stale_async(pool, "push", 600.0, 10)
+            return len(await mark_stale_unknown_async(pool, "push", 600.0, 10))
         finally:
             await pool.close()
 
@@ -358,15 +336,16 @@ async def test_stale_sweep_marks_only_old_dispatched_rows(
     ids = await run(_seed, postgres_url)
 
     async def sweeper(channel: str, older_than_s: float, limit: int) -> int:
-        return await run(_mark_stale_async, relay_pool, channel, older_than_s, limit,
-                         service="postgres")  # fmt: skip
+        marked = await run(mark_stale_unknown_async, relay_pool, channel, older_than_s, limit,
+                           service="postgres")  # fmt: skip
+        return len(marked)
 
     sweep = StaleSweep(sweeper=sweeper, stale_after_s=600.0, sweep_interval_s=30.0, sweep_limit=1)
     assert await sweep.sweep() == 2
     statuses = {name: (await run(_statuses, postgres_url))[ids[name]] for name, *_ in _SEED}
     assert statuses == {
-        "old push 1": ("unknown", "no delivery feedback"),
-        "old push 2": ("unknown", "no delivery feedback"),
+        "old push 1": ("unknown", STALE_REASON),
+        "old push 2": ("unknown", STALE_REASON),
         "fresh push": ("dispatched", None),
         "old sms": ("dispatched", None),
         "old delivered": ("delivered", None),

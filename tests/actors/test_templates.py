@@ -20,7 +20,7 @@ from actors.templates import (
 )
 from config.schema import DatabaseConfig
 from engine.detectors import CountInWindowDetector
-from engine.events import Event, EventBus
+from engine.events import Event, EventBus, Notice
 from providers.bridge import run
 from providers.db import DAEMON_ROLE, migrate
 from providers.db.pool import DbPool, open_pool
@@ -148,6 +148,8 @@ async def test_not_found_counts_alerts_and_builds_the_notice() -> None:
     [event] = seen
     assert isinstance(event, TemplateMissing)
     assert (event.tenant, event.template, event.version, event.row) == ("t-1", "reminder", 3, 19)
+    assert isinstance(event, Notice) and event.severity == "ticket" and not event.resolved
+    assert event.alert_key() == "template_missing:t-1:reminder"
     assert detector.evaluate().firing
 
 

@@ -15,18 +15,15 @@ from config.schema import DatabaseConfig
 from providers.bridge import run
 from providers.channel import DeliveryState, Receipt
 from providers.db import DAEMON_ROLE, migrate
+from providers.db.categories import BlockState, is_dead_async, lookup_block_async, mark_dead_async
 from providers.db.dispatches import (
     STALE_REASON,
     AcceptRequest,
-    CategoryState,
     DispatchStatus,
     Transition,
     TransitionOutcome,
     accept_async,
     apply_receipts_async,
-    category_state_async,
-    is_dead_recipient,
-    mark_dead_recipient_async,
     mark_stale_unknown_async,
     queued_backlog_async,
     transition_async,
@@ -35,7 +32,6 @@ from providers.db.pool import DbPool, open_pool
 from providers.services import postgres_url_with
 
 DB_CONFIG = DatabaseConfig(pool_min=1, pool_max=2, connect_timeout_s=2.0, command_timeout_s=2.0)
-
 
 
 @dataclass(frozen=True)
@@ -162,18 +158,15 @@ async def test_accept_refused_disabled_and_dead(world: World) -> None:
     ]
     throttled = await world.db.run_unit(accept_async, request(world.a, key="t", category="promo"))
     assert throttled.status is DispatchStatus.QUEUED
-    assert throttled.category_state is CategoryState.THROTTLED
-    assert await world.db.run_unit(category_state_async, world.a, "sms", "promo") == (
-        CategoryState.THROTTLED
-    )
-    assert await world.db.run_unit(category_state_async, world.b, "sms", "promo") is None
+    assert throttled.category_state is BlockState.THROTTLED
+    block = await world.db.run_unit(lookup_block_async, world.a, "sms", "promo")
+    assert block is not None and block.state is BlockState.THROTTLED
+    assert await world.db.run_unit(lookup_block_async, world.b, "sms", "promo") is None
 
-    assert await world.db.run_unit(mark_dead_recipient_async, world.a, "sms", "+15550199", "gone")
-    assert not await world.db.run_unit(
-        mark_dead_recipient_async, world.a, "sms", "+15550199", "gone"
-    )
-    assert await world.db.run_unit(is_dead_recipient, world.a, "sms", "+15550199")
-    assert not await world.db.run_unit(is_dead_recipient, world.b, "sms", "+15550199")
+    assert await world.db.run_unit(mark_dead_async, world.a, "sms", "+15550199", "gone")
+    assert not await world.db.run_unit(mark_dead_async, world.a, "sms", "+15550199", "gone")
+    assert await world.db.run_unit(is_dead_async, world.a, "sms", "+15550199")
+    assert not await world.db.run_unit(is_dead_async, world.b, "sms", "+15550199")
     dead = await world.db.run_unit(
         accept_async, request(world.a, key="x", category="promo", recipient="+15550199")
     )

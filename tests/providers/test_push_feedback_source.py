@@ -5,7 +5,6 @@ plus the helpers both push adapters share."""
 from __future__ import annotations
 
 import base64
-import email.utils
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +19,6 @@ import trio.testing
 
 from engine.errors import (
     AuthFailed,
-    ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
     Rejected,
@@ -40,9 +38,7 @@ from providers.push_feedback import (
     FeedbackSource,
     MalformedPull,
     PushFeedback,
-    parse_retry_after,
     push_platform,
-    transport_error,
 )
 from providers.receipts import MalformedReceipt
 
@@ -363,37 +359,6 @@ def test_push_platform_routes_and_refuses() -> None:
     for bad in ("", "fcm", "fcm:", "sms:+1555", "apns:a b", "apns:../x", "fcm:a/b"):
         with pytest.raises(Rejected):
             push_platform(bad)
-
-
-@pytest.mark.parametrize(
-    ("exc", "error"),
-    [
-        (httpx.ConnectError("refused"), ProviderUnavailable),
-        (httpx.ConnectTimeout("slow"), ProviderUnavailable),
-        (httpx.PoolTimeout("busy"), ProviderUnavailable),
-        (httpx.ReadTimeout("silent"), ProviderTimeout),
-        (httpx.WriteTimeout("stuck"), ProviderTimeout),
-        (httpx.ReadError("reset"), ProviderTimeout),
-        (httpx.WriteError("reset"), ProviderTimeout),
-        (httpx.RemoteProtocolError("hung up"), ProviderTimeout),
-        (httpx.UnsupportedProtocol("ftp"), ProviderUnavailable),
-    ],
-)
-def test_transport_errors_map_by_whether_the_request_went_out(
-    exc: httpx.TransportError, error: type[ProviderError]
-) -> None:
-    mapped = transport_error(exc, "apns 'x'")
-    assert type(mapped) is error
-    assert "apns 'x'" in str(mapped)
-
-
-def test_retry_after_reads_seconds_and_dates() -> None:
-    now = 1_800_000_000.0
-    assert parse_retry_after("7", now=now) == 7.0
-    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == 30.0
-    assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
-    assert parse_retry_after("soon", now=now) is None
-    assert parse_retry_after(None, now=now) is None
 
 
 def test_feedback_items_round_trip() -> None:
