@@ -153,7 +153,8 @@ class _FeedbackMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.last_timestamp = Gauge(
             "triage_push_feedback_last_timestamp_seconds",
-            "Unix time of the newest FCM/APNs delivery feedback received",
+            "Unix time of the newest FCM/APNs delivery feedback received, or of the last"
+            " moment no push waited for feedback",
             registry=registry,
         )
         self.refreshes = Counter(
@@ -345,7 +346,14 @@ class PushFeedback:
             log.warning("push feedback: watchdog could not count outstanding dispatches: %s", exc)
             return
         if waiting <= 0:
-            self._quiet_since = now  # idle, not stalled
+            # Idle, not stalled: nothing waits for feedback, so none is overdue. The
+            # row-2 age (detector and gauge) counts from here too, or a quiet night
+            # would page as a stall.
+            self._quiet_since = now
+            if self.detector is not None:
+                self.detector.touch()
+            if self._metrics is not None:
+                self._metrics.last_timestamp.set(self.clock.wall())
             return
         if now - self._quiet_since < self.stall_after_s:
             return

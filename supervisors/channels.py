@@ -478,6 +478,7 @@ def build_channels(
         events=runtime.events,
         clock=runtime.clock,
         detector=_detector(config, catalog, runtime, detectors, 19, CountInWindowDetector),
+        severity=catalog.row(19).severity,
     )
     service = DispatchService(
         backbone.pool,

@@ -26,7 +26,8 @@ METRICS: Final[dict[str, str]] = {
         "Share of SMS provider calls that failed (5xx, timeout, refused), per provider adapter"
     ),
     "triage_push_feedback_last_timestamp_seconds": (
-        "Unix time of the newest FCM/APNs delivery feedback received"
+        "Unix time of the newest FCM/APNs delivery feedback received, or of the last"
+        " moment no push waited for feedback"
     ),
     "triage_email_bounce_ratio": "Share of sent emails that bounced, per tenant and category",
     "triage_virtual_session_failed_total": "Virtual-care sessions that failed to start or dropped",

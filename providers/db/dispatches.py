@@ -387,6 +387,7 @@ class ReceiptReport:
     out_of_order: int = 0  # a move the machine refuses (e.g. delivered after failed)
     unknown: int = 0  # no such dispatch (or no tenant / malformed reference)
     ignored: int = 0  # states that move nothing (accepted, not_found)
+    early: int = 0  # arrived while the dispatch was still queued: kept, applied at its send
     applied_ids: list[uuid.UUID] = field(default_factory=list)
 
 
@@ -399,9 +400,24 @@ def _uuid(text: str | None) -> uuid.UUID | None:
         return None
 
 
+_EARLY_INSERT = """
+INSERT INTO early_receipts (tenant_id, dispatch_id, state, reason, provider, provider_ref)
+VALUES (current_tenant_id(), $1, $2, $3, $4, $5)
+ON CONFLICT DO NOTHING
+"""
+_EARLY_TAKE = """
+DELETE FROM early_receipts WHERE dispatch_id = $1
+RETURNING state, reason, provider, provider_ref, received_at
+"""
+
+
 async def _apply_tenant_receipts(
     conn: Connection, receipts: Sequence[Receipt], report: ReceiptReport
 ) -> None:
+    # Resolve every receipt to its dispatch first, then lock the rows in one order
+    # (by id): two workers applying overlapping batches (a provider re-sending its
+    # receipts) can then never deadlock. A batch's repeats of one receipt are one.
+    resolved: dict[tuple[uuid.UUID, DispatchStatus], Receipt] = {}
     for receipt in receipts:
         status = _RECEIPT_STATUS[receipt.state]
         dispatch_id = _uuid(receipt.client_ref)
@@ -412,6 +428,11 @@ async def _apply_tenant_receipts(
         if dispatch_id is None:
             report.unknown += 1
             continue
+        if (dispatch_id, status) in resolved:
+            report.duplicates += 1
+            continue
+        resolved[(dispatch_id, status)] = receipt
+    for (dispatch_id, status), receipt in sorted(resolved.items(), key=lambda kv: kv[0][0]):
         reason = None if status is DispatchStatus.DELIVERED else (receipt.reason or str(status))
         result = await _transition(conn, dispatch_id, status, reason, None, None, False)
         if result.outcome is TransitionOutcome.APPLIED:
@@ -419,10 +440,29 @@ async def _apply_tenant_receipts(
             report.applied_ids.append(dispatch_id)
         elif result.outcome is TransitionOutcome.DUPLICATE:
             report.duplicates += 1
+        elif result.old_status is DispatchStatus.QUEUED:
+            # The receipt overtook the send it reports on: keep it for the
+            # transaction that records the send (see _apply_early).
+            await conn.execute(
+                _EARLY_INSERT, dispatch_id, str(status), reason, receipt.provider,
+                receipt.provider_ref,
+            )  # fmt: skip
+            report.early += 1
         elif result.outcome is TransitionOutcome.OUT_OF_ORDER:
             report.out_of_order += 1
         else:
             report.unknown += 1
+
+
+async def _apply_early(conn: Connection, dispatch_id: uuid.UUID) -> list[TransitionResult]:
+    """Receipts that arrived while ``dispatch_id`` was still queued, now that it left
+    ``queued``: applied in the order they came (the status machine keeps the first final)."""
+    rows = await conn.fetch(_EARLY_TAKE, dispatch_id)
+    out = []
+    for row in sorted(rows, key=lambda r: r["received_at"]):
+        status = DispatchStatus(row["state"])
+        out.append(await _transition(conn, dispatch_id, status, row["reason"], None, None, False))
+    return out
 
 
 async def apply_receipts_async(pool: Pool, receipts: Iterable[Receipt]) -> ReceiptReport:
@@ -636,6 +676,9 @@ async def _record_outcome(
     conn: Connection, steps: Sequence[Transition], dead: DeadRecipient | None
 ) -> list[TransitionResult]:
     results = await _transitions(conn, steps)
+    for step, result in zip(steps, results, strict=True):
+        if result.outcome is TransitionOutcome.APPLIED and result.old_status is DispatchStatus.QUEUED:
+            await _apply_early(conn, step.dispatch_id)
     if dead is not None:
         await mark_dead_in(conn, dead.channel, dead.recipient, dead.reason)
     return results

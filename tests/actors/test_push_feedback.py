@@ -183,9 +183,18 @@ async def test_an_idle_system_is_not_stalled(autojump_clock: trio.abc.Clock) -> 
     feedback, source, _, probe, _, runtime = _world(outstanding=0)
     seen = _events(runtime)
 
+    detector = AgeOfNewestDetector(
+        "row2", metric="triage_push_feedback_last_timestamp_seconds", threshold=600.0,
+        window_s=60.0,
+    )  # fmt: skip
+    feedback.detector = detector
+
     async def dispatches_go_out() -> None:
         await trio.sleep(3630)  # an hour with nothing outstanding: no stall
         assert feedback.stats.refreshes == 0 and probe.calls == 60
+        # Nothing waited for feedback, so none is overdue: the row-2 age counts from the
+        # last idle check (t0 + 3600), not from the last feedback (never).
+        assert detector.evaluate().value == 30.0 and not detector.firing
         probe.count = 2  # the last idle check was at t0 + 3600
 
     async with trio.open_nursery() as nursery:

@@ -26,6 +26,7 @@ from providers.db.dispatches import (
     apply_receipts_async,
     mark_stale_unknown_async,
     queued_backlog_async,
+    record_outcome_async,
     transition_async,
 )
 from providers.db.pool import DbPool, open_pool
@@ -312,3 +313,35 @@ async def test_stale_sweep_marks_only_old_dispatched_rows_of_the_channel(world: 
     assert [q.dispatch_id for q in backlog] == [made["queued"]]
     assert backlog[0].body == "See you at 10:00" and backlog[0].data == {"time": "10:00"}
     assert backlog[0].age_s >= 1200 - 5
+
+
+async def test_a_receipt_that_overtakes_its_send_is_kept_and_applied_with_it(world: World) -> None:
+    req = request(world.a)
+    await world.db.run_unit(accept_async, req)
+    early = Receipt(
+        provider="ghasi", state=DeliveryState.DELIVERED, client_ref=str(req.dispatch_id),
+        tenant_id=world.a,
+    )  # fmt: skip
+    # Twice, as from two DLR workers: kept once, no deadlock, the row still queued.
+    report = await world.db.run_unit(apply_receipts_async, [early, early])
+    assert (report.early, report.duplicates, report.applied) == (1, 1, 0)
+    assert (await status_of(world, req.dispatch_id))["status"] == "queued"
+    again = await world.db.run_unit(apply_receipts_async, [early])
+    assert again.early == 1  # the stash takes it once (ON CONFLICT DO NOTHING)
+    results = await world.db.run_unit(
+        record_outcome_async,
+        world.a,
+        [
+            Transition(
+                req.dispatch_id, DispatchStatus.DISPATCHED, provider="ghasi", provider_ref="m1"
+            )
+        ],
+    )
+    assert [r.outcome for r in results] == [TransitionOutcome.APPLIED]
+    assert (await status_of(world, req.dispatch_id))["status"] == "delivered"
+    assert [s for s, _ in await events(world, req.dispatch_id)][-2:] == [
+        "triage.events.dispatch.dispatched",
+        "triage.events.dispatch.delivered",
+    ]
+    late = await world.db.run_unit(apply_receipts_async, [early])
+    assert (late.duplicates, late.early) == (1, 0)
