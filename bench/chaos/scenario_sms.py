@@ -16,8 +16,9 @@ emulator then:
 2. **hang**: takes the message, then never answers (``hang_after_accept``). Only
    the breaker's half-open probes reach it: a probe times out on the guard's
    ``timeout_s``, the status query finds the message taken, the dispatch stays
-   with Ghasi -- no failover, no duplicate. The probe's delivery report is held
-   until its row is written (see ``hold_hung_receipts`` of :func:`run_scenario`);
+   with Ghasi -- no failover, no duplicate. The probe's delivery report overtakes
+   the settle (it comes before the guard's timeout): the daemon keeps it and
+   applies it when the row is written ``dispatched``;
 3. **down**: the port closes (connection refused) -- probes fail at once;
 4. **recovery**: the port comes back, faults cleared. The breaker half-opens and
    closes, new sends go to Ghasi again, the detector clears.
@@ -151,15 +152,14 @@ async def _wait(max_s: float, done: Any) -> bool:
     return False
 
 
-async def run_scenario(ctx: ChaosContext, *, hold_hung_receipts: bool = True) -> Outcome:
+async def run_scenario(ctx: ChaosContext, *, hold_hung_receipts: bool = False) -> Outcome:
     """Scenario 1 (see the module docstring).
 
     ``hold_hung_receipts`` holds the hung probes' receipts until their rows are written
     ``dispatched`` (a gateway whose delivery report comes after the client's timeout and
-    status query). False lets the receipt race the settle: with ``[emulators]
-    receipt_delay_s`` shorter than the guard's ``timeout_s``, the receipt arrives while the
-    row is still ``queued``, the status machine refuses it, and the row stays
-    ``dispatched`` for good (reported to the lead as a daemon gap).
+    status query). By default the receipt races the settle: with ``[emulators]
+    receipt_delay_s`` shorter than the guard's ``timeout_s`` it arrives while the row is
+    still ``queued``; the daemon keeps it (``early_receipts``) and applies it with the send.
     """
     timing = QUICK if ctx.quick else FULL
     detector = alert_name(ctx.catalog.row(ROW)) + f"_{PRIMARY}"
