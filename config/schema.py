@@ -384,6 +384,8 @@ class EmulatorsConfig(_Section, frozen=True, kw_only=True):
     enabled: bool = False
     host: Name = "127.0.0.1"
     receipt_delay_s: NonNegativeFloat = 0.2  # an accepted message's receipt follows this late
+    receipt_attempts: PositiveInt = 5  # a refused receipt (429, 5xx) is re-sent, as gateways do
+    receipt_retry_s: PositiveFloat = 0.5  # first wait before a re-send, doubling
     seed_demo: bool = False  # ensure the demo tenant and its templates (supervisors.demo)
 
 

@@ -237,6 +237,10 @@ async def open_emulators(config: TriageConfig) -> AsyncIterator[Emulated]:
         )
         smtp = SmtpEmulator(bounce_secret=bounce_secret, bounce_delay_s=delay)
         await stack.enter_async_context(serve_smtp_emulator(smtp, host=host, port=0))
+        http_emulators: tuple[Emulator, ...] = (ghasi, twilio, fcm, apns)
+        for each in http_emulators:
+            each.receipt_attempts = settings.receipt_attempts
+            each.receipt_retry_s = settings.receipt_retry_s
         endpoints = Endpoints(
             ghasi_url=servers["ghasi"].url,
             ghasi_api_key=ghasi_key,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from bench.perf import actors, relay
+from bench.perf import actors, dispatch, relay
 from bench.perf.common import Result, render_table
 
 SuiteRunner = Callable[[bool, int, Callable[[str], None] | None], list[Result]]
@@ -34,7 +34,12 @@ def _relay(quick: bool, repeat: int, progress: Callable[[str], None] | None) -> 
     return relay.run_suite(1_000 if quick else 20_000, repeat=repeat, progress=progress)
 
 
-SUITES: dict[str, SuiteRunner] = {"actors": _actors, "relay": _relay}
+def _dispatch(quick: bool, repeat: int, progress: Callable[[str], None] | None) -> list[Result]:
+    sizes = dispatch.Sizes.quick() if quick else dispatch.Sizes.full()
+    return dispatch.run_suite(sizes, repeat=repeat, progress=progress)
+
+
+SUITES: dict[str, SuiteRunner] = {"actors": _actors, "dispatch": _dispatch, "relay": _relay}
 
 
 class Report(msgspec.Struct):

@@ -483,9 +483,14 @@ async def apply_receipts_async(pool: Pool, receipts: Iterable[Receipt]) -> Recei
             report.unknown += 1
             continue
         by_tenant.setdefault(tenant, []).append(receipt)
-    for tenant, batch in by_tenant.items():
-        async with pool.acquire() as conn, tenant_transaction(conn, tenant):
-            await _apply_tenant_receipts(conn, batch, report)
+    if not by_tenant:
+        return report
+    # One connection for the batch (a transaction per tenant on it): a batch spanning
+    # many tenants waits for the pool once, not once per tenant behind the accepts.
+    async with pool.acquire() as conn:
+        for tenant, batch in by_tenant.items():
+            async with tenant_transaction(conn, tenant):
+                await _apply_tenant_receipts(conn, batch, report)
     return report
 
 

@@ -201,6 +201,10 @@ class Emulator:
         self.messages: dict[str, StoredMessage] = {}
         self.by_provider_ref: dict[str, StoredMessage] = {}
         self.receipts_sent = 0
+        #: automatic receipts are re-sent on no answer / 429 / 5xx (see _receipt_later)
+        self.receipt_attempts = 5
+        self.receipt_retry_s = 0.5
+        self.receipt_retries = 0
         self.receipt_statuses: Counter[int] = Counter()
         self._faults_changed = trio.Event()
         self._activity = trio.Event()
@@ -246,6 +250,7 @@ class Emulator:
             "duplicates": self.duplicates(),
             "messages": len(self.messages),
             "receipts_sent": self.receipts_sent,
+            "receipt_retries": self.receipt_retries,
             "receipt_statuses": {str(k): v for k, v in self.receipt_statuses.items()},
             "faults": msgspec.to_builtins(self.faults),
         }
@@ -352,8 +357,19 @@ class Emulator:
             self._nursery.start_soon(self._receipt_later, message, state, delay_s)
 
     async def _receipt_later(self, message: StoredMessage, state: str, delay_s: float) -> None:
+        """An automatic receipt, re-sent like a real gateway re-sends its DLRs: on no
+        answer, a 429 or a 5xx, up to ``receipt_attempts`` times, waiting
+        ``receipt_retry_s`` and doubling."""
         await trio.sleep(delay_s)
-        await self._post_receipt(message, state)
+        wait = self.receipt_retry_s
+        for attempt in range(1, self.receipt_attempts + 1):
+            status = await self._post_receipt(message, state)
+            if not (status == 0 or status == 429 or status >= 500):
+                return
+            if attempt < self.receipt_attempts:
+                self.receipt_retries += 1
+                await trio.sleep(wait)
+                wait *= 2
 
     async def emit_receipt(self, reference: str, state: str | None = None) -> int:
         """Send the receipt for the message with this client reference now (held while

@@ -126,3 +126,29 @@ def test_result_keeps_the_best_sample_of_each_side() -> None:
     assert smaller.target == "value <= 8192"
     assert "MISSED" in render_table("actors", [faster])
     assert "ok" in render_table("actors", [smaller]).split()
+
+
+def test_dispatch_suite_is_registered() -> None:
+    from bench.perf.__main__ import SUITES
+
+    assert {"actors", "dispatch", "relay"} <= set(SUITES)
+
+
+def test_dispatch_suite_tiny_run_delivers_and_fails_over() -> None:
+    """Both contenders and the failover trials once, tiny: the shape and the counts."""
+    from bench.perf import dispatch
+
+    results = dispatch.run_suite(dispatch.Sizes(n=20, trials=2), repeat=1)
+    assert [r.name for r in results] == ["dispatch", "failover_p50", "failover_p99"]
+    throughput, p50, p99 = results
+    assert throughput.unit == "dispatches/s" and p50.unit == p99.unit == "s"
+    assert throughput.value > 0 and throughput.baseline_value > 0
+    assert throughput.ratio == pytest.approx(throughput.value / throughput.baseline_value)
+    assert throughput.details["naive_lost"] == 0  # the naive loop delivered all 20
+    assert throughput.details["duplicates"] == 0
+    assert throughput.details["ours_secondary"] == 0  # no fault: nothing failed over
+    assert p99.details["trials"] == 2
+    assert p99.details["missed"] == 0  # every trial reached the secondary
+    assert p99.details["lost"] == 0 and p99.details["duplicates"] == 0
+    assert 0 < p50.value <= p99.value < math.inf
+    assert p99.target == "value <= 1"
