@@ -270,6 +270,7 @@ class Job:
     throttled: bool = False
     possible_duplicate: bool = False
     unsettled_provider: str | None = None
+    resumed: bool = False  # from the backlog: it may have been sent before a crash
 
 
 @dataclass(slots=True)
@@ -433,7 +434,8 @@ class ChannelDispatcher:
             data=job.data,
         )
         self.stats.sent += 1
-        outcome = await failover.attempt(message)
+        outcome = await failover.attempt(message, probe=job.resumed)
+        job.resumed = False  # asked once; a requeue from here on is ours
         if outcome.kind is OutcomeKind.QUEUED:
             if outcome.possible_duplicate:
                 job.possible_duplicate = True
@@ -699,6 +701,7 @@ class DispatchService:
                 data=row.data,
                 accepted_at=now - row.age_s,
                 throttled=row.category_state is BlockState.THROTTLED,
+                resumed=True,
             )
             try:
                 if dispatcher.offer(job):

@@ -259,9 +259,31 @@ class Failover:
                 )
             await trio.sleep_until(now + self.requeue_after_s)
 
-    async def attempt(self, message: Message) -> Outcome:
+    async def attempt(self, message: Message, *, probe: bool = False) -> Outcome:
         """Rounds over the routes until one takes the message, the message is refused,
-        or the ``rounds`` policy is spent (QUEUED, ``retry_at`` set)."""
+        or the ``rounds`` policy is spent (QUEUED, ``retry_at`` set).
+
+        ``probe``: the message may have been sent before (a dispatch resumed after a
+        crash between the send and its record): every provider that answers status
+        queries is asked first, and one that already took it ends the attempt with
+        nothing sent again. A provider that cannot tell is sent to as usual."""
+        if probe:
+            for route in self.routes:
+                settle, answer_ref = await self._settle(route, message)
+                if settle is _Settle.TAKEN:
+                    self.stats.settled_taken += 1
+                    return Outcome(
+                        kind=OutcomeKind.DISPATCHED,
+                        provider=route.adapter.name,
+                        provider_ref=answer_ref,
+                    )
+                if settle is _Settle.GONE:
+                    return Outcome(
+                        kind=OutcomeKind.UNDELIVERABLE,
+                        provider=route.adapter.name,
+                        reason="recipient_gone",
+                        recipient_gone=True,
+                    )
         return await self._attempt(message, [])
 
     # -- rounds ---------------------------------------------------------------------------

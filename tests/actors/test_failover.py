@@ -347,3 +347,27 @@ async def test_guards_that_retry_are_refused(autojump_clock: MockClock) -> None:
             requeue_after_s=1.0,
             give_up_after_s=1.0,
         )
+
+
+async def test_a_resumed_message_is_probed_first_and_not_sent_again(
+    autojump_clock: MockClock,
+) -> None:
+    # Taken before a crash (the primary says so): nothing is sent again.
+    taken = StatusAnswer(state=DeliveryState.ACCEPTED, provider_ref="g-7")
+    primary, secondary = FakeAdapter("ghasi", status=taken), FakeAdapter("twilio")
+    outcome = await failover(primary, secondary).attempt(MESSAGE, probe=True)
+    assert (outcome.kind, outcome.provider, outcome.provider_ref) == (
+        OutcomeKind.DISPATCHED, "ghasi", "g-7"
+    )  # fmt: skip
+    assert primary.sent == [] and secondary.sent == []
+    # Not taken anywhere (or a provider that cannot tell): sent as usual, no flag.
+    not_found = StatusAnswer(state=DeliveryState.NOT_FOUND)
+    primary, secondary = FakeAdapter("ghasi", status=not_found), FakeAdapter("twilio")
+    outcome = await failover(primary, secondary).attempt(MESSAGE, probe=True)
+    assert outcome.kind is OutcomeKind.DISPATCHED and outcome.provider == "ghasi"
+    assert len(primary.sent) == 1 and not outcome.possible_duplicate
+    assert (primary.status_calls, secondary.status_calls) == (1, 1)
+    # Without probe (a fresh dispatch) nobody is asked.
+    primary = FakeAdapter("ghasi", status=taken)
+    await failover(primary, FakeAdapter("twilio")).attempt(MESSAGE)
+    assert primary.status_calls == 0 and len(primary.sent) == 1
