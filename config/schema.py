@@ -303,8 +303,13 @@ class DatabaseConfig(_Section, frozen=True, kw_only=True):
 
 
 class RelayConfig(_Section, frozen=True, kw_only=True):
-    """The transactional outbox relay: batches from PostgreSQL to JetStream."""
+    """The transactional outbox relay: batches from PostgreSQL to JetStream.
 
+    ``enabled = false`` runs a replica without a relay (another replica relays: they
+    share the outbox through SKIP LOCKED); events then wait in the outbox.
+    """
+
+    enabled: bool = True
     stream: Annotated[str, msgspec.Meta(min_length=1)] = "TRIAGE_EVENTS"
     subjects: Annotated[str, msgspec.Meta(min_length=1)] = "triage.events.>"
     dlq_subject: Annotated[str, msgspec.Meta(min_length=1)] = "triage.dlq.outbox"
@@ -547,6 +552,7 @@ class DlrConfig(_Section, frozen=True, kw_only=True):
     scale_down_after_s: PositiveFloat = 30.0  # an idle extra worker stops after this
     ack_timeout_s: PositiveFloat = 2.0
     batch_max: PositiveInt = 100
+    db_units: PositiveInt = 3  # pooled connections receipts may hold at once (of database.pool_max)
 
     def __post_init__(self) -> None:
         if self.workers_min > self.workers_max:

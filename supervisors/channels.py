@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
+import trio
 
 from actors.bounce_tracker import BounceTracker, DbBlockStore
 from actors.dispatch_commands import DispatchCommands, DispatchRequest
@@ -148,14 +149,20 @@ class ReceiptApplier:
     server goes on trying; only the bounce tracker hears of it.
     """
 
-    def __init__(self, backbone: Backbone, tracker: BounceTracker | None) -> None:
+    def __init__(
+        self, backbone: Backbone, tracker: BounceTracker | None, *, db_units: int
+    ) -> None:
         self.db = backbone.pool
         self.tracker = tracker
+        # However many DLR workers run, receipts hold at most this many pooled
+        # connections: a receipt flood never starves the accepts and the sends.
+        self.limiter = trio.CapacityLimiter(db_units)
 
     async def apply(self, receipts: Sequence[Receipt]) -> None:
         final = [r for r in receipts if r.permanent or r.state is not DeliveryState.FAILED]
         if final:
-            await self.db.run_unit(apply_receipts_async, final)
+            async with self.limiter:
+                await self.db.run_unit(apply_receipts_async, final)
         if self.tracker is not None:
             for receipt in receipts:
                 if receipt.provider in _BOUNCE_PROVIDERS and receipt.state in _BOUNCES:
@@ -505,7 +512,7 @@ def build_channels(
         channels_supervisor=engine_kwargs(config.supervisors["providers"]),
     )
     submitter = Submitter(service)
-    sink = ReceiptApplier(backbone, tracker)
+    sink = ReceiptApplier(backbone, tracker, db_units=config.dlr.db_units)
 
     # Row 13: the DLR and bounce webhooks.
     dlr = config.dlr

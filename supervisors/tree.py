@@ -291,6 +291,8 @@ def build_tree(
     )
     with_channels = backbone is not None and endpoints is not None
     rows = live_rows(catalog, backbone=backbone is not None, channels=with_channels)
+    if not config.relay.enabled:  # its rows (lag, crash loop) belong to the replica that relays
+        rows = [r for r in rows if r.owner != "outbox_relay"]
     # The channels build their rows' detectors themselves (row 1: one per provider).
     detectors = build_detectors(
         config, [r for r in rows if r.id not in CHANNEL_ROWS], runtime, catalog
@@ -367,12 +369,18 @@ def build_tree(
             ),
             # The relay under its own intensity ([supervisors.relay]): a poison event
             # costs it a restart or two, never the root's budget (row 9).
-            Supervisor(
-                "relay",
-                [relay.child_spec(shutdown_s=child_shutdown_s)],
-                **engine_kwargs(config.supervisors["relay"]),
-                runtime=runtime,
-            ).child_spec(),
+            *(
+                [
+                    Supervisor(
+                        "relay",
+                        [relay.child_spec(shutdown_s=child_shutdown_s)],
+                        **engine_kwargs(config.supervisors["relay"]),
+                        runtime=runtime,
+                    ).child_spec()
+                ]
+                if config.relay.enabled
+                else []
+            ),
             ChildSpec(
                 id="idempotency",
                 start=store.run,

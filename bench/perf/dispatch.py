@@ -150,7 +150,12 @@ class FailoverKnobs:
 
 def bench_config(postgres_url: str | None = None) -> config.TriageConfig:
     """``config/default.toml`` with the emulators on, a free port and, when given,
-    the PostgreSQL the bench started (``FAST_POSTGRES``) instead of the daemon's own."""
+    the PostgreSQL the bench started (``FAST_POSTGRES``) instead of the daemon's own.
+
+    The outbox relay is off (``[relay] enabled = false``, a replica that leaves the
+    relaying to another): the naive loop writes the same outbox rows and publishes
+    none, so both sides do the same I/O; the relay's own throughput is
+    ``bench.perf relay``."""
     cfg = config.load_config(config.default_path("default.toml"))
     services = cfg.services
     if postgres_url is not None:
@@ -159,6 +164,7 @@ def bench_config(postgres_url: str | None = None) -> config.TriageConfig:
         cfg,
         daemon=msgspec.structs.replace(cfg.daemon, port=0, log_level="warning"),
         emulators=msgspec.structs.replace(cfg.emulators, enabled=True),
+        relay=msgspec.structs.replace(cfg.relay, enabled=False),
         services=services,
     )
 

@@ -46,6 +46,7 @@ import asyncpg
 
 from providers.channel import DeliveryState, Receipt
 from providers.db.categories import BlockState, mark_dead_in
+from providers.db.roles import TENANT_SETTING
 from providers.db.tenancy import run_as_relay, run_in_tenant, tenant_transaction
 
 if TYPE_CHECKING:
@@ -400,6 +401,8 @@ def _uuid(text: str | None) -> uuid.UUID | None:
         return None
 
 
+_SET_TENANT = f"SELECT pg_catalog.set_config('{TENANT_SETTING}', $1, true)"
+
 _EARLY_INSERT = """
 INSERT INTO early_receipts (tenant_id, dispatch_id, state, reason, provider, provider_ref)
 VALUES (current_tenant_id(), $1, $2, $3, $4, $5)
@@ -485,12 +488,16 @@ async def apply_receipts_async(pool: Pool, receipts: Iterable[Receipt]) -> Recei
         by_tenant.setdefault(tenant, []).append(receipt)
     if not by_tenant:
         return report
-    # One connection for the batch (a transaction per tenant on it): a batch spanning
-    # many tenants waits for the pool once, not once per tenant behind the accepts.
-    async with pool.acquire() as conn:
-        for tenant, batch in by_tenant.items():
-            async with tenant_transaction(conn, tenant):
-                await _apply_tenant_receipts(conn, batch, report)
+    # One connection and one transaction for the batch, the tenant switched before each
+    # tenant's receipts (the setting is transaction-local, RLS reads it per statement):
+    # a batch spanning many tenants costs one BEGIN/COMMIT, not one per tenant.
+    tenants = iter(by_tenant.items())
+    first, first_batch = next(tenants)
+    async with pool.acquire() as conn, tenant_transaction(conn, first):
+        await _apply_tenant_receipts(conn, first_batch, report)
+        for tenant, batch in tenants:
+            await conn.execute(_SET_TENANT, str(tenant))
+            await _apply_tenant_receipts(conn, batch, report)
     return report
 
 
