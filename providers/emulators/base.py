@@ -363,8 +363,8 @@ class Emulator:
         await trio.sleep(delay_s)
         wait = self.receipt_retry_s
         for attempt in range(1, self.receipt_attempts + 1):
-            status = await self._post_receipt(message, state)
-            if not (status == 0 or status == 429 or status >= 500):
+            status = await self._deliver_receipt(message, state)
+            if status is None or not (status == 0 or status == 429 or status >= 500):
                 return
             if attempt < self.receipt_attempts:
                 self.receipt_retries += 1
@@ -406,12 +406,18 @@ class Emulator:
             slots.release()
 
     async def _post_receipt(self, message: StoredMessage, state: str) -> int:
+        status = await self._deliver_receipt(message, state)
+        return 0 if status is None else status
+
+    async def _deliver_receipt(self, message: StoredMessage, state: str) -> int | None:
+        """Post the receipt; its HTTP status (0: no answer), None when it went no HTTP
+        way (a subclass delivered it in process, e.g. a feedback subscription)."""
         while self.faults.receipts_paused:
             await self._faults_changed.wait()
         message.status = state
         post = self.receipt_for(message, state)
         if post is None or self._http is None:
-            return 0
+            return None
         try:
             answer = await self._http.post(
                 post.url, content=post.content, headers=dict(post.headers)

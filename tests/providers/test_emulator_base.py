@@ -297,3 +297,19 @@ async def test_control_route_emits_a_receipt() -> None:
                 f"{server.url}/_emulator/receipts", json={"reference": "t:9"}
             )
             assert missing.status_code == 404
+
+
+async def test_a_refused_automatic_receipt_is_sent_again_like_a_gateway_does() -> None:
+    sink = Sink()
+    sink.answer = 503
+    async with serve_emulator(sink) as sink_server:
+        toy = ToyEmulator("toy", receipt_url=f"{sink_server.url}/dlr")
+        toy.receipt_attempts, toy.receipt_retry_s = 3, 0.05
+        async with serve_emulator(toy) as server, httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+            await send(client, server, "k1", "t:1")
+            await toy.wait_until(lambda: toy.receipts_sent == 2)
+            sink.answer = 200  # the receiver is back: the third try lands, no fourth
+            await toy.wait_until(lambda: toy.receipts_sent == 3)
+            await trio.sleep(0.3)
+            assert toy.receipt_statuses == {503: 2, 200: 1} and toy.receipt_retries == 2
+            assert len(sink.bodies) == 3
