@@ -310,6 +310,7 @@ class RelayConfig(_Section, frozen=True, kw_only=True):
     """
 
     enabled: bool = True
+    pool_size: PositiveInt = 1  # the relay's own connections (never the daemon's pool)
     stream: Annotated[str, msgspec.Meta(min_length=1)] = "TRIAGE_EVENTS"
     subjects: Annotated[str, msgspec.Meta(min_length=1)] = "triage.events.>"
     dlq_subject: Annotated[str, msgspec.Meta(min_length=1)] = "triage.dlq.outbox"

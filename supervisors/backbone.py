@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from urllib.parse import urlsplit
 
+import msgspec
 import trio
 
 from config import TriageConfig
@@ -98,6 +99,8 @@ class Backbone:
     nats: jetstream.JetStreamClient
     #: The read replica's pool, when ``postgres_replica_url`` is configured.
     replica: DbPool | None
+    #: The outbox relay's own pool (``[relay] pool_size``), when the relay is enabled.
+    relay_pool: DbPool | None
     redis: RedisCache | None
     migrated: list[str]
     #: Trio time by which the close must be done (the daemon sets it when a drain starts).
@@ -179,6 +182,16 @@ async def open_backbone(
                         "elapsed_s": round(time.monotonic() - began, 3),
                     },
                 )
+                # The relay's own small pool: it never queues behind the daemon's
+                # writers for a connection (under load that made events wait in the
+                # outbox long enough to look like a NATS outage, row 6).
+                relay_pool: DbPool | None = None
+                if config.relay.enabled:
+                    relay_db = msgspec.structs.replace(
+                        database, pool_min=config.relay.pool_size, pool_max=config.relay.pool_size
+                    )
+                    with guard.step():
+                        relay_pool = await stack.enter_async_context(open_pool(url, relay_db))
                 replica: DbPool | None = None
                 if services.postgres_replica_url is not None:
                     replica_url = postgres_url_with(
@@ -206,6 +219,7 @@ async def open_backbone(
                 backbone = Backbone(
                     services=services,
                     pool=pool,
+                    relay_pool=relay_pool,
                     replica=replica,
                     nats=nats,
                     redis=redis,

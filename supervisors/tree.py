@@ -463,8 +463,9 @@ def build_relay(
     )
     lag = _row_detector(rows, detectors, 6, AgeOfNewestDetector)
     restarts = _row_detector(rows, detectors, 9, CountInWindowDetector)
+    pool = backbone.relay_pool if backbone.relay_pool is not None else backbone.pool
     return OutboxRelay(
-        pool=backbone.pool.asyncpg_pool,
+        pool=pool.asyncpg_pool,
         client=backbone.nats,
         config=config.relay,
         breaker=breaker,

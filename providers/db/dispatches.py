@@ -414,13 +414,15 @@ RETURNING state, reason, provider, provider_ref, received_at
 """
 
 
-async def _apply_tenant_receipts(
-    conn: Connection, receipts: Sequence[Receipt], report: ReceiptReport
+async def _resolve_receipts(
+    conn: Connection,
+    tenant: uuid.UUID,
+    receipts: Sequence[Receipt],
+    report: ReceiptReport,
+    resolved: dict[tuple[uuid.UUID, DispatchStatus], tuple[uuid.UUID, Receipt]],
 ) -> None:
-    # Resolve every receipt to its dispatch first, then lock the rows in one order
-    # (by id): two workers applying overlapping batches (a provider re-sending its
-    # receipts) can then never deadlock. A batch's repeats of one receipt are one.
-    resolved: dict[tuple[uuid.UUID, DispatchStatus], Receipt] = {}
+    """Each receipt's dispatch (by client_ref, else provider_ref under ``tenant``);
+    a batch's repeats of one receipt count once."""
     for receipt in receipts:
         status = _RECEIPT_STATUS[receipt.state]
         dispatch_id = _uuid(receipt.client_ref)
@@ -434,8 +436,24 @@ async def _apply_tenant_receipts(
         if (dispatch_id, status) in resolved:
             report.duplicates += 1
             continue
-        resolved[(dispatch_id, status)] = receipt
-    for (dispatch_id, status), receipt in sorted(resolved.items(), key=lambda kv: kv[0][0]):
+        resolved[(dispatch_id, status)] = (tenant, receipt)
+
+
+async def _apply_resolved(
+    conn: Connection,
+    resolved: dict[tuple[uuid.UUID, DispatchStatus], tuple[uuid.UUID, Receipt]],
+    report: ReceiptReport,
+    tenant: uuid.UUID | None,
+) -> None:
+    # One lock order for every batch, whatever its tenants (by dispatch id): two DLR
+    # workers applying overlapping batches (a provider re-sending its receipts) can
+    # then never deadlock. The tenant setting follows the receipt being applied.
+    for (dispatch_id, status), (owner, receipt) in sorted(
+        resolved.items(), key=lambda kv: kv[0][0]
+    ):
+        if owner != tenant:
+            await conn.execute(_SET_TENANT, str(owner))
+            tenant = owner
         reason = None if status is DispatchStatus.DELIVERED else (receipt.reason or str(status))
         result = await _transition(conn, dispatch_id, status, reason, None, None, False)
         if result.outcome is TransitionOutcome.APPLIED:
@@ -493,11 +511,15 @@ async def apply_receipts_async(pool: Pool, receipts: Iterable[Receipt]) -> Recei
     # a batch spanning many tenants costs one BEGIN/COMMIT, not one per tenant.
     tenants = iter(by_tenant.items())
     first, first_batch = next(tenants)
+    resolved: dict[tuple[uuid.UUID, DispatchStatus], tuple[uuid.UUID, Receipt]] = {}
     async with pool.acquire() as conn, tenant_transaction(conn, first):
-        await _apply_tenant_receipts(conn, first_batch, report)
+        await _resolve_receipts(conn, first, first_batch, report, resolved)
+        current = first
         for tenant, batch in tenants:
             await conn.execute(_SET_TENANT, str(tenant))
-            await _apply_tenant_receipts(conn, batch, report)
+            current = tenant
+            await _resolve_receipts(conn, tenant, batch, report, resolved)
+        await _apply_resolved(conn, resolved, report, current)
     return report
 
 
@@ -689,7 +711,10 @@ async def _record_outcome(
 ) -> list[TransitionResult]:
     results = await _transitions(conn, steps)
     for step, result in zip(steps, results, strict=True):
-        if result.outcome is TransitionOutcome.APPLIED and result.old_status is DispatchStatus.QUEUED:
+        if (
+            result.outcome is TransitionOutcome.APPLIED
+            and result.old_status is DispatchStatus.QUEUED
+        ):
             await _apply_early(conn, step.dispatch_id)
     if dead is not None:
         await mark_dead_in(conn, dead.channel, dead.recipient, dead.reason)

@@ -605,7 +605,7 @@ async def serve_emulator(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    receipt_timeout_s: float = 5.0,
+    receipt_timeout_s: float = 15.0,
     keep_alive_timeout_s: float = 5.0,
     receipt_client: httpx.AsyncClient | None = None,
     backlog: int = 128,
@@ -617,8 +617,10 @@ async def serve_emulator(
     ``receipt_timeout_s`` (or with ``receipt_client``, which the caller owns).
     """
     async with contextlib.AsyncExitStack() as stack:
+        # A gateway queues its outgoing receipts: waiting for a free connection is not
+        # a failed post (no pool timeout); the answer gets ``receipt_timeout_s``.
         http = receipt_client or await stack.enter_async_context(
-            httpx.AsyncClient(timeout=receipt_timeout_s)
+            httpx.AsyncClient(timeout=httpx.Timeout(receipt_timeout_s, pool=None))
         )
         nursery = await stack.enter_async_context(trio.open_nursery())
         server = EmulatorServer(
