@@ -349,7 +349,11 @@ class Failover:
                 self.stats.failovers += 1
             name = route.adapter.name
             try:
-                accepted: Accepted = await route.guard.call(route.adapter.send, message)
+                # Keyed by tenant: the rate limit is per tenant ([rate_limits.tenant_sends])
+                # and one tenant holds at most a partition of the provider's bulkhead.
+                accepted: Accepted = await route.guard.call(
+                    route.adapter.send, message, key=message.tenant_id
+                )
             except CircuitOpen as exc:
                 # The provider is known down: the call failed as surely as a refused
                 # connection. Counting it keeps the row-1 ratio high while the outage

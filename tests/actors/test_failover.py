@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
@@ -371,3 +372,23 @@ async def test_a_resumed_message_is_probed_first_and_not_sent_again(
     primary = FakeAdapter("ghasi", status=taken)
     await failover(primary, FakeAdapter("twilio")).attempt(MESSAGE)
     assert primary.status_calls == 0 and len(primary.sent) == 1
+
+
+async def test_the_send_rate_limit_is_per_tenant(autojump_clock: MockClock) -> None:
+    from engine.ratelimit import RateLimiter
+
+    primary, secondary = FakeAdapter("ghasi"), FakeAdapter("twilio")
+    limited = guard("ghasi")
+    limited.rate_limiter = RateLimiter("ghasi", rate_per_s=0.001, burst=1, max_keys=10)
+    fo = Failover(
+        "sms", [Route(primary, limited), Route(secondary, guard("twilio"))], rounds=rounds(),
+        status_timeout_s=0.5, requeue_after_s=10.0, give_up_after_s=20.0,
+    )  # fmt: skip
+    other_tenant = msgspec.structs.replace(MESSAGE, tenant_id="t-2", client_ref="d-2")
+    second_of_t1 = msgspec.structs.replace(MESSAGE, client_ref="d-3")
+    # One token per tenant: each tenant's first send goes through the primary; the
+    # same tenant's second is refused there (our own limit: not a provider failure).
+    assert (await fo.attempt(MESSAGE)).provider == "ghasi"
+    assert (await fo.attempt(other_tenant)).provider == "ghasi"
+    assert (await fo.attempt(second_of_t1)).provider == "twilio"
+    assert fo.stats.per_provider["ghasi"] == [0, 2]

@@ -110,6 +110,10 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             assert [m.msg_id for m in stored] == [str(event_id)]
             # Queries run as the daemon's role, never the owner URL's.
             assert await backbone.pool.run_unit(_whoami) == ("triage_daemon", 3)
+            # The relay has a pool of its own, as the daemon's role too.
+            assert backbone.relay_pool is not None and backbone.relay_pool is not backbone.pool
+            assert await backbone.relay_pool.run_unit(_whoami) == ("triage_daemon", 3)
+            assert tree.relay is not None and tree.relay.pool is backbone.relay_pool.asyncpg_pool
 
             # The probe's breaker open: unready, named; closed again: ready.
             assert tree.db_health is not None
