@@ -20,41 +20,15 @@ from actors.dispatch_commands import (
     CommandsState,
     DispatchCommands,
     DispatchRequest,
-    SubmitResult,
 )
 from engine.errors import BulkheadFull
 from providers import jetstream
 from providers.bridge import run
 from providers.channel import ChannelName
+from tests.fakes import Submitter, Typed
 
 TENANT = "6f1c2f1e-4a8b-4c36-9d76-0e4f7a1b2c3d"
 MAX_BODY = 1024
-
-
-class Typed(Exception):
-    def __init__(self, code: str, http_status: int) -> None:
-        super().__init__(f"{code} happened")
-        self.code = code
-        self.http_status = http_status
-
-
-class Submitter:
-    def __init__(self) -> None:
-        self.seen: list[DispatchRequest] = []
-        self.by_key: dict[str, SubmitResult] = {}
-        self.error: Exception | None = None
-
-    async def submit(self, request: DispatchRequest) -> SubmitResult:
-        await trio.lowlevel.checkpoint()
-        if self.error is not None:
-            raise self.error
-        self.seen.append(request)
-        known = self.by_key.get(request.idempotency_key)
-        if known is not None:
-            return SubmitResult(dispatch_id=known.dispatch_id, status=known.status, replay=True)
-        result = SubmitResult(dispatch_id=f"d{len(self.by_key) + 1}", status="queued")
-        self.by_key[request.idempotency_key] = result
-        return result
 
 
 def command(**changes: Any) -> bytes:

@@ -13,47 +13,17 @@ import trio
 from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, ConnectionState, HTTPScope
 from prometheus_client import CollectorRegistry
 
-from actors.dispatch_commands import DispatchRequest, SubmitResult
+from actors.dispatch_commands import DispatchRequest
 from actors.idempotency import IdempotencyConflict
 from engine.errors import BulkheadFull, ProviderUnavailable, RateLimitExceeded
 from providers.channel import ChannelName
 from supervisors.dispatch_api import DispatchApi
 from supervisors.http import HealthApp, HttpServer
+from tests.fakes import Submitter, Typed
 
 TENANT = "6f1c2f1e-4a8b-4c36-9d76-0e4f7a1b2c3d"
 MAX_BODY = 1024
 RETRY_AFTER_S = 2.5
-
-
-class Typed(Exception):
-    """An error in the dispatcher's convention (``code`` + ``http_status``)."""
-
-    def __init__(self, code: str, http_status: int, *, field: str | None = None) -> None:
-        super().__init__(f"{code} happened")
-        self.code = code
-        self.http_status = http_status
-        self.field = field
-
-
-class Submitter:
-    """Remembers what it was given; answers replays of a key with the first answer."""
-
-    def __init__(self) -> None:
-        self.seen: list[DispatchRequest] = []
-        self.by_key: dict[str, SubmitResult] = {}
-        self.error: Exception | None = None
-
-    async def submit(self, request: DispatchRequest) -> SubmitResult:
-        await trio.lowlevel.checkpoint()
-        if self.error is not None:
-            raise self.error
-        self.seen.append(request)
-        known = self.by_key.get(request.idempotency_key)
-        if known is not None:
-            return SubmitResult(dispatch_id=known.dispatch_id, status=known.status, replay=True)
-        result = SubmitResult(dispatch_id=f"d{len(self.by_key) + 1}", status="queued")
-        self.by_key[request.idempotency_key] = result
-        return result
 
 
 def body(**changes: Any) -> dict[str, Any]:
