@@ -409,12 +409,18 @@ class GhasiConfig(_Section, frozen=True, kw_only=True):
     auth_scheme: str = "Bearer"
     idempotency_header: Name = "Idempotency-Key"
     sender: Name = "TRIAGE"
-    field_to: Name = "to"
-    field_text: Name = "text"
-    field_sender: Name = "sender"
-    field_ref: Name = "client_ref"
-    field_message_id: Name = "message_id"
-    field_status: Name = "status"
+    # The wire's names (providers.ghasi.GhasiWire, field by field): JSON fields of the
+    # send, the answer and the receipt, and the receipt's signature headers.
+    to_field: Name = "to"
+    text_field: Name = "text"
+    sender_field: Name = "sender"
+    ref_field: Name = "client_ref"
+    id_field: Name = "message_id"
+    status_field: Name = "status"
+    error_field: Name = "error_code"
+    timestamp_field: Name = "timestamp"
+    signature_header: Name = "X-Ghasi-Signature"
+    timestamp_header: Name = "X-Ghasi-Timestamp"
 
 
 class TwilioConfig(_Section, frozen=True, kw_only=True):

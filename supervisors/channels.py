@@ -82,7 +82,7 @@ from providers.push_feedback import FeedbackSource
 from providers.smtp import SmtpAdapter
 from providers.twilio import TwilioAdapter, parse_twilio_receipt
 from supervisors.dispatch_api import DispatchApi
-from supervisors.emulated import Endpoints
+from supervisors.emulated import Endpoints, ghasi_wire
 
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
@@ -225,7 +225,6 @@ class Channels:
     sources: list[FeedbackSource] = field(default_factory=list)
     specs: list[ChildSpec] = field(default_factory=list)
     mounts: dict[str, ASGIFramework] = field(default_factory=dict)
-    callback_base: list[str] = field(default_factory=list)
 
     def set_public_base(self, url: str) -> None:
         """The daemon's own address, once it listens: Twilio's StatusCallback base."""
@@ -366,19 +365,6 @@ def _adapters(
             password=endpoints.smtp_password,
         ),
     }
-
-
-def ghasi_wire(config: TriageConfig) -> Any:
-    """The Ghasi gateway's wire shape from ``[providers.ghasi]``."""
-    from providers.ghasi import GhasiWire
-
-    g = config.providers.ghasi
-    fields = {
-        name: getattr(g, name)
-        for name in GhasiWire.__struct_fields__
-        if hasattr(g, name)
-    }
-    return GhasiWire(**fields)
 
 
 def build_channels(

@@ -36,12 +36,20 @@ from providers.emulators.push import (
 from providers.emulators.sms import GhasiEmulator, TwilioEmulator
 from providers.emulators.smtp import SmtpEmulator, serve_smtp_emulator
 from providers.fcm import ServiceAccount
+from providers.ghasi import GhasiWire
 
-__all__ = ["Emulated", "Endpoints", "open_emulators", "resolve_endpoints"]
+__all__ = ["Emulated", "Endpoints", "ghasi_wire", "open_emulators", "resolve_endpoints"]
 
 #: Where the emulators post receipts and bounces, under the daemon's address.
 DLR_PATH = "/webhooks/dlr/{provider}"
 BOUNCE_PATH = "/webhooks/bounces/{provider}"
+
+
+def ghasi_wire(config: TriageConfig) -> GhasiWire:
+    """The Ghasi gateway's wire shape from ``[providers.ghasi]``: every wire field has
+    its config key of the same name (a test holds them equal)."""
+    g = config.providers.ghasi
+    return GhasiWire(**{name: getattr(g, name) for name in GhasiWire.__struct_fields__})
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,10 @@ async def open_emulators(config: TriageConfig) -> AsyncIterator[Emulated]:
     apns_private, apns_public = generate_apns_key()
     async with AsyncExitStack() as stack:
         ghasi = GhasiEmulator(
-            api_key=ghasi_key, receipt_secret=ghasi_secret, receipt_delay_s=delay
+            api_key=ghasi_key,
+            wire=ghasi_wire(config),  # shaped like the adapter, by the same config
+            receipt_secret=ghasi_secret,
+            receipt_delay_s=delay,
         )
         twilio = TwilioEmulator(
             account_sid=p.twilio.account_sid, auth_token=twilio_token, receipt_delay_s=delay

@@ -85,7 +85,7 @@ from providers.emulators.sms import GhasiEmulator
 from providers.ghasi import parse_ghasi_receipt
 from providers.receipts import ReceiptError
 from providers.services import postgres_url_with
-from supervisors.channels import ghasi_wire
+from supervisors.emulated import ghasi_wire
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
 if TYPE_CHECKING:

@@ -361,3 +361,15 @@ def test_channel_sections_decode_with_their_defaults_and_refuse_bad_values() -> 
     with pytest.raises(ConfigError) as caught:
         load_config_text(typo, source="bad.toml")
     assert "base_ulr" in str(caught.value)
+
+
+def test_every_ghasi_wire_name_comes_from_its_config_key() -> None:
+    from providers.ghasi import GhasiWire
+    from supervisors.emulated import ghasi_wire
+
+    base = '[daemon]\ndrain_s = 5.0\nmax_label_values = 10\ndetector_tick_s = 1.0\n'
+    text = base + '[providers.ghasi]\nto_field = "msisdn"\nsignature_header = "X-Sig"\n'
+    wire = ghasi_wire(load_config_text(text))
+    assert (wire.to_field, wire.signature_header) == ("msisdn", "X-Sig")
+    # The defaults agree with the wire's own.
+    assert ghasi_wire(load_config_text(base)) == GhasiWire()
