@@ -467,6 +467,11 @@ class Emulator:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    async def control(self, method: str, path: str, request: Request) -> Response | None:
+        """A subclass's own control routes under ``/_emulator`` (``path`` without the
+        prefix); None: no such route."""
+        return None
+
     async def _control(self, request: Request) -> Response:
         route = (request.method, request.path[len(CONTROL_PREFIX) :])
         try:
@@ -484,6 +489,10 @@ class Emulator:
                     spec = msgspec.json.decode(request.body, type=dict[str, str])
                     status = await self.emit_receipt(spec["reference"], spec.get("state"))
                     return Response.json(200, {"receiver_status": status})
+                case (method, path):
+                    extra = await self.control(method, path, request)
+                    if extra is not None:
+                        return extra
         except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as exc:
             return Response.json(400, {"error": f"bad control request: {exc}"})
         except KeyError as exc:

@@ -292,6 +292,22 @@ class PushEmulator(Emulator):
         """From now on this device token is dead (FCM UNREGISTERED, APNs 410)."""
         self.unregistered.add(token)
 
+    async def control(self, method: str, path: str, request: Request) -> Response | None:
+        """``POST /_emulator/stall`` (every session seen so far hangs), ``DELETE
+        /_emulator/stall``, ``POST /_emulator/unregister {"token": ...}``: for curl."""
+        match (method, path):
+            case ("POST", "/stall"):
+                self.stall_session()
+                return Response.json(200, {"stalled_sessions": len(self.stalled)})
+            case ("DELETE", "/stall"):
+                self.clear_stall()
+                return Response.json(200, {"stalled_sessions": 0})
+            case ("POST", "/unregister"):
+                token = msgspec.json.decode(request.body, type=dict[str, str])["token"]
+                self.unregister(token)
+                return Response.json(200, {"unregistered": len(self.unregistered)})
+        return None
+
     def stall_session(self, session: str | None = None) -> None:
         """Pulls from ``session`` (default: every session seen so far) hang from now on;
         a new session is unaffected."""

@@ -406,3 +406,19 @@ async def test_a_pull_waits_up_to_pull_wait_s_for_a_publish(
     assert trio.current_time() - start == 2.0
     assert subscription.ack([pulled[0]["ackId"]]) == 1
     assert subscription.backlog == 0
+
+
+async def test_stall_and_unregister_over_the_control_routes() -> None:
+    async with rig() as r, httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+        source = r.source()
+        await pull_n(source, 0)  # a session the emulator has seen
+        stall = await client.post(f"{r.server.url}/_emulator/stall")
+        assert stall.status_code == 200 and stall.json() == {"stalled_sessions": 1}
+        assert r.emulator.stalled == r.emulator.sessions
+        gone = await client.post(f"{r.server.url}/_emulator/unregister", json={"token": "t9"})
+        assert gone.json() == {"unregistered": 1} and "t9" in r.emulator.unregistered
+        assert (await client.delete(f"{r.server.url}/_emulator/stall")).status_code == 200
+        assert r.emulator.stalled == set()
+        missing = await client.post(f"{r.server.url}/_emulator/nope")
+        assert missing.status_code == 404
+        await source.aclose()
