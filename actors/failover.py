@@ -269,21 +269,9 @@ class Failover:
         nothing sent again. A provider that cannot tell is sent to as usual."""
         if probe:
             for route in self.routes:
-                settle, answer_ref = await self._settle(route, message)
-                if settle is _Settle.TAKEN:
-                    self.stats.settled_taken += 1
-                    return Outcome(
-                        kind=OutcomeKind.DISPATCHED,
-                        provider=route.adapter.name,
-                        provider_ref=answer_ref,
-                    )
-                if settle is _Settle.GONE:
-                    return Outcome(
-                        kind=OutcomeKind.UNDELIVERABLE,
-                        provider=route.adapter.name,
-                        reason="recipient_gone",
-                        recipient_gone=True,
-                    )
+                outcome, _ = await self._ask(route, message)
+                if outcome is not None:
+                    return outcome
         return await self._attempt(message, [])
 
     # -- rounds ---------------------------------------------------------------------------
@@ -323,25 +311,11 @@ class Failover:
         """One walk of the routes: an outcome, or None and the longest Retry-After seen."""
         # A provider that timed out earlier may answer its status query by now.
         for route in tuple(unsettled):
-            settle, answer_ref = await self._settle(route, message)
-            if settle is _Settle.TAKEN:
+            outcome, settle = await self._ask(route, message)
+            if settle in (_Settle.TAKEN, _Settle.NOT_TAKEN):
                 unsettled.remove(route)
-                self.stats.settled_taken += 1
-                return Outcome(
-                    kind=OutcomeKind.DISPATCHED,
-                    provider=route.adapter.name,
-                    provider_ref=answer_ref,
-                    possible_duplicate=False,
-                ), None
-            if settle is _Settle.GONE:
-                return Outcome(
-                    kind=OutcomeKind.UNDELIVERABLE,
-                    provider=route.adapter.name,
-                    reason="recipient_gone",
-                    recipient_gone=True,
-                ), None
-            if settle is _Settle.NOT_TAKEN:
-                unsettled.remove(route)
+            if outcome is not None:
+                return outcome, None
         hint: float | None = None
         now = trio.current_time
         for index, route in enumerate(self.routes):
@@ -434,6 +408,28 @@ class Failover:
                 possible_duplicate=bool(unsettled),
             ), None
         return None, hint
+
+    async def _ask(self, route: Route, message: Message) -> tuple[Outcome | None, _Settle]:
+        """Settle ``message`` with ``route``'s provider: the outcome it decides (taken:
+        dispatched there; gone: undeliverable), or None, and the settle itself."""
+        settle, answer_ref = await self._settle(route, message)
+        if settle is _Settle.TAKEN:
+            self.stats.settled_taken += 1
+            outcome = Outcome(
+                kind=OutcomeKind.DISPATCHED,
+                provider=route.adapter.name,
+                provider_ref=answer_ref,
+            )
+            return outcome, settle
+        if settle is _Settle.GONE:
+            outcome = Outcome(
+                kind=OutcomeKind.UNDELIVERABLE,
+                provider=route.adapter.name,
+                reason="recipient_gone",
+                recipient_gone=True,
+            )
+            return outcome, settle
+        return None, settle
 
     async def _settle(self, route: Route, message: Message) -> tuple[_Settle, str | None]:
         """Ask ``route``'s provider what became of ``message``, within ``status_timeout_s``."""

@@ -46,8 +46,12 @@ import asyncpg
 
 from providers.channel import DeliveryState, Receipt
 from providers.db.categories import BlockState, mark_dead_in
-from providers.db.roles import TENANT_SETTING
-from providers.db.tenancy import run_as_relay, run_in_tenant, tenant_transaction
+from providers.db.tenancy import (
+    run_as_relay,
+    run_in_tenant,
+    switch_tenant,
+    tenant_transaction,
+)
 
 if TYPE_CHECKING:
     from providers.db.tenancy import Connection
@@ -401,8 +405,6 @@ def _uuid(text: str | None) -> uuid.UUID | None:
         return None
 
 
-_SET_TENANT = f"SELECT pg_catalog.set_config('{TENANT_SETTING}', $1, true)"
-
 _EARLY_INSERT = """
 INSERT INTO early_receipts (tenant_id, dispatch_id, state, reason, provider, provider_ref)
 VALUES (current_tenant_id(), $1, $2, $3, $4, $5)
@@ -452,7 +454,7 @@ async def _apply_resolved(
         resolved.items(), key=lambda kv: kv[0][0]
     ):
         if owner != tenant:
-            await conn.execute(_SET_TENANT, str(owner))
+            await switch_tenant(conn, owner)
             tenant = owner
         reason = None if status is DispatchStatus.DELIVERED else (receipt.reason or str(status))
         result = await _transition(conn, dispatch_id, status, reason, None, None, False)
@@ -516,7 +518,7 @@ async def apply_receipts_async(pool: Pool, receipts: Iterable[Receipt]) -> Recei
         await _resolve_receipts(conn, first, first_batch, report, resolved)
         current = first
         for tenant, batch in tenants:
-            await conn.execute(_SET_TENANT, str(tenant))
+            await switch_tenant(conn, tenant)
             current = tenant
             await _resolve_receipts(conn, tenant, batch, report, resolved)
         await _apply_resolved(conn, resolved, report, current)

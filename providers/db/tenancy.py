@@ -45,6 +45,7 @@ __all__ = [
     "relay_transaction",
     "run_as_relay",
     "run_in_tenant",
+    "switch_tenant",
     "tenant_transaction",
 ]
 
@@ -55,6 +56,13 @@ Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 
 _SET_TENANT = f"SELECT pg_catalog.set_config('{TENANT_SETTING}', $1, true)"
 _SET_RELAY_ROLE = f"SET LOCAL ROLE {RELAY_ROLE}"
+
+
+async def switch_tenant(conn: Connection, tenant_id: uuid.UUID | str) -> None:
+    """Inside a :func:`tenant_transaction`, act for another tenant from the next
+    statement on (the setting stays transaction-local): one transaction for work that
+    spans tenants, such as a batch of delivery receipts."""
+    await conn.execute(_SET_TENANT, _tenant_text(tenant_id))
 
 
 def _tenant_text(tenant_id: uuid.UUID | str) -> str:

@@ -40,7 +40,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import jwt
 import msgspec
@@ -261,6 +261,18 @@ class Subscription:
 # -- the shared push emulator --------------------------------------------------------
 
 
+class FeedbackOptions(TypedDict, total=False):
+    """What FCM and APNs emulators pass through to :class:`PushEmulator`."""
+
+    subscription: str
+    ack_deadline_s: float
+    pull_wait_s: float
+    max_backlog: int
+    receipt_delay_s: float
+    auto_receipts: bool
+    clock: Callable[[], float]
+
+
 class PushEmulator(Emulator):
     """What FCM and APNs emulators share: dead tokens, the feedback subscription, stalls."""
 
@@ -269,12 +281,12 @@ class PushEmulator(Emulator):
         name: str,
         *,
         subscription: str,
-        ack_deadline_s: float,
-        pull_wait_s: float,
-        max_backlog: int,
-        receipt_delay_s: float,
-        auto_receipts: bool,
-        clock: Callable[[], float],
+        ack_deadline_s: float = 10.0,
+        pull_wait_s: float = 0.0,
+        max_backlog: int = 100_000,
+        receipt_delay_s: float = 0.0,
+        auto_receipts: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(
             name, receipt_delay_s=receipt_delay_s, auto_receipts=auto_receipts, clock=clock
@@ -416,24 +428,10 @@ class FcmEmulator(PushEmulator):
         token_path: str = "/token",
         token_lifetime_s: float = 3600.0,
         max_assertion_s: float = 3600.0,
-        subscription: str = "projects/triage/subscriptions/fcm-feedback",
-        ack_deadline_s: float = 10.0,
-        pull_wait_s: float = 0.0,
-        max_backlog: int = 100_000,
-        receipt_delay_s: float = 0.0,
-        auto_receipts: bool = True,
-        clock: Callable[[], float] = time.time,
+        **feedback: Unpack[FeedbackOptions],
     ) -> None:
-        super().__init__(
-            name,
-            subscription=subscription,
-            ack_deadline_s=ack_deadline_s,
-            pull_wait_s=pull_wait_s,
-            max_backlog=max_backlog,
-            receipt_delay_s=receipt_delay_s,
-            auto_receipts=auto_receipts,
-            clock=clock,
-        )
+        feedback.setdefault("subscription", "projects/triage/subscriptions/fcm-feedback")
+        super().__init__(name, **feedback)
         self.project_id = project_id
         self.client_email = client_email
         self._public_key = serialization.load_pem_public_key(public_key.encode())
@@ -577,24 +575,10 @@ class ApnsEmulator(PushEmulator):
         topics: frozenset[str] = frozenset(),
         token_max_age_s: float = 3600.0,
         max_payload_bytes: int = 4096,
-        subscription: str = "projects/triage/subscriptions/apns-feedback",
-        ack_deadline_s: float = 10.0,
-        pull_wait_s: float = 0.0,
-        max_backlog: int = 100_000,
-        receipt_delay_s: float = 0.0,
-        auto_receipts: bool = True,
-        clock: Callable[[], float] = time.time,
+        **feedback: Unpack[FeedbackOptions],
     ) -> None:
-        super().__init__(
-            name,
-            subscription=subscription,
-            ack_deadline_s=ack_deadline_s,
-            pull_wait_s=pull_wait_s,
-            max_backlog=max_backlog,
-            receipt_delay_s=receipt_delay_s,
-            auto_receipts=auto_receipts,
-            clock=clock,
-        )
+        feedback.setdefault("subscription", "projects/triage/subscriptions/apns-feedback")
+        super().__init__(name, **feedback)
         self._keys = {
             kid: (team, serialization.load_pem_public_key(pem.encode()))
             for kid, (team, pem) in keys.items()
