@@ -8,7 +8,7 @@ Nothing in ``engine`` knows about SMS, tenants or the catalog, and nothing here
 reads config: every number arrives through a constructor.
 """
 
-from .actor import Actor, ActorRef, Overflow, Stop, actor_child
+from .actor import Actor, ActorRef, Overflow, Stop, Timer, actor_child
 from .breaker import Breaker, BreakerStatistics, CircuitState
 from .bulkhead import Bulkhead, BulkheadStatistics
 from .clock import Chance, Clock
@@ -64,6 +64,7 @@ from .metrics import Metrics
 from .ratelimit import RateLimiter
 from .retry import RetryPolicy
 from .runtime import Runtime, open_runtime
+from .statelog import StateLog
 from .supervisor import ChildInfo, ChildSpec, ChildState, Exit, Restart, Strategy, Supervisor
 
 __all__ = [
@@ -123,11 +124,13 @@ __all__ = [
     "RetryPolicy",
     "Runtime",
     "SpikeOverBaselineDetector",
+    "StateLog",
     "Stop",
     "Strategy",
     "Supervisor",
     "SupervisorError",
     "SupervisorEscalated",
+    "Timer",
     "TooManyChildren",
     "TransientProviderError",
     "TriageError",

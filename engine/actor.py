@@ -20,6 +20,21 @@ crashed actor, messages already queued are handled by the new incarnation; only
 the message being handled when it crashed is lost (and if it was an ``ask``,
 its caller gets :class:`ActorError` at once instead of waiting for the deadline).
 
+An actor that needs time or concurrency keeps them inside itself, as a
+gen_server does with ``erlang:send_after``:
+
+* :meth:`Actor.timers` lists :class:`Timer` s — a message the actor is sent
+  every ``interval_s`` (coalesced: a tick still queued is not sent again, so a
+  slow actor never drowns in its own ticks);
+* :meth:`Actor.send_after` sends one message to itself later;
+* :meth:`Actor.start_soon` runs a task in the actor's own nursery (a send in
+  flight, a worker), cancelled when the incarnation ends; the task reports back
+  by telling the actor a message, so state is still changed by ``handle`` only.
+
+Other code reads an actor's numbers through :meth:`ActorRef.statistics`, which
+returns the current incarnation's :meth:`Actor.statistics` — a frozen record,
+never the actor's attributes.
+
 Batch drain: with ``batch_max > 1`` the actor, once woken, takes up to
 ``batch_max`` queued messages with ``receive_nowait`` before yielding to the
 scheduler again, so a busy actor is not bounded by one scheduler round trip per
@@ -28,10 +43,11 @@ message.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
@@ -44,7 +60,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .supervisor import BreakerLike, ChildSpec, Restart
 
-__all__ = ["Actor", "ActorRef", "Overflow", "Stop", "actor_child"]
+__all__ = ["Actor", "ActorRef", "Overflow", "Stop", "Timer", "actor_child"]
 
 M = TypeVar("M")
 
@@ -63,6 +79,21 @@ class Stop(msgspec.Struct, frozen=True):
     reply: Any = None
 
 
+class Timer(msgspec.Struct, frozen=True):
+    """``message`` is told to the actor every ``interval_s`` seconds (Trio time).
+
+    The first tick comes ``interval_s`` after the incarnation started. A tick
+    not yet handled is not sent again: ticks coalesce instead of queueing.
+    """
+
+    interval_s: float
+    message: Any
+
+    def __post_init__(self) -> None:
+        if not self.interval_s > 0:
+            raise ValueError(f"timer interval_s must be > 0, got {self.interval_s!r}")
+
+
 class _Ask:
     __slots__ = ("message", "reply")
 
@@ -72,15 +103,25 @@ class _Ask:
 
 
 class Actor(Generic[M]):
-    """Base class of every actor. Override :meth:`handle`; optionally :meth:`init` and :meth:`terminate`.
+    """Base class of every actor. Override :meth:`handle`; optionally :meth:`init`,
+    :meth:`terminate`, :meth:`timers` and :meth:`statistics`.
 
     ``init`` runs before the supervisor is told the actor is started, so a
     supervisor's ``started()`` means every child is really ready. ``terminate``
     runs when the actor stops for any reason (normal, crash or shutdown), shielded
     from cancellation but bounded by the child's ``shutdown_s``.
+
+    ``self.ref`` is the actor's own :class:`ActorRef`, set before ``init``.
+    An actor that overrides :meth:`timers` or sets ``uses_tasks = True`` runs in
+    a nursery of its own (:meth:`start_soon`, :meth:`send_after`); others skip
+    that nursery, so a plain actor costs no more than a task and a channel.
     """
 
     name: str = "actor"
+    #: Set True in a subclass that calls :meth:`start_soon` or :meth:`send_after`.
+    uses_tasks: bool = False
+    ref: ActorRef[M]
+    _nursery: trio.Nursery | None = None
 
     async def init(self) -> None:
         """Prepare the actor's resources. Runs before the actor counts as started."""
@@ -92,11 +133,37 @@ class Actor(Generic[M]):
     async def terminate(self, reason: BaseException | None) -> None:
         """Release resources. ``reason`` is None for a normal stop."""
 
+    def timers(self) -> Sequence[Timer]:
+        """The periodic messages this incarnation sends itself (read once, after ``init``)."""
+        return ()
+
+    def statistics(self) -> Any:
+        """A frozen record of the actor's numbers, for :meth:`ActorRef.statistics`."""
+        return None
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``fn(*args)`` in this incarnation's nursery (needs ``uses_tasks``)."""
+        if self._nursery is None:
+            raise RuntimeError(
+                f"actor {self.name!r} has no nursery: set uses_tasks = True or override timers()"
+            )
+        self._nursery.start_soon(fn, *args)
+
+    def send_after(self, delay_s: float, message: M) -> None:
+        """Tell this actor ``message`` in ``delay_s`` seconds (dropped if it stopped meanwhile)."""
+        self.start_soon(_send_after, self.ref, delay_s, message)
+
+
+async def _send_after(ref: ActorRef[Any], delay_s: float, message: object) -> None:
+    await trio.sleep(delay_s)
+    with contextlib.suppress(ActorStopped):
+        await ref.tell(message)
+
 
 class ActorRef(Generic[M]):
     """The only handle other code holds on an actor. Stays valid across restarts."""
 
-    __slots__ = ("_deadlines", "_overflow", "_send", "dropped", "name")
+    __slots__ = ("_current", "_deadlines", "_overflow", "_send", "dropped", "name")
 
     def __init__(
         self,
@@ -109,6 +176,7 @@ class ActorRef(Generic[M]):
         self._send = send
         self._overflow = overflow
         self._deadlines = deadlines
+        self._current: Actor[M] | None = None
         self.dropped = 0
 
     def __repr__(self) -> str:
@@ -176,9 +244,15 @@ class ActorRef(Generic[M]):
         """Messages waiting in the mailbox."""
         return int(self._send.statistics().current_buffer_used)
 
+    def statistics(self) -> Any:
+        """The running incarnation's :meth:`Actor.statistics` (None while none runs)."""
+        current = self._current
+        return None if current is None else current.statistics()
+
 
 async def _run_actor(
     factory: Callable[[], Actor[Any]],
+    ref: ActorRef[Any],
     receive: trio.MemoryReceiveChannel[Any],
     batch_max: int,
     shutdown_s: float,
@@ -187,17 +261,81 @@ async def _run_actor(
 ) -> None:
     """One incarnation of an actor: init, signal started, loop, terminate."""
     actor = factory()
-    if overrides_init:
-        await actor.init()
-    task_status.started()
+    actor.ref = ref
+    ref._current = actor
     reason: BaseException | None = None
+    initialised = not overrides_init
+    try:
+        if actor.uses_tasks or type(actor).timers is not Actor.timers:
+            async with trio.open_nursery() as nursery:
+                actor._nursery = nursery
+                if overrides_init:
+                    await actor.init()
+                    initialised = True
+                pending: set[int] = set()
+                for i, timer in enumerate(actor.timers()):
+                    nursery.start_soon(_tick, ref, timer, i, pending)
+                task_status.started()
+                await _loop(actor, receive, batch_max, pending)
+                nursery.cancel_scope.cancel()
+        else:
+            if overrides_init:
+                await actor.init()
+                initialised = True
+            task_status.started()
+            await _loop(actor, receive, batch_max, None)
+    except BaseException as exc:
+        reason = exc
+        raise
+    finally:
+        actor._nursery = None
+        if ref._current is actor:
+            ref._current = None
+        # As in OTP, an actor whose init failed has nothing to terminate.
+        if initialised and type(actor).terminate is not Actor.terminate:
+            with trio.move_on_after(shutdown_s, shield=True):
+                await actor.terminate(reason)
+
+
+class _Tick:
+    """A timer's message on its way: remembers which timer, so ticks coalesce."""
+
+    __slots__ = ("index", "message")
+
+    def __init__(self, index: int, message: object) -> None:
+        self.index = index
+        self.message = message
+
+
+async def _tick(ref: ActorRef[Any], timer: Timer, index: int, pending: set[int]) -> None:
+    item = _Tick(index, timer.message)
+    while True:
+        await trio.sleep(timer.interval_s)
+        if index in pending:
+            continue
+        try:
+            ref._send.send_nowait(item)
+        except trio.WouldBlock:
+            continue
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        pending.add(index)
+
+
+async def _loop(
+    actor: Actor[Any],
+    receive: trio.MemoryReceiveChannel[Any],
+    batch_max: int,
+    pending: set[int] | None,
+) -> None:
     handle = actor.handle
     try:
         while True:
             item = await receive.receive()
             budget = batch_max
             while True:
-                if type(item) is _Ask:
+                kind = type(item)
+                if kind is _Ask:
                     try:
                         result = await handle(item.message)
                     except Exception as exc:
@@ -210,6 +348,11 @@ async def _run_actor(
                         item.reply.set(result.reply)
                         return
                     item.reply.set(result)
+                elif kind is _Tick:
+                    if pending is not None:
+                        pending.discard(item.index)
+                    if type(await handle(item.message)) is Stop:
+                        return
                 elif type(await handle(item)) is Stop:
                     return
                 budget -= 1
@@ -221,13 +364,6 @@ async def _run_actor(
                     break
     except trio.EndOfChannel:
         return
-    except BaseException as exc:
-        reason = exc
-        raise
-    finally:
-        if type(actor).terminate is not Actor.terminate:
-            with trio.move_on_after(shutdown_s, shield=True):
-                await actor.terminate(reason)
 
 
 def actor_child(
@@ -238,7 +374,7 @@ def actor_child(
     overflow: Overflow = Overflow.WAIT,
     batch_max: int = 1,
     restart: Restart | None = None,
-    shutdown_s: float = 5.0,
+    shutdown_s: float,
     deadlines: Deadlines | None = None,
     breaker: BreakerLike | None = None,
     metrics: Metrics | None = None,
@@ -255,7 +391,9 @@ def actor_child(
     send, receive = trio.open_memory_channel[Any](capacity)
     ref: ActorRef[M] = ActorRef(id, send, overflow, deadlines)
     overrides_init = _overrides(factory, "init")
-    start = functools.partial(_run_actor, factory, receive, batch_max, shutdown_s, overrides_init)
+    start = functools.partial(
+        _run_actor, factory, ref, receive, batch_max, shutdown_s, overrides_init
+    )
 
     from .supervisor import ChildSpec, Restart
 

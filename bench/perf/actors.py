@@ -67,6 +67,8 @@ MODULE = __name__ if __name__ != "__main__" else "bench.perf.actors"
 
 #: Mailbox / channel capacity of the messaging results (the same on both sides).
 CAPACITY = 1024
+#: Shutdown deadline of the benched actors (none of them ignores cancellation).
+SHUTDOWN_S = 5.0
 #: Mailbox capacity of every idle actor, and of every raw channel it races.
 IDLE_CAPACITY = 100
 ASK_TIMEOUT_S = 10.0
@@ -157,6 +159,7 @@ async def _with_counter(
         capacity=CAPACITY,
         overflow=Overflow.WAIT,
         batch_max=batch_max,
+        shutdown_s=SHUTDOWN_S,
     )
     async with open_runtime() as rt:
         sup = Supervisor("bench", [spec], runtime=rt)
@@ -231,7 +234,12 @@ def ask_ours(n: int) -> dict[str, float]:
     async def main() -> dict[str, float]:
         async with open_runtime() as rt:
             spec, ref = actor_child(
-                "echo", _Echo, capacity=CAPACITY, overflow=Overflow.WAIT, deadlines=rt.deadlines
+                "echo",
+                _Echo,
+                capacity=CAPACITY,
+                overflow=Overflow.WAIT,
+                deadlines=rt.deadlines,
+                shutdown_s=SHUTDOWN_S,
             )
             sup = Supervisor("bench", [spec], runtime=rt)
             async with trio.open_nursery() as nursery:
@@ -269,7 +277,7 @@ async def _spawn_raw(nursery: trio.Nursery, n: int) -> list[trio.MemorySendChann
 async def _spawn_actors(sup: Supervisor, n: int) -> list[ActorRef[int]]:
     refs = []
     for i in range(n):
-        spec, ref = actor_child(f"idle-{i}", _Idle, capacity=IDLE_CAPACITY)
+        spec, ref = actor_child(f"idle-{i}", _Idle, capacity=IDLE_CAPACITY, shutdown_s=SHUTDOWN_S)
         sup.start_child_nowait(spec)
         refs.append(ref)
     await _settle()

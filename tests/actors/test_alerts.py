@@ -69,6 +69,7 @@ async def start_sink(
         overflow=overflow,
         deadlines=runtime.deadlines,
         metrics=runtime.metrics,
+        shutdown_s=1.0,
     )
     supervisor = Supervisor("test", [spec], runtime=runtime)
     await nursery.start(supervisor.run)
@@ -273,7 +274,9 @@ async def test_a_full_mailbox_loses_events_without_blocking_the_emitter(runtime:
 
 async def test_a_rejecting_mailbox_is_counted_by_the_forwarder(runtime: Runtime) -> None:
     board = ActiveAlerts()
-    _, ref = actor_child("alerts", partial(AlertSink, board), capacity=1, overflow=Overflow.REJECT)
+    _, ref = actor_child(
+        "alerts", partial(AlertSink, board), capacity=1, overflow=Overflow.REJECT, shutdown_s=1.0
+    )
     forwarder, unsubscribe = forward_events(runtime.events, ref)
     for i in range(3):  # nobody runs the sink: only the first fits
         runtime.events.emit(
@@ -291,7 +294,7 @@ class Unrelated(Event, frozen=True):
 
 async def test_events_the_sink_does_not_handle_are_not_forwarded(runtime: Runtime) -> None:
     board = ActiveAlerts()
-    _, ref = actor_child("alerts", partial(AlertSink, board), capacity=1)
+    _, ref = actor_child("alerts", partial(AlertSink, board), capacity=1, shutdown_s=1.0)
     forwarder, unsubscribe = forward_events(runtime.events, ref)
     runtime.events.emit(Unrelated(at=0.0, wall=WALL, note="x"))
     assert (ref.queued(), forwarder.refused) == (0, 0)
@@ -327,7 +330,9 @@ async def test_a_page_notice_holds_the_board_until_resolved_a_ticket_is_a_log_li
             "notice:spike:a", "notice", "SpikeNotice", 3, "page"
         )  # fmt: skip
         assert json_line(records(caplog, "page")[0])["level"] == "critical"
-        sink.emit(SpikeNotice(at=3.0, wall=WALL, severity="info", row=3, tenant="a", action="lifted"))
+        sink.emit(
+            SpikeNotice(at=3.0, wall=WALL, severity="info", row=3, tenant="a", action="lifted")
+        )
         await sink.settle()
         assert len(sink.board) == 0
         assert records(caplog, "notice resolved")

@@ -74,7 +74,9 @@ async def _run(sup: Supervisor, nursery: trio.Nursery) -> None:
 
 async def test_tell_and_ask_round_trip(autojump_clock: trio.abc.Clock) -> None:
     async with open_runtime(seed=1) as rt:
-        spec, ref = actor_child("counter", Counter, capacity=8, deadlines=rt.deadlines)
+        spec, ref = actor_child(
+            "counter", Counter, capacity=8, deadlines=rt.deadlines, shutdown_s=1.0
+        )
         sup = Supervisor("root", [spec], runtime=rt)
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
@@ -88,7 +90,9 @@ async def test_ask_times_out_at_exact_deadline_and_late_reply_is_harmless(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     async with open_runtime(seed=1) as rt:
-        spec, ref = actor_child("counter", Counter, capacity=8, deadlines=rt.deadlines)
+        spec, ref = actor_child(
+            "counter", Counter, capacity=8, deadlines=rt.deadlines, shutdown_s=1.0
+        )
         sup = Supervisor("root", [spec], runtime=rt)
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
@@ -105,7 +109,9 @@ async def test_ask_times_out_at_exact_deadline_and_late_reply_is_harmless(
 
 async def test_cancelled_asker_leaves_server_alive(autojump_clock: trio.abc.Clock) -> None:
     async with open_runtime(seed=1) as rt:
-        spec, ref = actor_child("counter", Counter, capacity=8, deadlines=rt.deadlines)
+        spec, ref = actor_child(
+            "counter", Counter, capacity=8, deadlines=rt.deadlines, shutdown_s=1.0
+        )
         sup = Supervisor("root", [spec], runtime=rt)
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
@@ -119,16 +125,16 @@ async def test_cancelled_asker_leaves_server_alive(autojump_clock: trio.abc.Cloc
 
 async def test_overflow_policies(autojump_clock: trio.abc.Clock) -> None:
     rt = Runtime()
-    _, drop = actor_child("d", Counter, capacity=2, overflow=Overflow.DROP_NEWEST)
+    _, drop = actor_child("d", Counter, capacity=2, overflow=Overflow.DROP_NEWEST, shutdown_s=1.0)
     for n in range(5):
         drop.tell_nowait(Add(n))
     assert drop.queued() == 2
     assert drop.dropped == 3
-    _, reject = actor_child("r", Counter, capacity=1, overflow=Overflow.REJECT)
+    _, reject = actor_child("r", Counter, capacity=1, overflow=Overflow.REJECT, shutdown_s=1.0)
     await reject.tell(Add(1))
     with pytest.raises(MailboxFull, match="'r' is full"):
         await reject.tell(Add(2))
-    spec, wait = actor_child("w", Counter, capacity=1, overflow=Overflow.WAIT)
+    spec, wait = actor_child("w", Counter, capacity=1, overflow=Overflow.WAIT, shutdown_s=1.0)
     await wait.tell(Add(1))
     with pytest.raises(MailboxFull):
         wait.tell_nowait(Add(2))
@@ -146,7 +152,9 @@ async def test_crash_fails_pending_ask_at_once_and_mailbox_survives_restart(
 ) -> None:
     Counter.seen = []
     async with open_runtime(seed=1) as rt:
-        spec, ref = actor_child("counter", Counter, capacity=8, deadlines=rt.deadlines)
+        spec, ref = actor_child(
+            "counter", Counter, capacity=8, deadlines=rt.deadlines, shutdown_s=1.0
+        )
         sup = Supervisor("root", [spec], runtime=rt)
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
@@ -167,7 +175,12 @@ async def test_stop_reply_and_removed_child_refuses_messages(
 ) -> None:
     async with open_runtime(seed=1) as rt:
         spec, ref = actor_child(
-            "counter", Counter, capacity=8, deadlines=rt.deadlines, restart=Restart.TRANSIENT
+            "counter",
+            Counter,
+            capacity=8,
+            deadlines=rt.deadlines,
+            restart=Restart.TRANSIENT,
+            shutdown_s=1.0,
         )
         sup = Supervisor("root", [spec], runtime=rt)
         async with trio.open_nursery() as nursery:
@@ -185,7 +198,7 @@ async def test_batch_drain_handles_everything_queued_in_one_wakeup(
 ) -> None:
     Counter.seen = []
     rt = Runtime()
-    spec, ref = actor_child("counter", Counter, capacity=100, batch_max=100)
+    spec, ref = actor_child("counter", Counter, capacity=100, batch_max=100, shutdown_s=1.0)
     for n in range(50):
         ref.tell_nowait(Add(n))
     sup = Supervisor("root", [spec], runtime=rt)
@@ -221,7 +234,7 @@ class Terminating(Actor[Get]):
 
 async def test_started_only_after_init(autojump_clock: trio.abc.Clock) -> None:
     rt = Runtime()
-    spec, _ = actor_child("init", Initialised, capacity=1)
+    spec, _ = actor_child("init", Initialised, capacity=1, shutdown_s=1.0)
     assert not spec.ready_on_spawn
     sup = Supervisor("root", [spec], runtime=rt)
     async with trio.open_nursery() as nursery:

@@ -56,8 +56,8 @@ class Idle(Actor[int]):
 
 async def test_mailbox_depth_is_read_at_scrape_time_and_capped() -> None:
     metrics = Metrics(CollectorRegistry(), max_label_values=1)
-    _, first = actor_child("first", Idle, capacity=10, metrics=metrics)
-    _, second = actor_child("second", Idle, capacity=10, metrics=metrics)
+    _, first = actor_child("first", Idle, capacity=10, metrics=metrics, shutdown_s=1.0)
+    _, second = actor_child("second", Idle, capacity=10, metrics=metrics, shutdown_s=1.0)
     for n in range(3):
         first.tell_nowait(n)
         second.tell_nowait(n)
