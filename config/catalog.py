@@ -26,6 +26,7 @@ gauge_sustained        gauge ``M``                                (not ``_total`
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -97,6 +98,8 @@ class Catalog(msgspec.Struct, frozen=True, kw_only=True):
     """The twenty rows, ordered by id."""
 
     rows: tuple[CatalogRow, ...]
+    #: The file the rows were read from (for messages).
+    source: str = "<catalog>"
 
     def row(self, id: int) -> CatalogRow:
         """The row with this id; ``KeyError`` if there is none."""
@@ -142,7 +145,7 @@ def load_catalog(
 ) -> Catalog:
     """Read and check a catalog file against the metric and mitigation vocabularies.
 
-    Raises :class:`~config.loader.ConfigError` naming the row and field of
+    Raises :class:`~engine.errors.ConfigError` naming the row and field of
     every problem: unknown keys or detector kinds, out-of-range values, a
     metric not in ``metrics``, a mitigation not in ``mitigations``, duplicate or
     missing ids (all of 1..20 must be present).
@@ -188,7 +191,7 @@ def load_catalog_text(
         row, problem, _ = report.attempt(entry, CatalogRow, parts)
         if problem is not None:
             report.problems.append(
-                msgspec.structs.replace(problem, message=f"{label}: {problem.message}")
+                dataclasses.replace(problem, message=f"{label}: {problem.message}")
             )
             continue
         assert row is not None  # attempt returns a row or a problem
@@ -212,7 +215,7 @@ def load_catalog_text(
     if missing:
         report.add(("rows",), "missing ids: " + ", ".join(map(str, missing)))
     report.raise_if_any()
-    return Catalog(rows=tuple(sorted(rows, key=lambda r: r.id)))
+    return Catalog(rows=tuple(sorted(rows, key=lambda r: r.id)), source=source)
 
 
 # -- presentation --------------------------------------------------------------------------

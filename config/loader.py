@@ -19,7 +19,8 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -52,12 +53,17 @@ from config.schema import (
     TriageConfig,
 )
 
+# The one ConfigError of the project is the engine's (the error tree is drawn once, in
+# engine.errors); the loader raises it with the problems of a file.
+from engine.errors import ConfigError, ConfigProblem
+
 __all__ = [
     "ConfigError",
     "ConfigProblem",
     "catalog_path",
     "load_config",
     "load_config_text",
+    "located",
 ]
 
 PathPart = str | int
@@ -101,34 +107,14 @@ _GUARD_REFERENCES: Final = {
 }
 
 
-class ConfigProblem(msgspec.Struct, frozen=True, kw_only=True):
-    """One thing wrong with a file: where (file, line, TOML path) and what."""
-
-    source: str
-    line: int | None
-    path: str
-    message: str
-    column: int | None = None
-
-    def __str__(self) -> str:
-        where = self.source
-        if self.line is not None:
-            where += f":{self.line}"
-            if self.column is not None:
-                where += f":{self.column}"
-        return f"{where}: {self.path}: {self.message}"
-
-
-class ConfigError(ValueError):
-    """A configuration file is invalid. ``problems`` lists every problem found.
-
-    Deliberately independent of ``engine.errors.ConfigError``: ``config`` is the
-    bottom layer and imports nothing of the engine.
-    """
-
-    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
-        self.problems: tuple[ConfigProblem, ...] = tuple(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+@contextmanager
+def located(source: str, path: str) -> Iterator[None]:
+    """Re-raise a :class:`ConfigError` from the block (an engine constructor's, which
+    knows no file) with its unplaced problems placed in ``source`` at ``path``."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise exc.at(source, path) from exc
 
 
 # -- paths ---------------------------------------------------------------------------------

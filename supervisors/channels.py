@@ -51,7 +51,7 @@ from actors.dlr_ingress import DlrIngress
 from actors.failover import Failover, Route
 from actors.push_feedback import PushFeedback, StaleSweep
 from actors.templates import TemplateRegistry
-from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
+from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs, located
 from config.catalog import alert_name, row_override
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
@@ -90,7 +90,14 @@ if TYPE_CHECKING:
     from providers.channel import StatusAnswer
     from supervisors.backbone import Backbone
 
-__all__ = ["CHANNEL_ROWS", "Channels", "ReceiptApplier", "build_channels", "channel_profiles"]
+__all__ = [
+    "CHANNEL_ROWS",
+    "Channels",
+    "ReceiptApplier",
+    "build_channels",
+    "channel_problems",
+    "channel_profiles",
+]
 
 #: Catalog rows whose detectors the channels build (the tree leaves them out).
 CHANNEL_ROWS: Final = frozenset({1, 2, 3, 13, 19})
@@ -116,10 +123,12 @@ def channel_profiles(config: TriageConfig) -> list[tuple[str, str]]:
 _VENDORS: Final = ("ghasi", "twilio", "fcm", "apns", "smtp")
 
 
-def _missing_profiles(config: TriageConfig) -> None:
+def channel_problems(config: TriageConfig, source: str = "<config>") -> list[ConfigProblem]:
+    """Every profile the channels need that ``config`` lacks, and guards naming an unknown
+    retry profile, as problems in ``source`` (:func:`build_channels` refuses them)."""
     problems = [
         ConfigProblem(
-            source="<config>",
+            source=source,
             line=None,
             path=f"$.{section}.{name}",
             message=f"missing profile [{section}.{name}] (the channels use it)",
@@ -132,14 +141,13 @@ def _missing_profiles(config: TriageConfig) -> None:
         if guard is not None and guard.retry not in config.retries:
             problems.append(
                 ConfigProblem(
-                    source="<config>",
+                    source=source,
                     line=None,
                     path=f"$.guards.{getattr(config.providers, vendor).guard}.retry",
                     message=f"unknown retries profile {guard.retry!r}",
                 )
             )
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 class ReceiptApplier:
@@ -378,9 +386,14 @@ def build_channels(
     shutdown_s: float,
     idempotency: Any = None,
     wall: Callable[[], float] = time.time,
+    source: str = "<config>",
 ) -> Channels:
-    """Wire the channels (nothing runs yet); see the module docstring."""
-    _missing_profiles(config)
+    """Wire the channels (nothing runs yet); see the module docstring.
+
+    A :class:`ConfigError` names ``source`` and the TOML path of what is wrong."""
+    problems = channel_problems(config, source)
+    if problems:
+        raise ConfigError(problems)
     registry = runtime.metrics.registry if runtime.metrics is not None else None
     dispatch = config.dispatch
 
@@ -388,7 +401,8 @@ def build_channels(
     rounds: dict[str, RetryPolicy] = {}
     for vendor in _VENDORS:
         guards[vendor], rounds[vendor] = _guard(config, vendor, runtime)
-    adapters = _adapters(config, endpoints, guards)
+    with located(source, "$.providers"):
+        adapters = _adapters(config, endpoints, guards)
 
     # Row 3: the bounce tracker counts every accepted email and every bounce.
     bounce_cfg = _row_config(config, catalog, 3)

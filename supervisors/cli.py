@@ -2,7 +2,8 @@
 
 ::
 
-    triage check-config FILE              validate a config and the catalog it names
+    triage check-config FILE              validate a config and the catalog it names, with
+                                          every check the daemon makes before it starts
     triage catalog [--config F | --catalog F] [--json]
                                           the failure catalog as a table (or JSON)
     triage rules [--config F | --catalog F] [-o FILE]
@@ -108,10 +109,15 @@ def _summary(config: TriageConfig) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    # Imported here: the tree's checks import the actors, which the other
+    # subcommands do not need.
+    from supervisors.tree import check_config
+
     try:
         config = load_config(args.file)
         path = Path(args.catalog) if args.catalog is not None else catalog_path(config, args.file)
         catalog = _load_catalog(path)
+        check_config(config, catalog, args.file)  # what `triage run` refuses, nothing started
     except ConfigError as exc:
         return report(exc)
     built = sum(row.built for row in catalog.rows)

@@ -75,7 +75,13 @@ from engine.detectors import (
 from engine.runtime import Runtime
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers.spool import Spool
-from supervisors.channels import CHANNEL_OWNERS, CHANNEL_ROWS, Channels, build_channels
+from supervisors.channels import (
+    CHANNEL_OWNERS,
+    CHANNEL_ROWS,
+    Channels,
+    build_channels,
+    channel_problems,
+)
 from supervisors.http import HealthApp, HttpServer
 
 if TYPE_CHECKING:
@@ -91,8 +97,11 @@ __all__ = [
     "build_db_health",
     "build_detectors",
     "build_tree",
+    "check_config",
     "check_profiles",
     "detector_name",
+    "detector_problems",
+    "profile_problems",
 ]
 
 #: Profiles the tree needs: (section, name).
@@ -110,9 +119,9 @@ REQUIRED_PROFILES: Final = (
 DB_BREAKER: Final = "postgres_primary"
 
 
-def check_profiles(config: TriageConfig, source: str) -> None:
-    """Raise :class:`ConfigError` naming every profile the tree needs that ``config`` lacks."""
-    problems = [
+def profile_problems(config: TriageConfig, source: str) -> list[ConfigProblem]:
+    """Every profile the tree needs that ``config`` lacks, as problems in ``source``."""
+    return [
         ConfigProblem(
             source=source,
             line=None,
@@ -122,6 +131,80 @@ def check_profiles(config: TriageConfig, source: str) -> None:
         for section, name in REQUIRED_PROFILES
         if name not in getattr(config, section)
     ]
+
+
+def check_profiles(config: TriageConfig, source: str) -> None:
+    """Raise :class:`ConfigError` naming every profile the tree needs that ``config`` lacks."""
+    problems = profile_problems(config, source)
+    if problems:
+        raise ConfigError(problems)
+
+
+def detector_source(
+    config: TriageConfig, catalog: Catalog | None, row: CatalogRow, source: str
+) -> tuple[str, str]:
+    """Where row ``row``'s detector settings are written: (file, TOML path).
+
+    A ``[detectors.*]`` section on the row's metric (its override) is in the
+    config ``source``; otherwise the row itself, in the catalog's file."""
+    for name, section in config.detectors.items():
+        if section.metric == row.detector.metric:
+            return source, f"$.detectors.{name}"
+    index = catalog.rows.index(row) if catalog is not None and row in catalog.rows else row.id - 1
+    return (catalog.source if catalog is not None else "<catalog>"), f"$.rows[{index}].detector"
+
+
+def detector_problems(
+    config: TriageConfig, catalog: Catalog, source: str, rows: Iterable[CatalogRow]
+) -> list[ConfigProblem]:
+    """What the daemon refuses in the detectors of ``rows`` and of ``[detectors.*]``: an
+    override of another kind than its row's (the row's actor would refuse it at start),
+    and whatever the engine refuses (each detector is built as the daemon builds it,
+    with nothing attached, and thrown away)."""
+    problems: list[ConfigProblem] = []
+    for row in rows:
+        settings = row_override(config, row)
+        where = detector_source(config, catalog, row, source)
+        if settings.kind != row.detector.kind:  # the row's feeder is written for its kind
+            problems.append(
+                ConfigProblem(
+                    source=where[0],
+                    line=None,
+                    path=f"{where[1]}.kind",
+                    message=f"overrides row {row.id} ({row.name}), whose actor feeds a "
+                    f"detector of kind {row.detector.kind!r}; got {settings.kind!r}",
+                )
+            )
+            continue
+        try:
+            make_detector(detector_name(row), row=row.id, **engine_kwargs(settings))
+        except ConfigError as exc:
+            problems += exc.at(*where).problems
+    for name, section in config.detectors.items():
+        if overrides_a_row(catalog, section):
+            continue
+        try:
+            make_detector(name, **engine_kwargs(section))
+        except ConfigError as exc:
+            problems += exc.at(source, f"$.detectors.{name}").problems
+    return problems
+
+
+def check_config(config: TriageConfig, catalog: Catalog, source: str) -> None:
+    """Every check ``triage run`` makes of a loaded config before it starts anything.
+
+    The tree's profiles, the channels' profiles (:func:`supervisors.channels.channel_problems`)
+    and every detector the daemon would build; one :class:`ConfigError` lists all
+    problems. ``triage check-config`` runs this too, so a file it passes is one the
+    daemon does not refuse for its content (provider secrets come from the
+    environment and are checked at start).
+    """
+    problems = profile_problems(config, source) + channel_problems(config, source)
+    if not problems:  # the detectors are only worth building on a complete config
+        rows = live_rows(catalog, backbone=True, channels=True)
+        if not config.relay.enabled:
+            rows = [r for r in rows if r.owner != "outbox_relay"]
+        problems += detector_problems(config, catalog, source, rows)
     if problems:
         raise ConfigError(problems)
 
@@ -230,6 +313,8 @@ def build_detectors(
     rows: Iterable[CatalogRow],
     runtime: Runtime,
     catalog: Catalog | None = None,
+    *,
+    source: str = "<config>",
 ) -> DetectorSet:
     """The detectors of the given (built) catalog rows, then those of ``[detectors.*]``.
 
@@ -243,11 +328,17 @@ def build_detectors(
     detectors = DetectorSet()
     for row in rows:
         fields = engine_kwargs(row_override(config, row))
-        detectors.add(make_detector(detector_name(row), row=row.id, **fields, **common))
+        try:
+            detectors.add(make_detector(detector_name(row), row=row.id, **fields, **common))
+        except ConfigError as exc:
+            raise exc.at(*detector_source(config, catalog, row, source)) from exc
     for name, section in config.detectors.items():
         if catalog is not None and overrides_a_row(catalog, section):
             continue
-        detectors.add(make_detector(name, **engine_kwargs(section), **common))
+        try:
+            detectors.add(make_detector(name, **engine_kwargs(section), **common))
+        except ConfigError as exc:
+            raise exc.at(source, f"$.detectors.{name}") from exc
     return detectors
 
 
@@ -295,7 +386,7 @@ def build_tree(
         rows = [r for r in rows if r.owner != "outbox_relay"]
     # The channels build their rows' detectors themselves (row 1: one per provider).
     detectors = build_detectors(
-        config, [r for r in rows if r.id not in CHANNEL_ROWS], runtime, catalog
+        config, [r for r in rows if r.id not in CHANNEL_ROWS], runtime, catalog, source=source
     )
     detectors_spec = ChildSpec(
         id="detectors",
@@ -401,6 +492,7 @@ def build_tree(
             shutdown_s=child_shutdown_s,
             idempotency=store,
             wall=runtime.clock.wall,
+            source=source,
         )
         backbone_specs += channels.specs
     registry = runtime.metrics.registry if runtime.metrics is not None else None

@@ -212,6 +212,30 @@ async def test_a_port_in_use_fails_the_start(caplog: pytest.LogCaptureFixture) -
         gc.collect()
 
 
+async def test_a_config_error_while_wiring_exits_2_with_its_path(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine constructor's ConfigError (no file, no path) met while building the
+    tree is reported as config, one line with the file and a TOML path, and exit 2:
+    not "daemon failed" (exit 1) with a traceback."""
+    caplog.set_level(logging.INFO)
+
+    def refusing(*args: object, **kwargs: object) -> None:
+        raise ConfigError("detector 'x': window_s must be > 0")
+
+    monkeypatch.setattr("supervisors.daemon.build_tree", refusing)
+    daemon = Daemon(dev_config(), shipped_catalog(), source="x.toml", handle_signals=False)
+    with trio.fail_after(5):
+        assert await daemon.run() == 2
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert [r.getMessage() for r in critical] == [
+        "config invalid: x.toml: $: detector 'x': window_s must be > 0"
+    ]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert "daemon failed" not in messages(caplog)
+    assert messages(caplog)[-1] == "stopped"
+
+
 async def test_tree_wiring_from_config() -> None:
     config = dev_config()
     async with open_runtime(seed=1, metrics=Metrics(CollectorRegistry())) as runtime:
