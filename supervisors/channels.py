@@ -43,16 +43,21 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import trio
 
+from actors.bounce_tracker import ROW as BOUNCE_ROW
 from actors.bounce_tracker import BounceTracker, DbBlockStore
 from actors.dispatch_commands import DispatchCommands, DispatchRequest
 from actors.dispatch_commands import SubmitResult as WireResult
 from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
+from actors.dlr_ingress import ROW as DLR_ROW
 from actors.dlr_ingress import DlrIngress
+from actors.failover import ROW as SMS_ROW
 from actors.failover import Failover, Route
+from actors.push_feedback import ROW as FEEDBACK_ROW
 from actors.push_feedback import PushFeedback, StaleSweep
+from actors.templates import ROW as TEMPLATE_ROW
 from actors.templates import TemplateRegistry
 from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs, located
-from config.catalog import alert_name, row_override
+from config.catalog import alert_name, module_path, row_override
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
 from engine.detectors import (
@@ -91,6 +96,7 @@ if TYPE_CHECKING:
     from supervisors.backbone import Backbone
 
 __all__ = [
+    "CHANNEL_MODULES",
     "CHANNEL_ROWS",
     "Channels",
     "ReceiptApplier",
@@ -99,11 +105,13 @@ __all__ = [
     "channel_profiles",
 ]
 
-#: Catalog rows whose detectors the channels build (the tree leaves them out).
-CHANNEL_ROWS: Final = frozenset({1, 2, 3, 13, 19})
-#: Catalog owners the channels run.
-CHANNEL_OWNERS: Final = frozenset(
-    {"sms_dispatcher", "push_feedback", "bounce_tracker", "dlr_ingress", "template_registry"}
+#: Catalog rows whose detectors the channels build (the tree leaves them out): the
+#: ``ROW`` of each actor module below.
+CHANNEL_ROWS: Final = frozenset({SMS_ROW, FEEDBACK_ROW, BOUNCE_ROW, DLR_ROW, TEMPLATE_ROW})
+#: The actor modules the channels wire, as the catalog's ``module`` names them.
+CHANNEL_MODULES: Final = frozenset(
+    module_path(cls.__module__)
+    for cls in (Failover, PushFeedback, BounceTracker, DlrIngress, TemplateRegistry)
 )
 
 
@@ -405,7 +413,7 @@ def build_channels(
         adapters = _adapters(config, endpoints, guards)
 
     # Row 3: the bounce tracker counts every accepted email and every bounce.
-    bounce_cfg = _row_config(config, catalog, 3)
+    bounce_cfg = _row_config(config, catalog, BOUNCE_ROW)
     bounces = config.bounces
     tracker = BounceTracker(
         store=DbBlockStore(backbone.pool.asyncpg_pool),
@@ -416,7 +424,7 @@ def build_channels(
         max_keys=bounces.max_keys,
         evaluate_interval_s=config.daemon.detector_tick_s,
         reload_interval_s=bounces.reload_interval_s,
-        detector=_detector(config, catalog, runtime, detectors, 3, RatioDetector),
+        detector=_detector(config, catalog, runtime, detectors, BOUNCE_ROW, RatioDetector),
         events=runtime.events,
         metrics=runtime.metrics,
         clock=runtime.clock,
@@ -426,7 +434,9 @@ def build_channels(
 
     # Row 1: one error-ratio detector per SMS provider.
     sms_ratio = {
-        vendor: _detector(config, catalog, runtime, detectors, 1, RatioDetector, f"_{vendor}")
+        vendor: _detector(
+            config, catalog, runtime, detectors, SMS_ROW, RatioDetector, f"_{vendor}"
+        )
         for vendor in config.channels.sms
     }
 
@@ -484,8 +494,10 @@ def build_channels(
         registry=registry,
         events=runtime.events,
         clock=runtime.clock,
-        detector=_detector(config, catalog, runtime, detectors, 19, CountInWindowDetector),
-        severity=catalog.row(19).severity,
+        detector=_detector(
+            config, catalog, runtime, detectors, TEMPLATE_ROW, CountInWindowDetector
+        ),
+        severity=catalog.row(TEMPLATE_ROW).severity,
     )
     service = DispatchService(
         backbone.pool,
@@ -555,7 +567,9 @@ def build_channels(
         batch_max=dlr.batch_max,
         retry_after_s=dlr.retry_after_s,
         public_base_url=dlr.callback_base_url,
-        detector=_detector(config, catalog, runtime, detectors, 13, SpikeOverBaselineDetector),
+        detector=_detector(
+            config, catalog, runtime, detectors, DLR_ROW, SpikeOverBaselineDetector
+        ),
         registry=registry,
     )
 
@@ -591,8 +605,10 @@ def build_channels(
         batch_size=pf.max_messages,
         stall_after_s=pf.stall_after_s,
         watchdog_interval_s=pf.watchdog_interval_s,
-        severity=catalog.row(2).severity,
-        detector=_detector(config, catalog, runtime, detectors, 2, AgeOfNewestDetector),
+        severity=catalog.row(FEEDBACK_ROW).severity,
+        detector=_detector(
+            config, catalog, runtime, detectors, FEEDBACK_ROW, AgeOfNewestDetector
+        ),
         events=runtime.events,
         registry=registry,
         clock=runtime.clock,

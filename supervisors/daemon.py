@@ -78,7 +78,15 @@ from supervisors.backbone import Backbone, StartAbandoned, StartGuard, open_back
 from supervisors.demo import seed_demo_async
 from supervisors.emulated import Emulated, Endpoints, open_emulators, resolve_endpoints
 from supervisors.logging import json_logging
-from supervisors.tree import Phase, Readiness, Tree, build_tree, check_config, check_profiles
+from supervisors.tree import (
+    Phase,
+    Readiness,
+    Tree,
+    build_tree,
+    built_catalog,
+    check_config,
+    check_profiles,
+)
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
 __all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "Daemon", "main_run"]
@@ -107,8 +115,8 @@ def _metrics(max_label_values: int) -> Metrics:
 
 def log_catalog(catalog: Catalog, source: str) -> None:
     """One summary line (live and not-built row ids), then one debug line per row."""
-    live = [row.id for row in catalog.rows if row.built]
-    not_built = [row.id for row in catalog.rows if not row.built]
+    live = [row.id for row in catalog.rows if catalog.is_built(row.id)]
+    not_built = [row.id for row in catalog.rows if not catalog.is_built(row.id)]
     summary = f"catalog: {len(live)}/{len(catalog.rows)} rows live"
     if live:
         summary += "; live: " + ",".join(map(str, live))
@@ -124,9 +132,11 @@ def log_catalog(catalog: Catalog, source: str) -> None:
             extra={
                 "row": row.id,
                 "row_name": row.name,
-                "state": row.state,
+                "state": catalog.state(row),
                 "detector": describe_detector(row.detector),
                 "owner": row.owner,
+                "owner_module": row.module,  # not "module": a LogRecord attribute
+                "scenario": row.scenario,
             },
         )
 
@@ -167,7 +177,7 @@ class Daemon:
         if not 0.0 <= drain_grace_s < config.daemon.drain_s:
             raise ValueError("drain_grace_s must be >= 0 and below daemon.drain_s")
         self.config = config
-        self.catalog = catalog
+        self.catalog = built_catalog(catalog)
         self.source = source
         self.catalog_source = catalog_source
         self.wall = wall

@@ -55,12 +55,15 @@ import msgspec
 
 from actors.alerts import ActiveAlerts, AlertEvent, AlertSink, EventForwarder, forward_events
 from actors.db_health import DbHealth
+from actors.db_writer import ROW as DB_ROW
 from actors.db_writer import DbWriter, apply_inbox
+from actors.idempotency import ROW as IDEMPOTENCY_ROW
 from actors.idempotency import IdempotencyStore
+from actors.inbox import ROW as INBOX_ROW
 from actors.inbox import InboxConsumer
-from actors.outbox_relay import OutboxRelay
+from actors.outbox_relay import CRASH_LOOP_ROW, LAG_ROW, OutboxRelay
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
-from config.catalog import alert_name, overrides_a_row, row_override
+from config.catalog import alert_name, derive_built, module_path, overrides_a_row, row_override
 from engine.actor import ActorRef, Overflow, actor_child
 from engine.breaker import Breaker
 from engine.detectors import (
@@ -76,7 +79,7 @@ from engine.runtime import Runtime
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers.spool import Spool
 from supervisors.channels import (
-    CHANNEL_OWNERS,
+    CHANNEL_MODULES,
     CHANNEL_ROWS,
     Channels,
     build_channels,
@@ -97,6 +100,7 @@ __all__ = [
     "build_db_health",
     "build_detectors",
     "build_tree",
+    "built_catalog",
     "check_config",
     "check_profiles",
     "detector_name",
@@ -203,7 +207,7 @@ def check_config(config: TriageConfig, catalog: Catalog, source: str) -> None:
     if not problems:  # the detectors are only worth building on a complete config
         rows = live_rows(catalog, backbone=True, channels=True)
         if not config.relay.enabled:
-            rows = [r for r in rows if r.owner != "outbox_relay"]
+            rows = [r for r in rows if r.module != _RELAY_MODULE]
         problems += detector_problems(config, catalog, source, rows)
     if problems:
         raise ConfigError(problems)
@@ -288,19 +292,30 @@ class Tree:
 
 D = TypeVar("D", bound=Detector)
 
-#: Catalog owners this tree runs when it has a backbone (services and a pool).
-BACKBONE_OWNERS: Final = frozenset(
-    {"db_supervisor", "outbox_relay", "idempotency_store", "inbox_consumer"}
+#: The actor modules this tree wires when it has a backbone (services and a pool), as
+#: the catalog's ``module`` names them: derived from the classes it builds.
+BACKBONE_MODULES: Final = frozenset(
+    module_path(cls.__module__) for cls in (DbWriter, OutboxRelay, IdempotencyStore, InboxConsumer)
 )
+#: Every actor module the daemon's tree wires (``triage run``: backbone and channels).
+WIRED_MODULES: Final = BACKBONE_MODULES | CHANNEL_MODULES
+_RELAY_MODULE: Final = module_path(OutboxRelay.__module__)
+
+
+def built_catalog(catalog: Catalog) -> Catalog:
+    """``catalog`` with its built rows derived (:func:`config.catalog.derive_built`): the
+    owning module is wired into this tree and the row's chaos scenario exists."""
+    return derive_built(catalog, wired=WIRED_MODULES)
 
 
 def live_rows(catalog: Catalog, *, backbone: bool, channels: bool = False) -> list[CatalogRow]:
     """Built rows whose owning actor runs in this tree: only their detectors are evaluated
     (an unfed detector would raise a false alarm)."""
-    owners = BACKBONE_OWNERS if backbone else frozenset()
+    modules = BACKBONE_MODULES if backbone else frozenset()
     if backbone and channels:
-        owners = owners | CHANNEL_OWNERS
-    return [row for row in catalog.rows if row.built and row.owner in owners]
+        modules = modules | CHANNEL_MODULES
+    built = built_catalog(catalog)
+    return [row for row in catalog.rows if built.is_built(row.id) and row.module in modules]
 
 
 def detector_name(row: CatalogRow) -> str:
@@ -383,7 +398,7 @@ def build_tree(
     with_channels = backbone is not None and endpoints is not None
     rows = live_rows(catalog, backbone=backbone is not None, channels=with_channels)
     if not config.relay.enabled:  # its rows (lag, crash loop) belong to the replica that relays
-        rows = [r for r in rows if r.owner != "outbox_relay"]
+        rows = [r for r in rows if r.module != _RELAY_MODULE]
     # The channels build their rows' detectors themselves (row 1: one per provider).
     detectors = build_detectors(
         config, [r for r in rows if r.id not in CHANNEL_ROWS], runtime, catalog, source=source
@@ -425,7 +440,7 @@ def build_tree(
             appliers={"inbox": apply_inbox},
             replica=backbone.replica,
             replica_breaker=replica_breaker,
-            connection_errors=_row_detector(rows, detectors, 5, RateDetector),
+            connection_errors=_row_detector(rows, detectors, DB_ROW, RateDetector),
         )
         relay = build_relay(config, rows, detectors, backbone, runtime)
         store = IdempotencyStore.from_config(
@@ -434,7 +449,7 @@ def build_tree(
             backbone.pool.asyncpg_pool,
             backbone.redis,
             runtime=runtime,
-            detector=_row_detector(rows, detectors, 7, RatioDetector),
+            detector=_row_detector(rows, detectors, IDEMPOTENCY_ROW, RatioDetector),
         )
         inbox = InboxConsumer.from_config(
             config,
@@ -442,7 +457,7 @@ def build_tree(
             backbone.pool.asyncpg_pool,
             backbone.nats,
             runtime=runtime,
-            detector=_row_detector(rows, detectors, 18, CountInWindowDetector),
+            detector=_row_detector(rows, detectors, INBOX_ROW, CountInWindowDetector),
             breaker=db_health.breaker,  # one breaker for the primary database
         )
         backbone_specs += [
@@ -553,8 +568,8 @@ def build_relay(
         events=runtime.events,
         metrics=runtime.metrics,
     )
-    lag = _row_detector(rows, detectors, 6, AgeOfNewestDetector)
-    restarts = _row_detector(rows, detectors, 9, CountInWindowDetector)
+    lag = _row_detector(rows, detectors, LAG_ROW, AgeOfNewestDetector)
+    restarts = _row_detector(rows, detectors, CRASH_LOOP_ROW, CountInWindowDetector)
     pool = backbone.relay_pool if backbone.relay_pool is not None else backbone.pool
     return OutboxRelay(
         pool=pool.asyncpg_pool,

@@ -159,13 +159,22 @@ def test_check_config_missing_catalog(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_catalog_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["catalog"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "STATE"]
+    assert lines[0].split() == [
+        "ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "MODULE", "SCENARIO", "STATE"
+    ]  # fmt: skip
     rows = lines[1:]
     assert len(rows) == 20
     assert [int(line.split()[0]) for line in rows] == list(range(1, 21))
     assert "ratio triage_sms_provider_error_ratio > 0.2 / 300s" in rows[0]
     assert "failover_provider, retry_with_backoff, alert" in rows[0]
-    assert "sms_dispatcher" in rows[0]
+    assert rows[0].split()[-4:] == [
+        "failover", "actors/failover.py", "bench/chaos/scenario_sms.py", "built"
+    ]  # fmt: skip
+    assert "actors/jitsi_pool.py (not built)" in rows[3]
+    # Each row's module and scenario: an existing file, or marked not built.
+    for line in rows:
+        for path in (w for w in line.split() if w.endswith(".py")):
+            assert (ROOT / path).is_file() or f"{path} (not built)" in line, path
     assert rows[0].endswith("built") and "not built" not in rows[0]  # built by issue 4
     assert rows[4].endswith("built") and "not built" not in rows[4]
     assert rows[3].endswith("not built (later)")
@@ -178,6 +187,17 @@ def test_catalog_json_from_a_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows[0]["detector"]["kind"] == "ratio"
     assert rows[0]["state"] == "built"
     assert rows[7]["state"] == "not built (later)"
+    assert (rows[0]["owner"], rows[0]["module"], rows[0]["scenario"]) == (
+        "failover", "actors/failover.py", "bench/chaos/scenario_sms.py"
+    )  # fmt: skip
+    for row in rows:
+        assert row["module_exists"] == (ROOT / row["module"]).is_file()
+        assert row["scenario_exists"] == (ROOT / row["scenario"]).is_file()
+        if row["built"]:
+            assert row["module_exists"] and row["scenario_exists"], row["id"]
+        else:
+            assert row["state"].startswith("not built")
+    assert sum(row["built"] for row in rows) == 10
     assert rows[0]["detector_text"].startswith("ratio triage_sms_provider_error_ratio > 0.2")
 
 
