@@ -327,8 +327,13 @@ def _guard(config: TriageConfig, vendor: str, runtime: Runtime) -> tuple[Guard, 
 
 
 def _adapters(
-    config: TriageConfig, endpoints: Endpoints, guards: Mapping[str, Guard]
+    config: TriageConfig,
+    endpoints: Endpoints,
+    guards: Mapping[str, Guard],
+    wall: Callable[[], float],
 ) -> dict[str, Adapter]:
+    """One adapter per vendor; those that read the wall clock (token lifetimes,
+    Retry-After dates, Twilio's status window) read ``wall``."""
     p = config.providers
     return {
         "ghasi": GhasiAdapter(
@@ -347,6 +352,7 @@ def _adapters(
             from_number=p.twilio.from_number,
             timeout_s=guards["twilio"].timeout_s,
             callback_base=config.dlr.callback_base_url,
+            clock=wall,
         ),
         "fcm": FcmAdapter(
             "fcm",
@@ -355,6 +361,7 @@ def _adapters(
             refresh_margin_s=p.fcm.refresh_margin_s,
             token_lifetime_s=p.fcm.assertion_lifetime_s,
             base_url=endpoints.fcm_url,
+            now=wall,
         ),
         "apns": ApnsAdapter(
             "apns",
@@ -369,6 +376,7 @@ def _adapters(
             expiration_s=p.apns.expiration_s,
             priority=p.apns.priority,
             base_url=endpoints.apns_url,
+            now=wall,
         ),
         "smtp": SmtpAdapter(
             "smtp",
@@ -410,7 +418,7 @@ def build_channels(
     for vendor in _VENDORS:
         guards[vendor], rounds[vendor] = _guard(config, vendor, runtime)
     with located(source, "$.providers"):
-        adapters = _adapters(config, endpoints, guards)
+        adapters = _adapters(config, endpoints, guards, wall)
 
     # Row 3: the bounce tracker counts every accepted email and every bounce.
     bounce_cfg = _row_config(config, catalog, BOUNCE_ROW)
