@@ -57,7 +57,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
+from typing import TYPE_CHECKING, Any, Final, TypeVar, TypeVarTuple
 
 import trio
 
@@ -72,6 +72,7 @@ from providers.spool import Spool, SpoolRecord
 if TYPE_CHECKING:
     from providers.db.tenancy import Connection
 
+ROW: Final = 5  # the catalog row this actor owns: database unavailable
 __all__ = ["UNAVAILABLE", "Applier", "DbWriter", "WriteOutcome", "apply_inbox"]
 
 T = TypeVar("T")

@@ -112,6 +112,7 @@ from providers.asgi import (
 from providers.channel import Receipt
 from providers.receipts import BadSignature
 
+ROW: Final = 13  # the catalog row this actor owns: DLR callback flood
 __all__ = [
     "UNKNOWN_PROVIDER",
     "BodyTooLarge",

@@ -51,6 +51,7 @@ import enum
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import trio
 from prometheus_client import CollectorRegistry, Counter
@@ -71,6 +72,7 @@ from engine.metrics import families
 from engine.retry import RetryPolicy
 from providers.channel import Accepted, Adapter, DeliveryState, Message, RecipientGone
 
+ROW: Final = 1  # the catalog row this actor owns: SMS provider outage
 __all__ = [
     "AMBIGUOUS_REASON",
     "EXHAUSTED_REASON",

@@ -68,7 +68,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import nats.js.errors
 import trio
@@ -93,6 +93,8 @@ from providers.db.outbox import (
 if TYPE_CHECKING:
     import asyncpg
 
+LAG_ROW: Final = 6  # the catalog row this actor owns: NATS unavailable (outbox lag)
+CRASH_LOOP_ROW: Final = 9  # the catalog row this actor owns: outbox relay crash loop
 __all__ = [
     "NatsPublishFailed",
     "OutboxRelay",

@@ -1,7 +1,9 @@
 """Triage configuration: the msgspec schema, the TOML loader and the failure catalog.
 
-The bottom layer: it imports nothing from ``engine``, ``actors``,
-``supervisors`` or ``providers``. The shipped files (``default.toml``,
+The bottom layer: it imports nothing from ``actors``, ``supervisors`` or
+``providers``, and from ``engine`` only the error tree (:mod:`engine.errors`:
+``ConfigError`` and ``ConfigProblem`` are the engine's, so that one class is
+raised and caught for every configuration problem). The shipped files (``default.toml``,
 ``dev.toml``, ``chaos.toml``, ``failures.toml``) live beside this module as
 package data; :func:`default_path` finds them.
 """
@@ -26,6 +28,7 @@ from config.loader import (
     catalog_path,
     load_config,
     load_config_text,
+    located,
 )
 from config.schema import (
     BreakerConfig,
@@ -74,6 +77,7 @@ __all__ = [
     "load_catalog_text",
     "load_config",
     "load_config_text",
+    "located",
     "prometheus_expr",
     "rules_yaml",
 ]

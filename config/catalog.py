@@ -26,11 +26,13 @@ gauge_sustained        gauge ``M``                                (not ``_total`
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -50,9 +52,12 @@ __all__ = [
     "CatalogRow",
     "alert_name",
     "alert_rules",
+    "derive_built",
     "describe_detector",
     "load_catalog",
     "load_catalog_text",
+    "module_path",
+    "project_root",
     "prometheus_expr",
     "row_detector",
     "rules_yaml",
@@ -66,10 +71,13 @@ _Text = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class CatalogRow(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """One catalogued failure.
+    """One catalogued failure, and where the code that answers it lives.
 
-    ``built`` is true only once the owning actor exists; until then ``status``
-    says which issue builds it (``issue``, or None for "later").
+    ``module`` is the owning actor's file and ``scenario`` its chaos scenario,
+    both relative to the project root (:func:`project_root`); ``owner`` is named
+    after ``module``. Whether the row is built is not written here but derived
+    (:func:`derive_built`): the module is wired into the daemon's tree and the
+    scenario exists. ``issue`` names the issue that builds it (None: a later one).
     """
 
     id: Annotated[int, msgspec.Meta(ge=1, le=CATALOG_SIZE)]
@@ -79,24 +87,21 @@ class CatalogRow(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     detector: DetectorConfig
     mitigations: Annotated[tuple[_Text, ...], msgspec.Meta(min_length=1)]
     owner: _Text
+    module: Annotated[str, msgspec.Meta(pattern=r"^actors/[a-z_][a-z0-9_]*\.py$")]
+    scenario: Annotated[str, msgspec.Meta(pattern=r"^bench/chaos/scenario_[a-z0-9_]+\.py$")]
     severity: Severity
     runbook: _Text
-    built: bool
     issue: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    status: _Text
-
-    @property
-    def state(self) -> str:
-        """``built``, ``not built (issue 3)`` or ``not built (later)``."""
-        if self.built:
-            return "built"
-        return f"not built (issue {self.issue})" if self.issue is not None else "not built (later)"
 
 
 class Catalog(msgspec.Struct, frozen=True, kw_only=True):
-    """The twenty rows, ordered by id."""
+    """The twenty rows, ordered by id, and the ids of the built ones (derived)."""
 
     rows: tuple[CatalogRow, ...]
+    #: The file the rows were read from (for messages).
+    source: str = "<catalog>"
+    #: Rows whose module the tree wires and whose scenario exists: see :func:`derive_built`.
+    built: frozenset[int] = frozenset()
 
     def row(self, id: int) -> CatalogRow:
         """The row with this id; ``KeyError`` if there is none."""
@@ -104,6 +109,36 @@ class Catalog(msgspec.Struct, frozen=True, kw_only=True):
             if row.id == id:
                 return row
         raise KeyError(id)
+
+    def is_built(self, id: int) -> bool:
+        return id in self.built
+
+    def state(self, row: CatalogRow) -> str:
+        """``built``, ``not built (issue 3)`` or ``not built (later)``."""
+        if self.is_built(row.id):
+            return "built"
+        return f"not built (issue {row.issue})" if row.issue is not None else "not built (later)"
+
+
+def project_root() -> Path:
+    """The directory the catalog's ``module`` and ``scenario`` paths are relative to."""
+    return Path(__file__).resolve().parent.parent
+
+
+def module_path(module: str) -> str:
+    """A dotted module name as the catalog writes it: ``actors.inbox`` -> ``actors/inbox.py``."""
+    return module.replace(".", "/") + ".py"
+
+
+def derive_built(catalog: Catalog, *, wired: Collection[str], root: Path | None = None) -> Catalog:
+    """``catalog`` with ``built`` derived: the rows whose ``module`` is in ``wired`` (the
+    modules the daemon's tree wires, as :func:`module_path` writes them) and whose
+    ``scenario`` file exists under ``root`` (default :func:`project_root`)."""
+    base = project_root() if root is None else root
+    built = frozenset(
+        row.id for row in catalog.rows if row.module in wired and (base / row.scenario).is_file()
+    )
+    return msgspec.structs.replace(catalog, built=built)
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -142,7 +177,7 @@ def load_catalog(
 ) -> Catalog:
     """Read and check a catalog file against the metric and mitigation vocabularies.
 
-    Raises :class:`~config.loader.ConfigError` naming the row and field of
+    Raises :class:`~engine.errors.ConfigError` naming the row and field of
     every problem: unknown keys or detector kinds, out-of-range values, a
     metric not in ``metrics``, a mitigation not in ``mitigations``, duplicate or
     missing ids (all of 1..20 must be present).
@@ -188,7 +223,7 @@ def load_catalog_text(
         row, problem, _ = report.attempt(entry, CatalogRow, parts)
         if problem is not None:
             report.problems.append(
-                msgspec.structs.replace(problem, message=f"{label}: {problem.message}")
+                dataclasses.replace(problem, message=f"{label}: {problem.message}")
             )
             continue
         assert row is not None  # attempt returns a row or a problem
@@ -196,6 +231,8 @@ def load_catalog_text(
             add(label, (*parts, "id"), f"duplicate id (also rows[{first_index[row.id]}])")
         else:
             first_index[row.id] = index
+        if Path(row.module).stem != row.owner:
+            add(label, (*parts, "owner"), f"must be named after its module ({row.module})")
         detector = row.detector
         if detector.base is not None:
             add(label, (*parts, "detector", "base"), "profiles do not apply in the catalog")
@@ -212,7 +249,7 @@ def load_catalog_text(
     if missing:
         report.add(("rows",), "missing ids: " + ", ".join(map(str, missing)))
     report.raise_if_any()
-    return Catalog(rows=tuple(sorted(rows, key=lambda r: r.id)))
+    return Catalog(rows=tuple(sorted(rows, key=lambda r: r.id)), source=source)
 
 
 # -- presentation --------------------------------------------------------------------------
@@ -309,7 +346,9 @@ def alert_rules(catalog: Catalog, *, group: str = "triage-failure-catalog") -> d
             "summary": f"#{row.id} {row.name}: {describe_detector(row.detector)}",
             "description": f"Trigger: {row.trigger}. Impact: {row.impact}.",
             "mitigations": ", ".join(row.mitigations),
-            "status": "built" if row.built else row.status,
+            "status": catalog.state(row),
+            "module": row.module,
+            "scenario": row.scenario,
             "runbook": row.runbook.strip(),
         }
         rules.append(rule)

@@ -19,7 +19,8 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -52,12 +53,18 @@ from config.schema import (
     TriageConfig,
 )
 
+# The one ConfigError of the project is the engine's (the error tree is drawn once, in
+# engine.errors); the loader raises it with the problems of a file.
+from engine.errors import ConfigError, ConfigProblem
+
 __all__ = [
     "ConfigError",
     "ConfigProblem",
     "catalog_path",
     "load_config",
     "load_config_text",
+    "located",
+    "merge_tables",
 ]
 
 PathPart = str | int
@@ -101,34 +108,14 @@ _GUARD_REFERENCES: Final = {
 }
 
 
-class ConfigProblem(msgspec.Struct, frozen=True, kw_only=True):
-    """One thing wrong with a file: where (file, line, TOML path) and what."""
-
-    source: str
-    line: int | None
-    path: str
-    message: str
-    column: int | None = None
-
-    def __str__(self) -> str:
-        where = self.source
-        if self.line is not None:
-            where += f":{self.line}"
-            if self.column is not None:
-                where += f":{self.column}"
-        return f"{where}: {self.path}: {self.message}"
-
-
-class ConfigError(ValueError):
-    """A configuration file is invalid. ``problems`` lists every problem found.
-
-    Deliberately independent of ``engine.errors.ConfigError``: ``config`` is the
-    bottom layer and imports nothing of the engine.
-    """
-
-    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
-        self.problems: tuple[ConfigProblem, ...] = tuple(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+@contextmanager
+def located(source: str, path: str) -> Iterator[None]:
+    """Re-raise a :class:`ConfigError` from the block (an engine constructor's, which
+    knows no file) with its unplaced problems placed in ``source`` at ``path``."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise exc.at(source, path) from exc
 
 
 # -- paths ---------------------------------------------------------------------------------
@@ -382,16 +369,29 @@ def explain(
 class Reporter:
     """Collects problems for one file; decodes values into Structs, recording failures."""
 
-    def __init__(self, text: str, source: str) -> None:
+    def __init__(
+        self, text: str, source: str, bases: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self.source = source
         self.locator = TomlLocator(text)
+        #: The files this one extends, nearest first, as (source, locator).
+        self.bases = [(base_source, TomlLocator(base_text)) for base_text, base_source in bases]
         self.problems: list[ConfigProblem] = []
+
+    def where(self, parts: PathParts) -> tuple[str, int | None]:
+        """The file and line that wrote ``parts``: this file if it writes the key, else
+        the nearest base that does, else this file at the key's nearest parent."""
+        for source, locator in [(self.source, self.locator), *self.bases]:
+            line = locator.line_of(parts, exact=True)
+            if line is not None:
+                return source, line
+        return self.source, self.locator.line_of(parts)
 
     def add(self, parts: PathParts, message: str) -> None:
         """Record a problem at ``parts`` (its line found by the locator)."""
-        line = self.locator.line_of(parts)
+        source, line = self.where(parts)
         self.problems.append(
-            ConfigProblem(source=self.source, line=line, path=render_path(parts), message=message)
+            ConfigProblem(source=source, line=line, path=render_path(parts), message=message)
         )
 
     def attempt(
@@ -417,9 +417,9 @@ class Reporter:
                 written = origin.get(inner[0], parts)
                 if written != parts:
                     message += f" (inherited from [{'.'.join(map(str, written))}])"
-            line = self.locator.line_of((*written, *inner))
+            source, line = self.where((*written, *inner))
             problem = ConfigProblem(
-                source=self.source, line=line, path=render_path((*parts, *inner)), message=message
+                source=source, line=line, path=render_path((*parts, *inner)), message=message
             )
             return None, problem, written
 
@@ -533,15 +533,75 @@ class _Profiles:
 # -- the loader ----------------------------------------------------------------------------
 
 
+#: The top-level key that makes a file an overlay on another (relative to its directory).
+EXTENDS: Final = "extends"
+#: How many files an overlay chain may stack (a cycle is refused before that).
+_MAX_EXTENDS: Final = 8
+
+
+def merge_tables(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``overlay`` on ``base``: tables merge key by key, any other value replaces."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            merged[key] = merge_tables(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _layers(
+    raw: dict[str, Any], source: str, directory: Path
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """``raw`` merged onto the files it ``extends`` (nearest first), and their texts."""
+    bases: list[tuple[str, str]] = []
+    seen = [os.path.abspath(source)]
+    merged = raw
+    while EXTENDS in merged:
+        name = merged.pop(EXTENDS)
+        where = bases[-1][1] if bases else source
+        if not isinstance(name, str) or not name:
+            problem = ConfigProblem(
+                source=where, line=None, path=f"$.{EXTENDS}",
+                message=f"expected the path of the file to extend, got {toml_repr(name)}",
+            )  # fmt: skip
+            raise ConfigError([problem])
+        path = directory / name
+        if os.path.abspath(path) in seen or len(bases) >= _MAX_EXTENDS:
+            chain = " -> ".join([*seen, os.path.abspath(path)])
+            problem = ConfigProblem(
+                source=where, line=None, path=f"$.{EXTENDS}", message=f"extends cycle: {chain}"
+            )
+            raise ConfigError([problem])
+        seen.append(os.path.abspath(path))
+        text = read_text(path)
+        base = parse_toml(text, os.fspath(path))
+        bases.append((text, os.fspath(path)))
+        directory = path.parent
+        merged = merge_tables(base, merged)  # the base's own `extends` is followed next
+    return merged, bases
+
+
 def load_config(path: str | os.PathLike[str]) -> TriageConfig:
     """Read, validate and decode a Triage TOML file. Raises :class:`ConfigError`."""
     return load_config_text(read_text(path), source=os.fspath(path))
 
 
-def load_config_text(text: str, source: str = "<string>") -> TriageConfig:
-    """Validate and decode TOML text; ``source`` names it in error messages."""
-    raw = parse_toml(text, source)
-    report = Reporter(text, source)
+def load_config_text(
+    text: str, source: str = "<string>", *, directory: str | os.PathLike[str] | None = None
+) -> TriageConfig:
+    """Validate and decode TOML text; ``source`` names it in error messages.
+
+    A file with a top-level ``extends = "default.toml"`` is an overlay: it holds
+    only what differs from that file (resolved against ``directory``, default
+    the directory of ``source``), merged onto it table by table before anything
+    is validated; a problem is reported in the file that wrote the key.
+    """
+    raw, bases = _layers(
+        parse_toml(text, source), source, Path(source).parent if directory is None else Path(directory)
+    )
+    report = Reporter(text, source, bases)
 
     for key in raw:
         if key not in _TOP_LEVEL:

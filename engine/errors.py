@@ -1,32 +1,75 @@
-"""The engine's error tree, drawn once.
+"""Triage's error tree, drawn once: every exception the project raises on purpose.
+
+The classes marked with a module are defined there (next to the code that raises
+them) but rooted here; ``engine`` itself imports nothing from the other packages.
 
 ::
 
     TriageError
-    ├─ ConfigError                     a config value or file is wrong (raised by config/)
+    ├─ ConfigError (also ValueError)   a config value or file is wrong; ``problems`` lists
+    │                                  each as ``FILE:LINE: $.path: message``
     ├─ ProviderError                   an outside dependency answered badly
-    │  ├─ TransientProviderError       worth retrying: ProviderTimeout, ProviderUnavailable,
-    │  │                               RateLimited(retry_after_s)
-    │  └─ PermanentProviderError       not worth retrying: Rejected, AuthFailed
+    │  ├─ TransientProviderError       worth retrying
+    │  │  ├─ ProviderTimeout           no answer in time (the request may have been acted upon)
+    │  │  ├─ RateLimited               slow down (``retry_after_s``)
+    │  │  └─ ProviderUnavailable       refused or 5xx before acceptance
+    │  │     ├─ NatsPublishFailed      actors.outbox_relay
+    │  │     └─ MalformedPull          providers.push_feedback (also a MalformedReceipt)
+    │  └─ PermanentProviderError       not worth retrying
+    │     ├─ AuthFailed                credentials refused
+    │     └─ Rejected                  the request itself refused
+    │        └─ RecipientGone          providers.channel: the recipient no longer exists
     ├─ LoadShed                        refused fast to protect the process
     │  ├─ CircuitOpen                  the breaker is open (or forced open)
     │  ├─ BulkheadFull                 no permit within the bounded wait
     │  ├─ MailboxFull                  an actor's mailbox is full and its policy is REJECT
     │  ├─ RateLimitExceeded            the token bucket is empty
-    │  └─ DatabaseUnavailable          the primary database is unreachable and the write
-    │                                  cannot be spooled (a 503; retry later)
+    │  ├─ DatabaseUnavailable          the primary database is unreachable and the write
+    │  │                               cannot be spooled (a 503; retry later)
+    │  ├─ SpoolFull                    providers.spool: the durable write journal is full
+    │  ├─ PublishNotAttempted          actors.outbox_relay: the publish breaker refused
+    │  └─ Overloaded                   actors.dispatcher: too many dispatches in flight
     ├─ ActorError
     │  ├─ ActorStopped                 the actor is gone; a tell or ask cannot be delivered
     │  └─ AskTimeout                   no reply within the ask's deadline
-    └─ SupervisorError
-       ├─ RestartIntensityExceeded     more than N restarts within T seconds
-       └─ TooManyChildren              the dynamic-children bound is reached
+    ├─ SupervisorError
+    │  ├─ RestartIntensityExceeded     more than N restarts within T seconds
+    │  └─ TooManyChildren              the dynamic-children bound is reached
+    ├─ StartAbandoned                  supervisors.backbone: a drain cancelled the start
+    ├─ RequestRejected                 actors.dispatch_commands: refused before the submitter
+    ├─ InvalidRequest                  actors.dispatcher: a field fails validation (4xx)
+    ├─ CategoryDisabled                actors.dispatcher: the tenant's category is disabled
+    ├─ PhiRefused                      actors.dispatcher: the push PHI guard refused the payload
+    ├─ IdempotencyConflict             actors.idempotency: one key, two different requests
+    ├─ TemplateNotFound                actors.templates: fail closed (catalog row 19)
+    ├─ TemplateRenderError             actors.templates
+    │  └─ MissingField                 a template field the request did not give
+    ├─ FeedbackStalled                 actors.push_feedback: no feedback while pushes wait
+    ├─ ReceiptError (also ValueError)  providers.receipts: an inbound receipt refused
+    │  ├─ BadSignature
+    │  │  └─ StaleReceipt              signed outside the accepted window
+    │  └─ MalformedReceipt
+    ├─ BodyTooLarge                    providers.asgi: the request body is over its cap
+    ├─ ClientDisconnected              providers.asgi: the client left before the body was read
+    ├─ CategoryError (also ValueError) providers.db.categories: not a category block's name
+    ├─ PoisonEvent                     providers.db.outbox: a publish result, dead-letter at once
+    ├─ RedriveError                    providers.db.dead_letters: a redrive refused
+    ├─ MigrationError                  providers.db.migrate
+    │  ├─ ChecksumMismatch             an applied migration file changed
+    │  ├─ MigrationOrderError
+    │  └─ MigrationFailed
+    ├─ UnsafeRoleError                 providers.db.roles: the daemon's role bypasses RLS
+    └─ EmbeddedServerError             providers.embedded: an embedded server did not start
 
 Retry and restart decisions look at transient vs permanent, never at vendor codes.
+``ValueError`` stays a second base where callers catch ``ValueError``.
 ``trio.Cancelled`` is never part of this tree and is never wrapped or counted.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 __all__ = [
     "ActorError",
@@ -36,6 +79,7 @@ __all__ = [
     "BulkheadFull",
     "CircuitOpen",
     "ConfigError",
+    "ConfigProblem",
     "DatabaseUnavailable",
     "LoadShed",
     "MailboxFull",
@@ -58,8 +102,50 @@ class TriageError(Exception):
     """Root of every error Triage raises on purpose."""
 
 
-class ConfigError(TriageError):
-    """A configuration file or value is invalid; the message names the TOML path."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigProblem:
+    """One thing wrong with a configuration: where (file, line, TOML path) and what.
+
+    Printed as ``FILE:LINE: $.path: message``; a problem raised where no file is
+    known (an engine constructor) has an empty ``source`` and ``path`` until
+    :meth:`ConfigError.at` places it.
+    """
+
+    source: str
+    line: int | None
+    path: str
+    message: str
+    column: int | None = None
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        return ": ".join(part for part in (where, self.path, self.message) if part)
+
+
+class ConfigError(TriageError, ValueError):
+    """A configuration file or value is invalid. ``problems`` lists every problem found.
+
+    ``config`` raises it with the problems of a file; an engine constructor with
+    one message (``ConfigError("detector 'x': window_s must be > 0")``), which the
+    caller that knows the TOML path places with :meth:`at`.
+    """
+
+    def __init__(self, problems: str | Iterable[ConfigProblem]) -> None:
+        if isinstance(problems, str):
+            problems = [ConfigProblem(source="", line=None, path="", message=problems)]
+        self.problems: tuple[ConfigProblem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def at(self, source: str, path: str) -> ConfigError:
+        """This error with every problem that names no file placed in ``source`` at ``path``."""
+        return ConfigError(
+            p if p.source else replace(p, source=source, path=p.path or path)
+            for p in self.problems
+        )
 
 
 class ProviderError(TriageError):

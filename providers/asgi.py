@@ -19,6 +19,8 @@ from typing import Final
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
+from engine.errors import TriageError
+
 __all__ = [
     "JSON",
     "BodyTooLarge",
@@ -40,7 +42,7 @@ HttpHandler = Callable[[HTTPScope, ASGIReceiveCallable, ASGISendCallable], Await
 """What :func:`serve_scope` hands an ``http`` scope to."""
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(TriageError):
     """The request body is longer than the cap; reading stopped at the cap."""
 
     def __init__(self, limit: int, *, declared: int | None = None) -> None:
@@ -50,7 +52,7 @@ class BodyTooLarge(Exception):
         self.declared = declared
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnected(TriageError):
     """The client went away before the body was read."""
 
 

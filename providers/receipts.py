@@ -19,6 +19,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 
+from engine.errors import TriageError
+
 __all__ = [
     "BadSignature",
     "MalformedReceipt",
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 
-class ReceiptError(ValueError):
+class ReceiptError(TriageError, ValueError):
     """An inbound receipt was refused; the message names the provider and the problem
     (never the secret). Raised with one message string."""
 

@@ -46,6 +46,7 @@ import msgspec
 import trio
 
 from config import TriageConfig
+from engine.errors import TriageError
 from providers import jetstream
 from providers.bridge import open_bridge, run
 from providers.db import migrate
@@ -58,7 +59,7 @@ __all__ = ["Backbone", "StartAbandoned", "StartGuard", "describe_services", "ope
 log = logging.getLogger("triage.backbone")
 
 
-class StartAbandoned(Exception):
+class StartAbandoned(TriageError):
     """A drain was requested while the backbone was starting; nothing is left running."""
 
 

@@ -43,16 +43,21 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import trio
 
+from actors.bounce_tracker import ROW as BOUNCE_ROW
 from actors.bounce_tracker import BounceTracker, DbBlockStore
 from actors.dispatch_commands import DispatchCommands, DispatchRequest
 from actors.dispatch_commands import SubmitResult as WireResult
 from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
+from actors.dlr_ingress import ROW as DLR_ROW
 from actors.dlr_ingress import DlrIngress
+from actors.failover import ROW as SMS_ROW
 from actors.failover import Failover, Route
+from actors.push_feedback import ROW as FEEDBACK_ROW
 from actors.push_feedback import PushFeedback, StaleSweep
+from actors.templates import ROW as TEMPLATE_ROW
 from actors.templates import TemplateRegistry
-from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
-from config.catalog import alert_name, row_override
+from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs, located
+from config.catalog import alert_name, module_path, row_override
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
 from engine.detectors import (
@@ -90,13 +95,23 @@ if TYPE_CHECKING:
     from providers.channel import StatusAnswer
     from supervisors.backbone import Backbone
 
-__all__ = ["CHANNEL_ROWS", "Channels", "ReceiptApplier", "build_channels", "channel_profiles"]
+__all__ = [
+    "CHANNEL_MODULES",
+    "CHANNEL_ROWS",
+    "Channels",
+    "ReceiptApplier",
+    "build_channels",
+    "channel_problems",
+    "channel_profiles",
+]
 
-#: Catalog rows whose detectors the channels build (the tree leaves them out).
-CHANNEL_ROWS: Final = frozenset({1, 2, 3, 13, 19})
-#: Catalog owners the channels run.
-CHANNEL_OWNERS: Final = frozenset(
-    {"sms_dispatcher", "push_feedback", "bounce_tracker", "dlr_ingress", "template_registry"}
+#: Catalog rows whose detectors the channels build (the tree leaves them out): the
+#: ``ROW`` of each actor module below.
+CHANNEL_ROWS: Final = frozenset({SMS_ROW, FEEDBACK_ROW, BOUNCE_ROW, DLR_ROW, TEMPLATE_ROW})
+#: The actor modules the channels wire, as the catalog's ``module`` names them.
+CHANNEL_MODULES: Final = frozenset(
+    module_path(cls.__module__)
+    for cls in (Failover, PushFeedback, BounceTracker, DlrIngress, TemplateRegistry)
 )
 
 
@@ -116,10 +131,12 @@ def channel_profiles(config: TriageConfig) -> list[tuple[str, str]]:
 _VENDORS: Final = ("ghasi", "twilio", "fcm", "apns", "smtp")
 
 
-def _missing_profiles(config: TriageConfig) -> None:
+def channel_problems(config: TriageConfig, source: str = "<config>") -> list[ConfigProblem]:
+    """Every profile the channels need that ``config`` lacks, and guards naming an unknown
+    retry profile, as problems in ``source`` (:func:`build_channels` refuses them)."""
     problems = [
         ConfigProblem(
-            source="<config>",
+            source=source,
             line=None,
             path=f"$.{section}.{name}",
             message=f"missing profile [{section}.{name}] (the channels use it)",
@@ -132,14 +149,13 @@ def _missing_profiles(config: TriageConfig) -> None:
         if guard is not None and guard.retry not in config.retries:
             problems.append(
                 ConfigProblem(
-                    source="<config>",
+                    source=source,
                     line=None,
                     path=f"$.guards.{getattr(config.providers, vendor).guard}.retry",
                     message=f"unknown retries profile {guard.retry!r}",
                 )
             )
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 class ReceiptApplier:
@@ -311,8 +327,13 @@ def _guard(config: TriageConfig, vendor: str, runtime: Runtime) -> tuple[Guard, 
 
 
 def _adapters(
-    config: TriageConfig, endpoints: Endpoints, guards: Mapping[str, Guard]
+    config: TriageConfig,
+    endpoints: Endpoints,
+    guards: Mapping[str, Guard],
+    wall: Callable[[], float],
 ) -> dict[str, Adapter]:
+    """One adapter per vendor; those that read the wall clock (token lifetimes,
+    Retry-After dates, Twilio's status window) read ``wall``."""
     p = config.providers
     return {
         "ghasi": GhasiAdapter(
@@ -331,6 +352,7 @@ def _adapters(
             from_number=p.twilio.from_number,
             timeout_s=guards["twilio"].timeout_s,
             callback_base=config.dlr.callback_base_url,
+            clock=wall,
         ),
         "fcm": FcmAdapter(
             "fcm",
@@ -339,6 +361,7 @@ def _adapters(
             refresh_margin_s=p.fcm.refresh_margin_s,
             token_lifetime_s=p.fcm.assertion_lifetime_s,
             base_url=endpoints.fcm_url,
+            now=wall,
         ),
         "apns": ApnsAdapter(
             "apns",
@@ -353,6 +376,7 @@ def _adapters(
             expiration_s=p.apns.expiration_s,
             priority=p.apns.priority,
             base_url=endpoints.apns_url,
+            now=wall,
         ),
         "smtp": SmtpAdapter(
             "smtp",
@@ -378,9 +402,14 @@ def build_channels(
     shutdown_s: float,
     idempotency: Any = None,
     wall: Callable[[], float] = time.time,
+    source: str = "<config>",
 ) -> Channels:
-    """Wire the channels (nothing runs yet); see the module docstring."""
-    _missing_profiles(config)
+    """Wire the channels (nothing runs yet); see the module docstring.
+
+    A :class:`ConfigError` names ``source`` and the TOML path of what is wrong."""
+    problems = channel_problems(config, source)
+    if problems:
+        raise ConfigError(problems)
     registry = runtime.metrics.registry if runtime.metrics is not None else None
     dispatch = config.dispatch
 
@@ -388,10 +417,11 @@ def build_channels(
     rounds: dict[str, RetryPolicy] = {}
     for vendor in _VENDORS:
         guards[vendor], rounds[vendor] = _guard(config, vendor, runtime)
-    adapters = _adapters(config, endpoints, guards)
+    with located(source, "$.providers"):
+        adapters = _adapters(config, endpoints, guards, wall)
 
     # Row 3: the bounce tracker counts every accepted email and every bounce.
-    bounce_cfg = _row_config(config, catalog, 3)
+    bounce_cfg = _row_config(config, catalog, BOUNCE_ROW)
     bounces = config.bounces
     tracker = BounceTracker(
         store=DbBlockStore(backbone.pool.asyncpg_pool),
@@ -402,7 +432,7 @@ def build_channels(
         max_keys=bounces.max_keys,
         evaluate_interval_s=config.daemon.detector_tick_s,
         reload_interval_s=bounces.reload_interval_s,
-        detector=_detector(config, catalog, runtime, detectors, 3, RatioDetector),
+        detector=_detector(config, catalog, runtime, detectors, BOUNCE_ROW, RatioDetector),
         events=runtime.events,
         metrics=runtime.metrics,
         clock=runtime.clock,
@@ -412,7 +442,9 @@ def build_channels(
 
     # Row 1: one error-ratio detector per SMS provider.
     sms_ratio = {
-        vendor: _detector(config, catalog, runtime, detectors, 1, RatioDetector, f"_{vendor}")
+        vendor: _detector(
+            config, catalog, runtime, detectors, SMS_ROW, RatioDetector, f"_{vendor}"
+        )
         for vendor in config.channels.sms
     }
 
@@ -470,8 +502,10 @@ def build_channels(
         registry=registry,
         events=runtime.events,
         clock=runtime.clock,
-        detector=_detector(config, catalog, runtime, detectors, 19, CountInWindowDetector),
-        severity=catalog.row(19).severity,
+        detector=_detector(
+            config, catalog, runtime, detectors, TEMPLATE_ROW, CountInWindowDetector
+        ),
+        severity=catalog.row(TEMPLATE_ROW).severity,
     )
     service = DispatchService(
         backbone.pool,
@@ -541,7 +575,9 @@ def build_channels(
         batch_max=dlr.batch_max,
         retry_after_s=dlr.retry_after_s,
         public_base_url=dlr.callback_base_url,
-        detector=_detector(config, catalog, runtime, detectors, 13, SpikeOverBaselineDetector),
+        detector=_detector(
+            config, catalog, runtime, detectors, DLR_ROW, SpikeOverBaselineDetector
+        ),
         registry=registry,
     )
 
@@ -577,8 +613,10 @@ def build_channels(
         batch_size=pf.max_messages,
         stall_after_s=pf.stall_after_s,
         watchdog_interval_s=pf.watchdog_interval_s,
-        severity=catalog.row(2).severity,
-        detector=_detector(config, catalog, runtime, detectors, 2, AgeOfNewestDetector),
+        severity=catalog.row(FEEDBACK_ROW).severity,
+        detector=_detector(
+            config, catalog, runtime, detectors, FEEDBACK_ROW, AgeOfNewestDetector
+        ),
         events=runtime.events,
         registry=registry,
         clock=runtime.clock,

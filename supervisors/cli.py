@@ -2,9 +2,11 @@
 
 ::
 
-    triage check-config FILE              validate a config and the catalog it names
+    triage check-config FILE              validate a config and the catalog it names, with
+                                          every check the daemon makes before it starts
     triage catalog [--config F | --catalog F] [--json]
-                                          the failure catalog as a table (or JSON)
+                                          the failure catalog as a table (or JSON): each
+                                          row's owner, module and chaos scenario
     triage rules [--config F | --catalog F] [-o FILE]
                                           Prometheus alert rules from the catalog
     triage run [--config FILE]            run the daemon
@@ -47,6 +49,7 @@ from config import (
     load_config,
     rules_yaml,
 )
+from config.catalog import project_root
 from providers.services import ENV_POSTGRES_URL
 from supervisors import cli_category, cli_send
 from supervisors.cli_common import (
@@ -65,7 +68,16 @@ __all__ = ["main"]
 
 
 def _load_catalog(path: Path) -> Catalog:
-    return load_catalog(path, metrics=METRICS, mitigations=MITIGATIONS)
+    """The catalog at ``path``, its built rows derived from the daemon's tree."""
+    # Imported here: the tree imports the actors, which `send`, `dlq`... do not need.
+    from supervisors.tree import built_catalog
+
+    return built_catalog(load_catalog(path, metrics=METRICS, mitigations=MITIGATIONS))
+
+
+def _file_cell(path: str) -> str:
+    """A catalog row's module or scenario: the path, marked when the file is not there."""
+    return path if (project_root() / path).is_file() else f"{path} (not built)"
 
 
 def _catalog_from_args(args: argparse.Namespace) -> tuple[Path, Catalog]:
@@ -108,13 +120,18 @@ def _summary(config: TriageConfig) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    # Imported here: the tree's checks import the actors, which the other
+    # subcommands do not need.
+    from supervisors.tree import check_config
+
     try:
         config = load_config(args.file)
         path = Path(args.catalog) if args.catalog is not None else catalog_path(config, args.file)
         catalog = _load_catalog(path)
+        check_config(config, catalog, args.file)  # what `triage run` refuses, nothing started
     except ConfigError as exc:
         return report(exc)
-    built = sum(row.built for row in catalog.rows)
+    built = len(catalog.built)
     print(f"ok: {args.file}")
     print(_summary(config))
     print(f"  catalog: {path}: {len(catalog.rows)} rows, {built} built")
@@ -131,11 +148,14 @@ def _catalog(args: argparse.Namespace) -> int:
         for row in catalog.rows:
             item = cast("dict[str, Any]", msgspec.to_builtins(row))
             item["detector_text"] = describe_detector(row.detector)
-            item["state"] = row.state
+            item["state"] = catalog.state(row)
+            item["built"] = catalog.is_built(row.id)
+            item["module_exists"] = (project_root() / row.module).is_file()
+            item["scenario_exists"] = (project_root() / row.scenario).is_file()
             rows.append(item)
         print(msgspec.json.format(msgspec.json.encode({"rows": rows}), indent=2).decode())
         return EXIT_OK
-    lines = [["ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "STATE"]]
+    lines = [["ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "MODULE", "SCENARIO", "STATE"]]
     lines += [
         [
             str(row.id),
@@ -143,7 +163,9 @@ def _catalog(args: argparse.Namespace) -> int:
             describe_detector(row.detector),
             ", ".join(row.mitigations),
             row.owner,
-            row.state,
+            _file_cell(row.module),
+            _file_cell(row.scenario),
+            catalog.state(row),
         ]
         for row in catalog.rows
     ]

@@ -39,7 +39,12 @@ A drain, bounded as a whole by ``daemon.drain_s`` from the moment it starts:
 6. log ``stopped``; the exit status is 0.
 
 If the root supervisor fails (a child fails to start, or restart intensity is
-exceeded) the daemon logs it at ``critical``, logs ``stopped`` and exits 1.
+exceeded) the daemon logs it at ``critical``, logs ``stopped`` and exits 1. A
+:class:`~engine.errors.ConfigError` met while wiring (a value an actor's
+constructor refuses) is no crash: one ``config invalid: FILE: $.path: message``
+line per problem, no traceback, exit 2 — as ``triage check-config`` reports it
+(:func:`~supervisors.tree.check_config` runs before anything starts, so most
+such problems never get this far).
 """
 
 from __future__ import annotations
@@ -57,11 +62,13 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from config import (
     Catalog,
+    ConfigError,
     TriageConfig,
     catalog_path,
     describe_detector,
     load_catalog,
     load_config,
+    located,
 )
 from engine.metrics import Metrics
 from engine.runtime import Runtime, open_runtime
@@ -71,13 +78,23 @@ from supervisors.backbone import Backbone, StartAbandoned, StartGuard, open_back
 from supervisors.demo import seed_demo_async
 from supervisors.emulated import Emulated, Endpoints, open_emulators, resolve_endpoints
 from supervisors.logging import json_logging
-from supervisors.tree import Phase, Readiness, Tree, build_tree, check_profiles
+from supervisors.tree import (
+    Phase,
+    Readiness,
+    Tree,
+    build_tree,
+    built_catalog,
+    check_config,
+    check_profiles,
+)
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "Daemon", "main_run"]
+__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "Daemon", "main_run"]
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
+#: A config problem found while wiring the tree (``triage check-config`` exits 2 too).
+EXIT_INVALID: Final = 2
 
 #: The signals that start a drain.
 DRAIN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
@@ -98,8 +115,8 @@ def _metrics(max_label_values: int) -> Metrics:
 
 def log_catalog(catalog: Catalog, source: str) -> None:
     """One summary line (live and not-built row ids), then one debug line per row."""
-    live = [row.id for row in catalog.rows if row.built]
-    not_built = [row.id for row in catalog.rows if not row.built]
+    live = [row.id for row in catalog.rows if catalog.is_built(row.id)]
+    not_built = [row.id for row in catalog.rows if not catalog.is_built(row.id)]
     summary = f"catalog: {len(live)}/{len(catalog.rows)} rows live"
     if live:
         summary += "; live: " + ",".join(map(str, live))
@@ -115,9 +132,11 @@ def log_catalog(catalog: Catalog, source: str) -> None:
             extra={
                 "row": row.id,
                 "row_name": row.name,
-                "state": row.state,
+                "state": catalog.state(row),
                 "detector": describe_detector(row.detector),
                 "owner": row.owner,
+                "owner_module": row.module,  # not "module": a LogRecord attribute
+                "scenario": row.scenario,
             },
         )
 
@@ -158,7 +177,7 @@ class Daemon:
         if not 0.0 <= drain_grace_s < config.daemon.drain_s:
             raise ValueError("drain_grace_s must be >= 0 and below daemon.drain_s")
         self.config = config
-        self.catalog = catalog
+        self.catalog = built_catalog(catalog)
         self.source = source
         self.catalog_source = catalog_source
         self.wall = wall
@@ -233,7 +252,18 @@ class Daemon:
                     nursery.cancel_scope.cancel()  # the signal watcher
         except Exception as exc:  # a failed start: a child could not start, a port in use...
             refused = _sole(exc, UnsafeRoleError)
-            if refused is not None:
+            invalid = _sole(exc, ConfigError)
+            if invalid is not None:
+                # A config problem found while wiring: one line per problem, each with
+                # its file and TOML path, and no traceback (as `triage check-config`).
+                for problem in invalid.problems:
+                    log.critical(
+                        "config invalid: %s",
+                        problem,
+                        extra={"source": problem.source, "path": problem.path},
+                    )
+                code = EXIT_INVALID
+            elif refused is not None:
                 log.critical(
                     "database role refused: %s",
                     refused,
@@ -308,14 +338,16 @@ class Daemon:
         task_status: trio.TaskStatus[int],
         endpoints: Endpoints | None = None,
     ) -> int:
-        tree = self.tree = build_tree(
-            self.config,
-            self.catalog,
-            runtime,
-            source=self.source,
-            backbone=backbone,
-            endpoints=endpoints,
-        )
+        # Whatever the wiring refuses without a place of its own is placed in the file.
+        with located(self.source, "$"):
+            tree = self.tree = build_tree(
+                self.config,
+                self.catalog,
+                runtime,
+                source=self.source,
+                backbone=backbone,
+                endpoints=endpoints,
+            )
         try:
             return await self._serve(tree, task_status)
         finally:
@@ -443,7 +475,7 @@ def main_run(config_path: str) -> int:
     config = load_config(config_path)
     catalog_file = catalog_path(config, config_path)
     catalog = load_catalog(catalog_file, metrics=METRICS, mitigations=MITIGATIONS)
-    check_profiles(config, config_path)
+    check_config(config, catalog, config_path)  # what `triage check-config` checks
     if not config.emulators.enabled:
         resolve_endpoints(config)  # every provider's address and secrets, or a ConfigError now
     wall = time.time

@@ -55,12 +55,15 @@ import msgspec
 
 from actors.alerts import ActiveAlerts, AlertEvent, AlertSink, EventForwarder, forward_events
 from actors.db_health import DbHealth
+from actors.db_writer import ROW as DB_ROW
 from actors.db_writer import DbWriter, apply_inbox
+from actors.idempotency import ROW as IDEMPOTENCY_ROW
 from actors.idempotency import IdempotencyStore
+from actors.inbox import ROW as INBOX_ROW
 from actors.inbox import InboxConsumer
-from actors.outbox_relay import OutboxRelay
+from actors.outbox_relay import CRASH_LOOP_ROW, LAG_ROW, OutboxRelay
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
-from config.catalog import alert_name, overrides_a_row, row_override
+from config.catalog import alert_name, derive_built, module_path, overrides_a_row, row_override
 from engine.actor import ActorRef, Overflow, actor_child
 from engine.breaker import Breaker
 from engine.detectors import (
@@ -75,7 +78,13 @@ from engine.detectors import (
 from engine.runtime import Runtime
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers.spool import Spool
-from supervisors.channels import CHANNEL_OWNERS, CHANNEL_ROWS, Channels, build_channels
+from supervisors.channels import (
+    CHANNEL_MODULES,
+    CHANNEL_ROWS,
+    Channels,
+    build_channels,
+    channel_problems,
+)
 from supervisors.http import HealthApp, HttpServer
 
 if TYPE_CHECKING:
@@ -91,8 +100,12 @@ __all__ = [
     "build_db_health",
     "build_detectors",
     "build_tree",
+    "built_catalog",
+    "check_config",
     "check_profiles",
     "detector_name",
+    "detector_problems",
+    "profile_problems",
 ]
 
 #: Profiles the tree needs: (section, name).
@@ -110,9 +123,9 @@ REQUIRED_PROFILES: Final = (
 DB_BREAKER: Final = "postgres_primary"
 
 
-def check_profiles(config: TriageConfig, source: str) -> None:
-    """Raise :class:`ConfigError` naming every profile the tree needs that ``config`` lacks."""
-    problems = [
+def profile_problems(config: TriageConfig, source: str) -> list[ConfigProblem]:
+    """Every profile the tree needs that ``config`` lacks, as problems in ``source``."""
+    return [
         ConfigProblem(
             source=source,
             line=None,
@@ -122,6 +135,80 @@ def check_profiles(config: TriageConfig, source: str) -> None:
         for section, name in REQUIRED_PROFILES
         if name not in getattr(config, section)
     ]
+
+
+def check_profiles(config: TriageConfig, source: str) -> None:
+    """Raise :class:`ConfigError` naming every profile the tree needs that ``config`` lacks."""
+    problems = profile_problems(config, source)
+    if problems:
+        raise ConfigError(problems)
+
+
+def detector_source(
+    config: TriageConfig, catalog: Catalog | None, row: CatalogRow, source: str
+) -> tuple[str, str]:
+    """Where row ``row``'s detector settings are written: (file, TOML path).
+
+    A ``[detectors.*]`` section on the row's metric (its override) is in the
+    config ``source``; otherwise the row itself, in the catalog's file."""
+    for name, section in config.detectors.items():
+        if section.metric == row.detector.metric:
+            return source, f"$.detectors.{name}"
+    index = catalog.rows.index(row) if catalog is not None and row in catalog.rows else row.id - 1
+    return (catalog.source if catalog is not None else "<catalog>"), f"$.rows[{index}].detector"
+
+
+def detector_problems(
+    config: TriageConfig, catalog: Catalog, source: str, rows: Iterable[CatalogRow]
+) -> list[ConfigProblem]:
+    """What the daemon refuses in the detectors of ``rows`` and of ``[detectors.*]``: an
+    override of another kind than its row's (the row's actor would refuse it at start),
+    and whatever the engine refuses (each detector is built as the daemon builds it,
+    with nothing attached, and thrown away)."""
+    problems: list[ConfigProblem] = []
+    for row in rows:
+        settings = row_override(config, row)
+        where = detector_source(config, catalog, row, source)
+        if settings.kind != row.detector.kind:  # the row's feeder is written for its kind
+            problems.append(
+                ConfigProblem(
+                    source=where[0],
+                    line=None,
+                    path=f"{where[1]}.kind",
+                    message=f"overrides row {row.id} ({row.name}), whose actor feeds a "
+                    f"detector of kind {row.detector.kind!r}; got {settings.kind!r}",
+                )
+            )
+            continue
+        try:
+            make_detector(detector_name(row), row=row.id, **engine_kwargs(settings))
+        except ConfigError as exc:
+            problems += exc.at(*where).problems
+    for name, section in config.detectors.items():
+        if overrides_a_row(catalog, section):
+            continue
+        try:
+            make_detector(name, **engine_kwargs(section))
+        except ConfigError as exc:
+            problems += exc.at(source, f"$.detectors.{name}").problems
+    return problems
+
+
+def check_config(config: TriageConfig, catalog: Catalog, source: str) -> None:
+    """Every check ``triage run`` makes of a loaded config before it starts anything.
+
+    The tree's profiles, the channels' profiles (:func:`supervisors.channels.channel_problems`)
+    and every detector the daemon would build; one :class:`ConfigError` lists all
+    problems. ``triage check-config`` runs this too, so a file it passes is one the
+    daemon does not refuse for its content (provider secrets come from the
+    environment and are checked at start).
+    """
+    problems = profile_problems(config, source) + channel_problems(config, source)
+    if not problems:  # the detectors are only worth building on a complete config
+        rows = live_rows(catalog, backbone=True, channels=True)
+        if not config.relay.enabled:
+            rows = [r for r in rows if r.module != _RELAY_MODULE]
+        problems += detector_problems(config, catalog, source, rows)
     if problems:
         raise ConfigError(problems)
 
@@ -205,19 +292,30 @@ class Tree:
 
 D = TypeVar("D", bound=Detector)
 
-#: Catalog owners this tree runs when it has a backbone (services and a pool).
-BACKBONE_OWNERS: Final = frozenset(
-    {"db_supervisor", "outbox_relay", "idempotency_store", "inbox_consumer"}
+#: The actor modules this tree wires when it has a backbone (services and a pool), as
+#: the catalog's ``module`` names them: derived from the classes it builds.
+BACKBONE_MODULES: Final = frozenset(
+    module_path(cls.__module__) for cls in (DbWriter, OutboxRelay, IdempotencyStore, InboxConsumer)
 )
+#: Every actor module the daemon's tree wires (``triage run``: backbone and channels).
+WIRED_MODULES: Final = BACKBONE_MODULES | CHANNEL_MODULES
+_RELAY_MODULE: Final = module_path(OutboxRelay.__module__)
+
+
+def built_catalog(catalog: Catalog) -> Catalog:
+    """``catalog`` with its built rows derived (:func:`config.catalog.derive_built`): the
+    owning module is wired into this tree and the row's chaos scenario exists."""
+    return derive_built(catalog, wired=WIRED_MODULES)
 
 
 def live_rows(catalog: Catalog, *, backbone: bool, channels: bool = False) -> list[CatalogRow]:
     """Built rows whose owning actor runs in this tree: only their detectors are evaluated
     (an unfed detector would raise a false alarm)."""
-    owners = BACKBONE_OWNERS if backbone else frozenset()
+    modules = BACKBONE_MODULES if backbone else frozenset()
     if backbone and channels:
-        owners = owners | CHANNEL_OWNERS
-    return [row for row in catalog.rows if row.built and row.owner in owners]
+        modules = modules | CHANNEL_MODULES
+    built = built_catalog(catalog)
+    return [row for row in catalog.rows if built.is_built(row.id) and row.module in modules]
 
 
 def detector_name(row: CatalogRow) -> str:
@@ -230,6 +328,8 @@ def build_detectors(
     rows: Iterable[CatalogRow],
     runtime: Runtime,
     catalog: Catalog | None = None,
+    *,
+    source: str = "<config>",
 ) -> DetectorSet:
     """The detectors of the given (built) catalog rows, then those of ``[detectors.*]``.
 
@@ -243,11 +343,17 @@ def build_detectors(
     detectors = DetectorSet()
     for row in rows:
         fields = engine_kwargs(row_override(config, row))
-        detectors.add(make_detector(detector_name(row), row=row.id, **fields, **common))
+        try:
+            detectors.add(make_detector(detector_name(row), row=row.id, **fields, **common))
+        except ConfigError as exc:
+            raise exc.at(*detector_source(config, catalog, row, source)) from exc
     for name, section in config.detectors.items():
         if catalog is not None and overrides_a_row(catalog, section):
             continue
-        detectors.add(make_detector(name, **engine_kwargs(section), **common))
+        try:
+            detectors.add(make_detector(name, **engine_kwargs(section), **common))
+        except ConfigError as exc:
+            raise exc.at(source, f"$.detectors.{name}") from exc
     return detectors
 
 
@@ -292,10 +398,10 @@ def build_tree(
     with_channels = backbone is not None and endpoints is not None
     rows = live_rows(catalog, backbone=backbone is not None, channels=with_channels)
     if not config.relay.enabled:  # its rows (lag, crash loop) belong to the replica that relays
-        rows = [r for r in rows if r.owner != "outbox_relay"]
+        rows = [r for r in rows if r.module != _RELAY_MODULE]
     # The channels build their rows' detectors themselves (row 1: one per provider).
     detectors = build_detectors(
-        config, [r for r in rows if r.id not in CHANNEL_ROWS], runtime, catalog
+        config, [r for r in rows if r.id not in CHANNEL_ROWS], runtime, catalog, source=source
     )
     detectors_spec = ChildSpec(
         id="detectors",
@@ -334,7 +440,7 @@ def build_tree(
             appliers={"inbox": apply_inbox},
             replica=backbone.replica,
             replica_breaker=replica_breaker,
-            connection_errors=_row_detector(rows, detectors, 5, RateDetector),
+            connection_errors=_row_detector(rows, detectors, DB_ROW, RateDetector),
         )
         relay = build_relay(config, rows, detectors, backbone, runtime)
         store = IdempotencyStore.from_config(
@@ -343,7 +449,7 @@ def build_tree(
             backbone.pool.asyncpg_pool,
             backbone.redis,
             runtime=runtime,
-            detector=_row_detector(rows, detectors, 7, RatioDetector),
+            detector=_row_detector(rows, detectors, IDEMPOTENCY_ROW, RatioDetector),
         )
         inbox = InboxConsumer.from_config(
             config,
@@ -351,7 +457,7 @@ def build_tree(
             backbone.pool.asyncpg_pool,
             backbone.nats,
             runtime=runtime,
-            detector=_row_detector(rows, detectors, 18, CountInWindowDetector),
+            detector=_row_detector(rows, detectors, INBOX_ROW, CountInWindowDetector),
             breaker=db_health.breaker,  # one breaker for the primary database
         )
         backbone_specs += [
@@ -401,6 +507,7 @@ def build_tree(
             shutdown_s=child_shutdown_s,
             idempotency=store,
             wall=runtime.clock.wall,
+            source=source,
         )
         backbone_specs += channels.specs
     registry = runtime.metrics.registry if runtime.metrics is not None else None
@@ -461,8 +568,8 @@ def build_relay(
         events=runtime.events,
         metrics=runtime.metrics,
     )
-    lag = _row_detector(rows, detectors, 6, AgeOfNewestDetector)
-    restarts = _row_detector(rows, detectors, 9, CountInWindowDetector)
+    lag = _row_detector(rows, detectors, LAG_ROW, AgeOfNewestDetector)
+    restarts = _row_detector(rows, detectors, CRASH_LOOP_ROW, CountInWindowDetector)
     pool = backbone.relay_pool if backbone.relay_pool is not None else backbone.pool
     return OutboxRelay(
         pool=pool.asyncpg_pool,

@@ -15,15 +15,14 @@ from supervisors.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
-GOOD = """\
-catalog = "{catalog}"
+DEFAULT_TEXT = default_path("default.toml").read_text()
 
-[daemon]
-drain_s = 25
-max_label_values = 100
-detector_tick_s = 1
-drain_grace_s = 0.0
-"""
+
+def good(catalog: str) -> str:
+    """default.toml naming another catalog: a config the daemon accepts."""
+    line = 'catalog = "failures.toml"'
+    assert DEFAULT_TEXT.count(line) == 1
+    return DEFAULT_TEXT.replace(line, f"catalog = {json.dumps(catalog)}")
 
 BAD = """\
 [daemon]
@@ -70,6 +69,55 @@ def test_check_config_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ]
 
 
+def _refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> list[str]:
+    """check-config on ``text`` (next to a copy of the shipped catalog): its stderr lines."""
+    (tmp_path / "failures.toml").write_text(default_path("failures.toml").read_text())
+    path = write_config(tmp_path, text)
+    assert main(["check-config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    return [line.removeprefix(f"{path}: ") for line in err.splitlines()]
+
+
+def test_check_config_refuses_what_the_tree_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Valid TOML for the loader; the daemon would refuse it at start: the tree needs it.
+    text = good("failures.toml").replace("[mailboxes.alerts]", "[mailboxes.alerts_gone]")
+    assert _refused(tmp_path, capsys, text) == [
+        "$.mailboxes.alerts: missing required profile [mailboxes.alerts] (the daemon's tree uses it)",
+        "1 problem found",
+    ]
+
+
+def test_check_config_refuses_what_the_channels_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = good("failures.toml").replace("[mailboxes.dispatcher]", "[mailboxes.dispatch]")
+    text = text.replace("[supervisors.providers]", "[supervisors.vendors]")
+    assert _refused(tmp_path, capsys, text) == [
+        "$.mailboxes.dispatcher: missing profile [mailboxes.dispatcher] (the channels use it)",
+        "$.supervisors.providers: missing profile [supervisors.providers] (the channels use it)",
+        "2 problems found",
+    ]
+
+
+def test_check_config_refuses_a_row_override_of_another_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Row 6's relay feeds an age_of_newest detector: a rate override on its metric
+    # would make the tree refuse to start.
+    text = good("failures.toml") + (
+        '\n[detectors.outbox_lag]\nkind = "rate"\nmetric = "triage_outbox_oldest_pending_timestamp_seconds"\n'
+        "threshold = 1.0\nwindow_s = 10.0\n"
+    )
+    (line,) = [x for x in _refused(tmp_path, capsys, text) if "outbox_lag" in x]
+    assert line == (
+        "$.detectors.outbox_lag.kind: overrides row 6 (NATS unavailable), whose actor "
+        "feeds a detector of kind 'age_of_newest'; got 'rate'"
+    )
+
+
 def test_check_config_malformed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path, "[daemon\n")
     assert main(["check-config", str(path)]) == 2
@@ -89,7 +137,7 @@ def test_check_config_validates_the_catalog_next_to_it(
     catalog = default_path("failures.toml").read_text()
     broken = catalog.replace('mitigations = ["dedupe_inbox"]', 'mitigations = ["panic"]')
     (tmp_path / "failures.toml").write_text(broken)
-    path = write_config(tmp_path, GOOD.format(catalog="failures.toml"))
+    path = write_config(tmp_path, good("failures.toml"))
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'failures.toml'}:" in err
@@ -103,7 +151,7 @@ def test_check_config_validates_the_catalog_next_to_it(
 
 
 def test_check_config_missing_catalog(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_config(tmp_path, GOOD.format(catalog="nowhere.toml"))
+    path = write_config(tmp_path, good("nowhere.toml"))
     assert main(["check-config", str(path)]) == 2
     assert "nowhere.toml: $: cannot read file" in capsys.readouterr().err
 
@@ -111,13 +159,22 @@ def test_check_config_missing_catalog(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_catalog_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["catalog"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "STATE"]
+    assert lines[0].split() == [
+        "ID", "NAME", "DETECTOR", "MITIGATIONS", "OWNER", "MODULE", "SCENARIO", "STATE"
+    ]  # fmt: skip
     rows = lines[1:]
     assert len(rows) == 20
     assert [int(line.split()[0]) for line in rows] == list(range(1, 21))
     assert "ratio triage_sms_provider_error_ratio > 0.2 / 300s" in rows[0]
     assert "failover_provider, retry_with_backoff, alert" in rows[0]
-    assert "sms_dispatcher" in rows[0]
+    assert rows[0].split()[-4:] == [
+        "failover", "actors/failover.py", "bench/chaos/scenario_sms.py", "built"
+    ]  # fmt: skip
+    assert "actors/jitsi_pool.py (not built)" in rows[3]
+    # Each row's module and scenario: an existing file, or marked not built.
+    for line in rows:
+        for path in (w for w in line.split() if w.endswith(".py")):
+            assert (ROOT / path).is_file() or f"{path} (not built)" in line, path
     assert rows[0].endswith("built") and "not built" not in rows[0]  # built by issue 4
     assert rows[4].endswith("built") and "not built" not in rows[4]
     assert rows[3].endswith("not built (later)")
@@ -130,6 +187,17 @@ def test_catalog_json_from_a_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows[0]["detector"]["kind"] == "ratio"
     assert rows[0]["state"] == "built"
     assert rows[7]["state"] == "not built (later)"
+    assert (rows[0]["owner"], rows[0]["module"], rows[0]["scenario"]) == (
+        "failover", "actors/failover.py", "bench/chaos/scenario_sms.py"
+    )  # fmt: skip
+    for row in rows:
+        assert row["module_exists"] == (ROOT / row["module"]).is_file()
+        assert row["scenario_exists"] == (ROOT / row["scenario"]).is_file()
+        if row["built"]:
+            assert row["module_exists"] and row["scenario_exists"], row["id"]
+        else:
+            assert row["state"].startswith("not built")
+    assert sum(row["built"] for row in rows) == 10
     assert rows[0]["detector_text"].startswith("ratio triage_sms_provider_error_ratio > 0.2")
 
 

@@ -21,6 +21,7 @@ import msgspec
 import config
 from bench.chaos.harness import ChaosContext, Scenario, ScenarioResult, run
 from bench.chaos.scenarios import SCENARIOS
+from supervisors.tree import built_catalog
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
 
@@ -54,8 +55,10 @@ def main(
     args = parser.parse_args(argv)
     try:
         cfg = config.load_config(args.config)
-        catalog = config.load_catalog(
-            config.catalog_path(cfg, args.config), metrics=METRICS, mitigations=MITIGATIONS
+        catalog = built_catalog(
+            config.load_catalog(
+                config.catalog_path(cfg, args.config), metrics=METRICS, mitigations=MITIGATIONS
+            )
         )
     except config.ConfigError as exc:
         print(exc, file=sys.stderr)

@@ -142,7 +142,7 @@ async def run_scenarios(
         scenario = scenarios.get(row_id)
         if scenario is None:
             results.append(
-                _not_run(row_id, row.name, f"scenario not implemented yet ({row.state})")
+                _not_run(row_id, row.name, f"scenario not implemented yet ({context.catalog.state(row)})")
             )
             continue
         try:

@@ -41,7 +41,7 @@ import trio
 
 from actors.db_writer import DbWriter, WriteOutcome, apply_inbox
 from bench.chaos.fixtures import create_tenants, evaluate_every, wait_until
-from bench.chaos.harness import ChaosContext, Ledger, Outcome
+from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from config import engine_kwargs
 from engine.breaker import Breaker
 from engine.detectors import RateDetector, make_detector
@@ -58,7 +58,7 @@ from providers.spool import Spool
 if TYPE_CHECKING:
     from providers.db.tenancy import Connection
 
-__all__ = ["DETECTOR", "ROW", "run_scenario"]
+__all__ = ["DETECTOR", "ROW", "SCENARIO", "run_scenario"]
 
 ROW = 5
 DETECTOR = "db_connection_errors"
@@ -295,3 +295,6 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         ledger=ledger,
         notes=notes,
     )
+
+
+SCENARIO = Scenario(ROW, run_scenario)

@@ -36,7 +36,7 @@ import trio
 
 from actors.outbox_relay import OutboxRelay, RelayState
 from bench.chaos.fixtures import create_tenants, evaluate_every, wait_until
-from bench.chaos.harness import ChaosContext, Ledger, Outcome
+from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from config import TriageConfig, engine_kwargs
 from config.schema import DetectorConfig
 from engine.breaker import Breaker
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ROW",
+    "SCENARIO",
     "Backbone",
     "Writer",
     "check_order",
@@ -316,3 +317,6 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         ledger=ledger,
         notes=notes,
     )
+
+
+SCENARIO = Scenario(ROW, run_scenario)

@@ -44,7 +44,7 @@ import trio
 
 from actors.outbox_relay import OutboxRelay, RelayState, dlq_stream_name
 from bench.chaos.fixtures import wait_until
-from bench.chaos.harness import ChaosContext, Ledger, Outcome
+from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from bench.chaos.scenario_nats import Writer, open_backbone
 from config import engine_kwargs
 from engine.breaker import Breaker
@@ -59,7 +59,7 @@ from providers.db.outbox import HEADER_AGGREGATE, HEADER_SEQ, HEADER_TENANT, Out
 if TYPE_CHECKING:
     import nats.js.api
 
-__all__ = ["ROW", "run_scenario"]
+__all__ = ["ROW", "SCENARIO", "run_scenario"]
 
 ROW = 9
 DETECTOR = "relay_restarts"
@@ -334,3 +334,6 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         ledger=ledger,
         notes=notes,
     )
+
+
+SCENARIO = Scenario(ROW, run_scenario)

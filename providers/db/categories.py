@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from engine.errors import TriageError
 from providers.channel import ChannelName
 from providers.db.roles import APP_ROLE, TENANT_SETTING
 from providers.db.tenancy import run_in_tenant
@@ -75,7 +76,7 @@ class BlockState(enum.StrEnum):
     DISABLED = "disabled"
 
 
-class CategoryError(ValueError):
+class CategoryError(TriageError, ValueError):
     """A tenant id, channel or category that cannot name a category block; says which."""
 
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from engine.errors import TriageError
 from providers.jetstream import PublishItem
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ class DeadLetter:
         }
 
 
-class RedriveError(Exception):
+class RedriveError(TriageError):
     """A redrive refused: no such dead letter, already redriven, or not an outbox event."""
 
 

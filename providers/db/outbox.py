@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from engine.errors import TriageError
 from providers.db.dead_letters import DlqPublish, dead_letter_async
 from providers.db.tenancy import relay_transaction, tenant_transaction
 from providers.jetstream import PublishItem
@@ -205,7 +206,7 @@ class BatchReport:
     dead_lettered: int = 0
 
 
-class PoisonEvent(Exception):
+class PoisonEvent(TriageError):
     """A publish result: this event can never be published as it is (dead-letter it at once)."""
 
 

@@ -76,3 +76,58 @@ def test_bad_config_is_a_usage_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[daemon\n")
     assert main(["6", "--config", str(bad)], scenarios={}) == 2
+
+
+def test_every_scenario_registers_one_way_and_the_catalog_names_its_file() -> None:
+    """``SCENARIO = Scenario(ROW, run_scenario)`` in each module; the row names that file."""
+    from bench.chaos.scenarios import MODULES, SCENARIOS
+    from config import default_path, load_catalog
+    from config.catalog import module_path, project_root
+    from supervisors.tree import built_catalog
+    from supervisors.vocabulary import METRICS, MITIGATIONS
+
+    catalog = built_catalog(
+        load_catalog(default_path("failures.toml"), metrics=METRICS, mitigations=MITIGATIONS)
+    )
+    assert len(SCENARIOS) == len(MODULES)
+    for module in MODULES:
+        scenario = module.SCENARIO
+        assert isinstance(scenario, Scenario)
+        assert SCENARIOS[scenario.id] is scenario
+        assert catalog.row(scenario.id).scenario == module_path(module.__name__)
+    # Every catalog row whose scenario file exists is registered, and every built row runs.
+    on_disk = {r.id for r in catalog.rows if (project_root() / r.scenario).is_file()}
+    assert on_disk == set(SCENARIOS)
+    assert catalog.built <= set(SCENARIOS)
+
+
+def test_the_row_constants_of_the_actors_match_the_catalog() -> None:
+    """The tree and the channels take row ids from the owning actor module's constant."""
+    from actors import (
+        bounce_tracker,
+        db_writer,
+        dlr_ingress,
+        failover,
+        idempotency,
+        inbox,
+        outbox_relay,
+        push_feedback,
+        templates,
+    )  # fmt: skip
+    from config import default_path, load_catalog
+    from config.catalog import module_path
+    from supervisors.channels import CHANNEL_MODULES, CHANNEL_ROWS
+    from supervisors.vocabulary import METRICS, MITIGATIONS
+
+    catalog = load_catalog(default_path("failures.toml"), metrics=METRICS, mitigations=MITIGATIONS)
+    owned = {
+        failover: [failover.ROW], push_feedback: [push_feedback.ROW],
+        bounce_tracker: [bounce_tracker.ROW], db_writer: [db_writer.ROW],
+        outbox_relay: [outbox_relay.LAG_ROW, outbox_relay.CRASH_LOOP_ROW],
+        idempotency: [idempotency.ROW], dlr_ingress: [dlr_ingress.ROW], inbox: [inbox.ROW],
+        templates: [templates.ROW],
+    }  # fmt: skip
+    for module, rows in owned.items():
+        for row_id in rows:
+            assert catalog.row(row_id).module == module_path(module.__name__), row_id
+    assert {catalog.row(r).module for r in CHANNEL_ROWS} == CHANNEL_MODULES

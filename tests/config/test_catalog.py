@@ -22,7 +22,8 @@ from config import (
     prometheus_expr,
     rules_yaml,
 )
-from config.catalog import alert_name, to_yaml
+from config.catalog import alert_name, derive_built, project_root, to_yaml
+from supervisors.tree import WIRED_MODULES, built_catalog
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
 CATALOG_TEXT = default_path("failures.toml").read_text(encoding="utf-8")
@@ -81,21 +82,66 @@ BUILT = [1, 2, 3, 5, 6, 7, 9, 13, 18, 19]
 
 
 def test_built_rows_and_issues_are_assigned() -> None:
-    catalog = load()
-    assert [row.id for row in catalog.rows if row.built] == BUILT
+    catalog = built_catalog(load())
+    assert sorted(catalog.built) == BUILT
     by_issue = {
         issue: sorted(row.id for row in catalog.rows if row.issue == issue) for issue in (3, 4)
     }
     assert by_issue == {3: [5, 6, 7, 9, 18], 4: [1, 2, 3, 13, 19]}
     for row in catalog.rows:
-        if row.built:
-            assert row.state == "built"
+        if catalog.is_built(row.id):
+            assert catalog.state(row) == "built"
         elif row.issue is None:
-            assert row.status == "actor not built yet (later issue)"
-            assert row.state == "not built (later)"
+            assert catalog.state(row) == "not built (later)"
         else:
-            assert row.status == f"actor not built yet (issue {row.issue})"
-            assert row.state == f"not built (issue {row.issue})"
+            assert catalog.state(row) == f"not built (issue {row.issue})"
+    # Loaded alone, nothing is built: `built` is derived, never read from the file.
+    assert load().built == frozenset()
+
+
+def test_every_row_names_its_files_and_built_is_derived_from_them() -> None:
+    catalog = built_catalog(load())
+    root = project_root()
+    for row in catalog.rows:
+        assert Path(row.module).stem == row.owner, row.id
+        module, scenario = (root / row.module).is_file(), (root / row.scenario).is_file()
+        if catalog.is_built(row.id):
+            # Built: the module exists and is wired into the tree, the scenario exists.
+            assert module and scenario, row.id
+            assert row.module in WIRED_MODULES, row.id
+        else:
+            assert not (row.module in WIRED_MODULES and scenario), row.id
+    # Every module the tree wires owns a row.
+    assert {row.module for row in catalog.rows} >= WIRED_MODULES
+    # Derivation, on a root where row 1's scenario is missing and with row 5 unwired.
+    wired = WIRED_MODULES - {"actors/db_writer.py"}
+    fake = Path(__file__).parent  # no bench/chaos/ here: no scenario exists
+    assert derive_built(catalog, wired=wired, root=fake).built == frozenset()
+    assert 5 not in derive_built(catalog, wired=wired).built
+    assert 1 in derive_built(catalog, wired=wired).built
+
+
+def test_owner_must_be_named_after_its_module() -> None:
+    text = CATALOG_TEXT.replace('owner = "templates"', 'owner = "template_registry"')
+    line = line_of(text, 'owner = "template_registry"')
+    assert problems(text) == [
+        f"failures.toml:{line}: $.rows[18].owner: row 19 (Template not found): "
+        "must be named after its module (actors/templates.py)"
+    ]
+
+
+def test_built_is_not_written_in_the_catalog() -> None:
+    text = CATALOG_TEXT.replace('owner = "templates"', 'owner = "templates"\nbuilt = true')
+    line = line_of(text, "built = true")
+    assert problems(text) == [
+        f"failures.toml:{line}: $.rows[18].built: row 19 (Template not found): unknown key"
+    ]
+
+
+def test_module_and_scenario_are_paths_in_their_packages() -> None:
+    text = CATALOG_TEXT.replace('module = "actors/templates.py"', 'module = "templates.py"')
+    (problem,) = problems(text)
+    assert "$.rows[18].module: row 19 (Template not found): expected str matching" in problem
 
 
 def test_every_row_has_a_runbook_for_the_on_call() -> None:
@@ -149,8 +195,8 @@ def test_metric_must_suit_the_detector_kind() -> None:
 
 
 def test_unknown_row_key_and_several_rows_at_once() -> None:
-    text = CATALOG_TEXT.replace('owner = "inbox_consumer"', 'owner = "inbox_consumer"\nteam = "x"')
-    text = text.replace('owner = "template_registry"', 'owner = ""')
+    text = CATALOG_TEXT.replace('owner = "inbox"', 'owner = "inbox"\nteam = "x"')
+    text = text.replace('owner = "templates"', 'owner = ""')
     team, owner = line_of(text, "team = "), line_of(text, 'owner = ""')
     assert problems(text) == [
         f"failures.toml:{team}: $.rows[17].team: "

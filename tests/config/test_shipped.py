@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
-from config import SHIPPED_FILES, TriageConfig, catalog_path, default_path, load_config
+from config import (
+    SHIPPED_FILES,
+    ConfigError,
+    TriageConfig,
+    catalog_path,
+    default_path,
+    load_config,
+)
 from config.loader import PROFILE_SECTIONS
 
 CONFIGS = ("default.toml", "dev.toml", "chaos.toml")
@@ -65,16 +75,78 @@ def test_dev_and_chaos_values() -> None:
 
 @pytest.mark.parametrize("name", ["dev.toml", "chaos.toml"])
 def test_profile_names_match_default(name: str) -> None:
-    default = tomllib.loads(default_path("default.toml").read_text())
-    other = tomllib.loads(default_path(name).read_text())
+    default = load_config(default_path("default.toml"))
+    other = load_config(default_path(name))
     for section in PROFILE_SECTIONS:
         if section == "detectors" and name == "chaos.toml":
             # chaos.toml adds detectors that the scenarios hand to the actors they run
             # (outbox lag, cache hit ratio) with shortened windows; the daemon builds
             # those actors' detectors from their catalog rows.
-            assert set(default.get(section, {})) <= set(other.get(section, {})), section
+            assert set(getattr(default, section)) <= set(getattr(other, section)), section
             continue
-        assert set(other.get(section, {})) == set(default.get(section, {})), section
+        assert set(getattr(other, section)) == set(getattr(default, section)), section
+
+
+def _leaves(table: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out += _leaves(value, (*path, key))
+        else:
+            out.append((*path, key))
+    return out
+
+
+@pytest.mark.parametrize("name", ["dev.toml", "chaos.toml"])
+def test_dev_and_chaos_are_overlays_holding_only_what_differs(name: str) -> None:
+    default_raw = tomllib.loads(default_path("default.toml").read_text())
+    raw = tomllib.loads(default_path(name).read_text())
+    assert raw.pop("extends") == "default.toml"
+    default = msgspec.to_builtins(load_config(default_path("default.toml")))
+    merged = msgspec.to_builtins(load_config(default_path(name)))
+    for path in _leaves(raw):
+        written: Any = raw
+        for key in path:
+            written = written[key]
+        effective: Any = merged
+        for key in path:
+            effective = effective[key]
+        assert effective == written, path  # what the overlay writes is what runs
+        # ... and it differs from default.toml: in the value written there, or in the
+        # effective one (a profile that inherits a key default.toml's profile sets).
+        base: Any = default
+        for key in path:
+            base = base.get(key) if isinstance(base, dict) else None
+        below: Any = default_raw
+        for key in path:
+            below = below.get(key) if isinstance(below, dict) else None
+        assert base != written or (below is not None and below != written), path
+
+
+def test_an_overlay_problem_names_the_file_that_wrote_it(tmp_path: Path) -> None:
+    (tmp_path / "base.toml").write_text(default_path("default.toml").read_text())
+    overlay = tmp_path / "site.toml"
+    overlay.write_text('extends = "base.toml"\n\n[daemon]\nport = 99999\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(overlay)
+    assert [str(p) for p in info.value.problems] == [
+        f"{overlay}:4: $.daemon.port: expected int <= 65535, got 99999"
+    ]
+    # Inherited: a base's value that the merge makes invalid is reported where written.
+    overlay.write_text('extends = "base.toml"\n\n[breakers.default]\nreset_timeout_max_s = 1.0\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(overlay)
+    assert all(p.source in (str(overlay), str(tmp_path / "base.toml")) for p in info.value.problems)
+
+
+def test_an_extends_cycle_or_missing_base_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="extends cycle"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('extends = "nowhere.toml"\n')
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_config(tmp_path / "c.toml")
 
 
 def test_default_path() -> None:

@@ -44,7 +44,24 @@ from supervisors.tree import Readiness, build_detectors, build_tree, detector_na
 from supervisors.vocabulary import METRICS, MITIGATIONS
 
 REPO = Path(__file__).resolve().parents[2]
-DEV_TEXT = default_path("dev.toml").read_text()
+
+def _standalone_dev_text() -> str:
+    """dev.toml (an overlay) as a text that loads from anywhere: its base named by an
+    absolute path, and the keys the tests rewrite (``catalog``, ``port``,
+    ``daemon_role``) written out."""
+    text = default_path("dev.toml").read_text()
+    extends = 'extends = "default.toml"'
+    assert text.count(extends) == 1 and text.count("[daemon]\n") == 1
+    base = json.dumps(str(default_path("default.toml")))
+    catalog = json.dumps(str(default_path("failures.toml")))
+    text = text.replace(extends, f"extends = {base}\ncatalog = {catalog}")
+    assert "[database]" not in text
+    text += '\n[database]\ndaemon_role = "triage_daemon"\n'
+    return text.replace("[daemon]\n", "[daemon]\nport = 8080\n")
+
+
+DEV_TEXT = _standalone_dev_text()
+DEFAULT_TEXT = default_path("default.toml").read_text()
 
 
 def dev_config(**daemon: object) -> TriageConfig:
@@ -212,6 +229,30 @@ async def test_a_port_in_use_fails_the_start(caplog: pytest.LogCaptureFixture) -
         gc.collect()
 
 
+async def test_a_config_error_while_wiring_exits_2_with_its_path(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine constructor's ConfigError (no file, no path) met while building the
+    tree is reported as config, one line with the file and a TOML path, and exit 2:
+    not "daemon failed" (exit 1) with a traceback."""
+    caplog.set_level(logging.INFO)
+
+    def refusing(*args: object, **kwargs: object) -> None:
+        raise ConfigError("detector 'x': window_s must be > 0")
+
+    monkeypatch.setattr("supervisors.daemon.build_tree", refusing)
+    daemon = Daemon(dev_config(), shipped_catalog(), source="x.toml", handle_signals=False)
+    with trio.fail_after(5):
+        assert await daemon.run() == 2
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert [r.getMessage() for r in critical] == [
+        "config invalid: x.toml: $: detector 'x': window_s must be > 0"
+    ]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert "daemon failed" not in messages(caplog)
+    assert messages(caplog)[-1] == "stopped"
+
+
 async def test_tree_wiring_from_config() -> None:
     config = dev_config()
     async with open_runtime(seed=1, metrics=Metrics(CollectorRegistry())) as runtime:
@@ -254,7 +295,8 @@ async def test_built_rows_and_config_detectors_are_evaluated() -> None:
 
 
 async def test_a_config_without_the_trees_profiles_is_refused() -> None:
-    text = DEV_TEXT.replace("[mailboxes.alerts]", "[mailboxes.alerts_gone]")
+    text = DEFAULT_TEXT.replace("[mailboxes.alerts]", "[mailboxes.alerts_gone]")
+    assert text != DEFAULT_TEXT
     with pytest.raises(ConfigError) as info:
         Daemon(load_config_text(text, source="x.toml"), shipped_catalog(), source="x.toml")
     (problem,) = info.value.problems
