@@ -57,7 +57,7 @@ import trio
 from actors.db_health import DbHealth, DbHealthMessage, unavailable
 from actors.db_writer import DbWriter, apply_inbox
 from actors.inbox import InboxConsumer
-from actors.outbox_relay import OutboxRelay
+from actors.outbox_relay import RelayMessage, relay_child
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
 from config.catalog import alert_name
 from engine.actor import ActorRef, Overflow, actor_child
@@ -299,7 +299,9 @@ class BackboneActors:
     db_breaker: Breaker
     db_health: ActorRef[DbHealthMessage]
     db_writer: DbWriter
-    relay: OutboxRelay | None
+    relay: ActorRef[RelayMessage] | None
+    #: The pool the relay was given (its own, ``[relay] pool_size``).
+    relay_pool: DbPool | None
     inbox: InboxConsumer
     early: tuple[ChildSpec, ...]
     late: tuple[ChildSpec, ...]
@@ -411,24 +413,28 @@ def build_backbone_actors(
             id="db_writer", start=writer.run, restart=Restart.PERMANENT, shutdown_s=shutdown_s
         ),
     ]
-    relay: OutboxRelay | None = None
+    relay: ActorRef[RelayMessage] | None = None
+    relay_pool: DbPool | None = None
     if config.relay.enabled:
-        pool = backbone.relay_pool if backbone.relay_pool is not None else backbone.pool
+        relay_pool = backbone.relay_pool if backbone.relay_pool is not None else backbone.pool
         restarts = _live_detector(rows, detectors, 9, CountInWindowDetector)
-        relay = OutboxRelay(
-            pool=pool.asyncpg_pool,
+        relay_spec, relay = relay_child(
+            pool=relay_pool.asyncpg_pool,
             client=backbone.nats,
             config=config.relay,
             breaker=_breaker(config, "nats_publish", runtime),
+            mailbox=config.mailboxes[BACKBONE_MAILBOXES["outbox_relay"]],
+            shutdown_s=shutdown_s,
             lag=_live_detector(rows, detectors, 6, AgeOfNewestDetector),
             restart_sinks=() if restarts is None else (restarts,),
+            **common,
         )
         # The relay under its own intensity ([supervisors.relay]): a poison event
         # costs it a restart or two, never the root's budget (row 9).
         early.append(
             Supervisor(
                 "relay",
-                [relay.child_spec(shutdown_s=shutdown_s)],
+                [relay_spec],
                 **engine_kwargs(config.supervisors["relay"]),
                 runtime=runtime,
             ).child_spec()
@@ -447,6 +453,7 @@ def build_backbone_actors(
         db_health=health,
         db_writer=writer,
         relay=relay,
+        relay_pool=relay_pool,
         inbox=inbox,
         early=tuple(early),
         late=(inbox.child_spec(shutdown_s=shutdown_s),),

@@ -27,6 +27,7 @@ import trio
 
 from actors.alerts import ActiveAlerts
 from actors.db_health import UNAVAILABLE, DbHealth, HealthState, unavailable
+from actors.outbox_relay import RelayState
 from config import engine_kwargs, load_config_text
 from engine.actor import Overflow, actor_child
 from engine.breaker import Breaker, CircuitState
@@ -117,7 +118,9 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             # The relay has a pool of its own, as the daemon's role too.
             assert backbone.relay_pool is not None and backbone.relay_pool is not backbone.pool
             assert await backbone.relay_pool.run_unit(_whoami) == ("triage_daemon", 3)
-            assert actors.relay.pool is backbone.relay_pool.asyncpg_pool
+            assert actors.relay_pool is backbone.relay_pool
+            relay = actors.relay.statistics()
+            assert relay.state is RelayState.RELAYING and relay.published >= 1
 
             # The probe's breaker open: unready, named; closed again: ready.
             health = actors.db_health.statistics()
