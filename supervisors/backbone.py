@@ -56,7 +56,8 @@ import trio
 
 from actors.db_health import DbHealth, DbHealthMessage, unavailable
 from actors.db_writer import DbWriter, apply_inbox
-from actors.inbox import InboxConsumer
+from actors.inbox import InboxMessage, inbox_child
+from actors.inbox import build_detector as build_inbox_detector
 from actors.outbox_relay import RelayMessage, relay_child
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
 from config.catalog import alert_name
@@ -302,7 +303,7 @@ class BackboneActors:
     relay: ActorRef[RelayMessage] | None
     #: The pool the relay was given (its own, ``[relay] pool_size``).
     relay_pool: DbPool | None
-    inbox: InboxConsumer
+    inbox: ActorRef[InboxMessage]
     early: tuple[ChildSpec, ...]
     late: tuple[ChildSpec, ...]
 
@@ -439,14 +440,20 @@ def build_backbone_actors(
                 runtime=runtime,
             ).child_spec()
         )
-    inbox = InboxConsumer.from_config(
-        config,
-        catalog,
-        backbone.pool.asyncpg_pool,
-        backbone.nats,
-        runtime=runtime,
-        detector=_live_detector(rows, detectors, 18, CountInWindowDetector),
+    duplicates = _live_detector(rows, detectors, 18, CountInWindowDetector)
+    inbox_spec, inbox = inbox_child(
+        pool=backbone.pool.asyncpg_pool,
+        client=backbone.nats,
+        config=config.inbox,
+        mailbox=config.mailboxes[BACKBONE_MAILBOXES["inbox_consumer"]],
+        shutdown_s=shutdown_s,
+        detector=duplicates
+        if duplicates is not None
+        else build_inbox_detector(config, catalog, runtime=runtime),
+        registry=runtime.metrics.registry if runtime.metrics is not None else None,
         breaker=db_breaker,  # one breaker for the primary database
+        restart=Restart.PERMANENT,
+        **common,
     )
     return BackboneActors(
         db_breaker=db_breaker,
@@ -456,5 +463,5 @@ def build_backbone_actors(
         relay_pool=relay_pool,
         inbox=inbox,
         early=tuple(early),
-        late=(inbox.child_spec(shutdown_s=shutdown_s),),
+        late=(inbox_spec,),
     )
