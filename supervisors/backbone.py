@@ -55,7 +55,7 @@ import msgspec
 import trio
 
 from actors.db_health import DbHealth, DbHealthMessage, unavailable
-from actors.db_writer import DbWriter, apply_inbox
+from actors.db_writer import DbGateway, DbWriterMessage, apply_inbox, db_writer_child
 from actors.inbox import InboxMessage, inbox_child
 from actors.inbox import build_detector as build_inbox_detector
 from actors.outbox_relay import RelayMessage, relay_child
@@ -299,7 +299,9 @@ class BackboneActors:
 
     db_breaker: Breaker
     db_health: ActorRef[DbHealthMessage]
-    db_writer: DbWriter
+    #: Reads and writes on the primary (the replica, the spool): direct calls, per request.
+    db: DbGateway
+    db_writer: ActorRef[DbWriterMessage]
     relay: ActorRef[RelayMessage] | None
     #: The pool the relay was given (its own, ``[relay] pool_size``).
     relay_pool: DbPool | None
@@ -398,22 +400,25 @@ def build_backbone_actors(
     replica_breaker = None
     if backbone.replica is not None:
         replica_breaker = _breaker(config, "postgres_replica", runtime)
-    writer = DbWriter(
+    db = DbGateway(
         backbone.pool,
         db_breaker,
         Spool(spool.path, max_bytes=spool.max_bytes, fsync=spool.fsync),
         spool,
         appliers={"inbox": apply_inbox},
+        wall=runtime.clock.wall,
         replica=backbone.replica,
         replica_breaker=replica_breaker,
         connection_errors=_live_detector(rows, detectors, 5, RateDetector),
     )
-    early: list[ChildSpec] = [
-        health_spec,
-        ChildSpec(
-            id="db_writer", start=writer.run, restart=Restart.PERMANENT, shutdown_s=shutdown_s
-        ),
-    ]
+    writer_spec, writer = db_writer_child(
+        db,
+        mailbox=config.mailboxes[BACKBONE_MAILBOXES["db_writer"]],
+        shutdown_s=shutdown_s,
+        restart=Restart.PERMANENT,
+        **common,
+    )
+    early: list[ChildSpec] = [health_spec, writer_spec]
     relay: ActorRef[RelayMessage] | None = None
     relay_pool: DbPool | None = None
     if config.relay.enabled:
@@ -458,6 +463,7 @@ def build_backbone_actors(
     return BackboneActors(
         db_breaker=db_breaker,
         db_health=health,
+        db=db,
         db_writer=writer,
         relay=relay,
         relay_pool=relay_pool,

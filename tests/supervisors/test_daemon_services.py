@@ -368,13 +368,14 @@ async def test_reads_fall_to_the_configured_replica_when_the_primary_is_gone(
         tree, backbone = daemon.tree, daemon.backbone
         assert tree is not None and tree.backbone_actors is not None
         assert backbone is not None and backbone.replica is not None
-        writer = tree.backbone_actors.db_writer
-        assert await writer.read(_whoami) == ("triage_daemon", 3)
-        assert writer.replica_reads == 0
-        writer.primary_breaker.force_open("test: primary failed over")
-        assert await writer.read(_whoami) == ("triage_daemon", 3)
-        assert writer.replica_reads == 1
-        writer.primary_breaker.reset()
+        actors = tree.backbone_actors
+        assert await actors.db.read(_whoami) == ("triage_daemon", 3)
+        assert actors.db_writer.statistics().replica_reads == 0
+        actors.db_breaker.force_open("test: primary failed over")
+        assert await actors.db.read(_whoami) == ("triage_daemon", 3)
+        stats = actors.db_writer.statistics()
+        assert (stats.replica_reads, stats.written, stats.backlog) == (1, 0, 0)
+        actors.db_breaker.reset()
         daemon.request_drain("test")
     assert running.code == 0
     assert backbone.replica.closed
