@@ -150,8 +150,8 @@ async def _until(
     """Poll the relay's statistics (no event signals them) until ``predicate`` holds."""
     with trio.fail_after(timeout_s):
         while True:
-            stats = ref.statistics()
-            if stats is not None and predicate(stats):
+            stats: object = ref.statistics()
+            if isinstance(stats, RelayStatistics) and predicate(stats):
                 return stats
             await trio.sleep(0.01)
 
