@@ -1,23 +1,36 @@
 """Row 5, database unavailable: reads fall to a replica, writes are spooled or refused.
 
-::
+Two pieces, wired together by :func:`db_writer_child`::
 
-    writer = DbWriter(primary, primary_breaker, spool, config.spool,
-                      appliers={"inbox": insert_inbox},          # asyncio side, idempotent
-                      replica=replica, replica_breaker=replica_breaker,
-                      connection_errors=detector)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)                          # the replay task
-        rows = await writer.read(count_rows, tenant)             # primary, else the replica
-        outcome = await writer.write("inbox", key, payload)      # WRITTEN or SPOOLED
+    gateway = DbGateway(primary, primary_breaker, spool, config.spool,
+                        appliers={"inbox": insert_inbox},        # asyncio side, idempotent
+                        replica=replica, replica_breaker=replica_breaker,
+                        connection_errors=detector, wall=runtime.clock.wall)
+    spec, writer = db_writer_child(gateway, mailbox=..., shutdown_s=...)
+    # the supervisor runs ``spec``: the writer actor opens the spool and replays it
+    rows = await gateway.read(count_rows, tenant)              # primary, else the replica
+    outcome = await gateway.write("inbox", key, payload)       # WRITTEN or SPOOLED
+    writer.statistics().backlog                                # a frozen DbWriterStatistics
 
-**Reads** (:meth:`DbWriter.read`) go to the primary through its breaker
+**Why reads and writes are direct calls, not messages.** :meth:`DbGateway.read`
+and :meth:`DbGateway.write` run in the caller's task, per request. Through the
+actor's mailbox every request would wait for the one before it (an actor handles
+one message at a time: the pool's ``pool_max`` connections would serve one
+request at a time), on top of the hop itself: an ``ask`` round trip is ~66 µs
+here (``python -m bench.perf actors --quick``: 15,161 round trips/s, on 2
+shared cores). Neither ``bench.perf dispatch`` nor ``bench.perf relay`` goes
+through the gateway (no daemon path calls it per request yet), so they show
+no figure for it; the serialisation alone rules the hop out. What the gateway
+shares with the actor is the spool, the breaker and its counts; state changes
+of the replay are the actor's alone.
+
+**Reads** (:meth:`DbGateway.read`) go to the primary through its breaker
 (``breakers.postgres_primary``). When the breaker refuses (open) or the call
 fails with a connection error, they go to the replica through its own breaker
 (``breakers.postgres_replica``); with no replica, or the replica down too, the
 read raises :class:`~engine.errors.DatabaseUnavailable`.
 
-**Writes** (:meth:`DbWriter.write`) name a *kind*; each kind has an *applier*,
+**Writes** (:meth:`DbGateway.write`) name a *kind*; each kind has an *applier*,
 an asyncio unit of work ``applier(pool, record)`` that must be idempotent on
 ``record.key`` (``INSERT ... ON CONFLICT DO NOTHING``): a record may be applied
 more than once (a timed-out write that did commit, a replay interrupted by a
@@ -25,55 +38,94 @@ crash), never with a second effect. A write goes to the primary through its
 breaker, and answers :attr:`WriteOutcome.WRITTEN`. When the primary is
 unreachable (breaker open, or a connection error), a kind listed in
 ``[spool] spoolable_kinds`` is appended to the durable :class:`~providers.spool.Spool`
-(fsync'd) and answers :attr:`WriteOutcome.SPOOLED` ("accepted, spooled"); any
-other kind raises :class:`~engine.errors.DatabaseUnavailable` (a 503). While
-the spool holds records, writes of spoolable kinds are spooled behind them, so
-that the spool replays in the order the writes were accepted. A full spool
-raises :class:`~providers.spool.SpoolFull` (a ``LoadShed`` too).
+(fsync'd, stamped with the injected wall clock) and answers
+:attr:`WriteOutcome.SPOOLED` ("accepted, spooled"), and the writer actor is
+told :class:`Replay`; any other kind raises
+:class:`~engine.errors.DatabaseUnavailable` (a 503). While the spool holds
+records, writes of spoolable kinds are spooled behind them, so that the spool
+replays in the order the writes were accepted. A full spool raises
+:class:`~providers.spool.SpoolFull` (a ``LoadShed`` too).
 
-**Replay** (:meth:`DbWriter.run`, a supervised child): whenever the spool
-holds records, it waits until the primary breaker admits calls, then applies
-the oldest ``replay_batch`` records in one crossing of the bridge, in order,
-and drops them from the spool once they committed. A failed batch is retried
-whole (the appliers are idempotent), after the breaker's open interval. The
-replay attempts are also the probes that close the primary breaker again.
+**Replay** (:class:`DbWriter`, the actor): its timer tells it :class:`Replay`
+every ``probe_interval_s`` (ticks coalesce), and the gateway tells it one per
+spooled write. Whenever the spool holds records and the primary breaker admits
+calls, it applies the oldest ``replay_batch`` records in one crossing of the
+bridge, in order, drops them from the spool once they committed, and goes on at
+once while records remain. A failed batch is retried whole (the appliers are
+idempotent) at the next tick, or at the breaker's half-open moment when that
+comes first. The replay attempts are also the probes that close the primary
+breaker again. State machine (one log line per change)::
+
+    IDLE      --a write spooled / a probe failed--> WAITING      the primary refuses
+    WAITING   --a batch replayed--> REPLAYING                     records remain
+    REPLAYING --the spool is empty--> IDLE
+    WAITING   --the primary answers, nothing spooled--> IDLE
 
 **Detector**: every connection error (``ProviderUnavailable`` /
 ``ProviderTimeout`` from the primary or the replica) is fed to the
 connection-error :class:`~engine.detectors.RateDetector` (catalog row 5,
 ``triage_db_connection_errors_total``); the daemon (or the scenario) evaluates it.
-While the primary breaker is open and there is nothing to replay, the replay
-task probes the primary with ``SELECT 1`` every ``probe_interval_s`` so that
-the detector keeps seeing the outage and the breaker closes once it is over.
+While the primary breaker is open and there is nothing to replay, the actor
+probes the primary with ``SELECT 1`` once it is half-open, so that the detector
+keeps seeing the outage and the breaker closes once it is over.
 
-:meth:`DbWriter.unavailable` is the readiness reason (``"database unavailable"``)
+:meth:`DbGateway.unavailable` is the readiness reason (``"database unavailable"``)
 while the primary breaker refuses calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
-import time
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, TypeVar, TypeVarTuple
 
+import msgspec
 import trio
 
-from config.schema import SpoolConfig
+from config.schema import MailboxConfig, SpoolConfig
+from engine.actor import Actor, ActorRef, Overflow, Timer, actor_child
 from engine.breaker import Breaker, CircuitState
 from engine.detectors import RateDetector
-from engine.errors import CircuitOpen, DatabaseUnavailable, ProviderTimeout, ProviderUnavailable
+from engine.errors import (
+    ActorStopped,
+    CircuitOpen,
+    DatabaseUnavailable,
+    MailboxFull,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from engine.statelog import StateLog
 from providers.db.pool import DbPool, Pool
 from providers.db.tenancy import run_in_tenant
 from providers.spool import Spool, SpoolRecord
 
 if TYPE_CHECKING:
+    from engine.deadlines import Deadlines
+    from engine.metrics import Metrics
+    from engine.supervisor import ChildSpec, Restart
     from providers.db.tenancy import Connection
 
 ROW: Final = 5  # the catalog row this actor owns: database unavailable
-__all__ = ["UNAVAILABLE", "Applier", "DbWriter", "WriteOutcome", "apply_inbox"]
+__all__ = [
+    "REPLAY",
+    "UNAVAILABLE",
+    "Applier",
+    "DbGateway",
+    "DbWriter",
+    "DbWriterMessage",
+    "DbWriterStatistics",
+    "Replay",
+    "WriteOutcome",
+    "WriterState",
+    "apply_inbox",
+    "db_writer_child",
+]
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -87,13 +139,44 @@ Applier = Callable[[Pool, SpoolRecord], Awaitable[object]]
 
 _CONNECTION_ERRORS = (ProviderUnavailable, ProviderTimeout)
 _REFUSING = frozenset({CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.FORCED_OPEN})
+#: Breaker states that admit no call at all (half-open admits the probes).
+_CLOSED_DOOR = frozenset({CircuitState.OPEN, CircuitState.FORCED_OPEN})
 
 
 class WriteOutcome(enum.StrEnum):
-    """What :meth:`DbWriter.write` did with an accepted write."""
+    """What :meth:`DbGateway.write` did with an accepted write."""
 
     WRITTEN = "written"
     SPOOLED = "accepted, spooled"
+
+
+class WriterState(enum.Enum):
+    IDLE = "idle"  # nothing spooled, the primary admits calls
+    REPLAYING = "replaying"  # the spool is being drained
+    WAITING = "waiting"  # the primary refuses: records wait in the spool
+
+
+class Replay(msgspec.Struct, frozen=True, tag=True):
+    """Replay the spool if it holds records (else probe a refusing primary)."""
+
+
+REPLAY = Replay()
+
+#: The writer's messages (one kind: everything it does is a replay pass).
+DbWriterMessage = Replay
+
+
+class DbWriterStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`DbWriter.statistics` reports; counts are the gateway's, since it was built."""
+
+    state: WriterState
+    backlog: int  # writes accepted into the spool and not replayed yet
+    written: int
+    spooled: int
+    refused: int
+    replayed: int
+    replica_reads: int
+    connection_errors: int
 
 
 _INSERT_INBOX = (
@@ -138,8 +221,21 @@ async def _select_one(pool: Pool) -> object:
     return await pool.fetchval("SELECT 1")
 
 
-class DbWriter:
-    """The primary (and optional replica) pool behind breakers, with a write spool."""
+@dataclass(slots=True)
+class _Counts:
+    written: int = 0
+    spooled: int = 0
+    refused: int = 0
+    replayed: int = 0
+    replica_reads: int = 0
+    connection_errors: int = 0
+
+
+class DbGateway:
+    """The primary (and optional replica) pool behind breakers, with a write spool.
+
+    Direct calls, in the caller's task (see the module docstring for why).
+    """
 
     def __init__(
         self,
@@ -149,10 +245,10 @@ class DbWriter:
         config: SpoolConfig,
         *,
         appliers: Mapping[str, Applier],
+        wall: Callable[[], float],
         replica: DbPool | None = None,
         replica_breaker: Breaker | None = None,
         connection_errors: RateDetector | None = None,
-        probe_interval_s: float | None = None,
     ) -> None:
         if (replica is None) != (replica_breaker is None):
             raise ValueError("a replica needs its breaker, and a replica breaker its replica")
@@ -168,16 +264,13 @@ class DbWriter:
         self.appliers = dict(appliers)
         self.spoolable = frozenset(config.spoolable_kinds)
         self.connection_errors = connection_errors
-        self.probe_interval_s = (
-            primary_breaker.reset_timeout_s if probe_interval_s is None else probe_interval_s
-        )
-        self.written = 0
-        self.spooled = 0
-        self.refused = 0
-        self.replayed = 0
-        self.replica_reads = 0
-        self.connection_error_count = 0
-        self._wake = trio.Event()
+        self._wall = wall
+        self._counts = _Counts()
+        self._replayer: ActorRef[DbWriterMessage] | None = None
+
+    def replay_with(self, ref: ActorRef[DbWriterMessage]) -> None:
+        """Tell the writer actor at ``ref`` of every spooled write (:func:`db_writer_child`)."""
+        self._replayer = ref
 
     # -- observation --------------------------------------------------------------------
 
@@ -185,13 +278,8 @@ class DbWriter:
         """The readiness reason while the primary breaker refuses calls, else None."""
         return UNAVAILABLE if self.primary_breaker.state in _REFUSING else None
 
-    @property
-    def backlog(self) -> int:
-        """Writes accepted into the spool and not replayed yet."""
-        return self.spool.count
-
     def _connection_error(self, exc: BaseException) -> None:
-        self.connection_error_count += 1
+        self._counts.connection_errors += 1
         if self.connection_errors is not None:
             self.connection_errors.observe()
         log.warning("database connection error", extra={"error": str(exc)})
@@ -216,7 +304,7 @@ class DbWriter:
         except _CONNECTION_ERRORS as exc:
             self._connection_error(exc)
             raise DatabaseUnavailable("read", reason=f"primary and replica: {exc}") from exc
-        self.replica_reads += 1
+        self._counts.replica_reads += 1
         return result
 
     # -- writes -------------------------------------------------------------------------
@@ -229,7 +317,7 @@ class DbWriter:
         spoolable = kind in self.spoolable
         if spoolable and self.spool.count:
             return await self._spool(kind, key, payload)  # keep the order behind the backlog
-        record = SpoolRecord(seq=0, kind=kind, key=key, payload=payload, spooled_at=time.time())
+        record = SpoolRecord(seq=0, kind=kind, key=key, payload=payload, spooled_at=self._wall())
         try:
             await self.primary_breaker.call(self.primary.run_unit, _apply_one, applier, record)
         except CircuitOpen as exc:
@@ -238,20 +326,24 @@ class DbWriter:
             self._connection_error(exc)
             cause = exc
         else:
-            self.written += 1
+            self._counts.written += 1
             return WriteOutcome.WRITTEN
         if not spoolable:
-            self.refused += 1
+            self._counts.refused += 1
             raise DatabaseUnavailable(kind, reason=f"primary unreachable ({cause})") from cause
         return await self._spool(kind, key, payload)
 
     async def _spool(self, kind: str, key: str, payload: Any) -> WriteOutcome:
-        await self.spool.append(kind, key, payload, at=time.time())
-        self.spooled += 1
-        self._wake.set()
+        await self.spool.append(kind, key, payload, at=self._wall())
+        self._counts.spooled += 1
+        if self._replayer is not None:
+            # Never blocks the writer's caller: a full mailbox already holds a Replay,
+            # and a stopped writer replays when it is back (the tick, at the latest).
+            with contextlib.suppress(MailboxFull, ActorStopped):
+                self._replayer.tell_nowait(REPLAY)
         return WriteOutcome.SPOOLED
 
-    # -- replay -------------------------------------------------------------------------
+    # -- replay (the writer actor's) ---------------------------------------------------
 
     async def replay_once(self) -> int:
         """Apply and drop the oldest ``replay_batch`` spooled records; how many were replayed.
@@ -269,7 +361,7 @@ class DbWriter:
             self._connection_error(exc)
             raise
         await self.spool.drop(len(batch))
-        self.replayed += len(batch)
+        self._counts.replayed += len(batch)
         return len(batch)
 
     async def probe(self) -> bool:
@@ -283,34 +375,117 @@ class DbWriter:
             return False
         return True
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The replay task: drains the spool through the primary whenever it admits calls."""
-        await self.spool.open()
-        task_status.started()
-        while True:
-            if self.spool.count:
-                await self.primary_breaker.wait_until_half_open()
-                try:
-                    replayed = await self.replay_once()
-                except (CircuitOpen, *_CONNECTION_ERRORS):
-                    await trio.sleep(self.probe_interval_s)
-                    continue
-                if replayed:
-                    log.info(
-                        "spool replayed",
-                        extra={"records": replayed, "backlog": self.spool.count},
-                    )
-                await trio.lowlevel.checkpoint()
-            elif self.primary_breaker.state in _REFUSING:
-                await self.primary_breaker.wait_until_half_open()
-                if not await self.probe():
-                    with trio.move_on_after(self.probe_interval_s):
-                        await self._wait_for_spool()
-            else:
-                with trio.move_on_after(self.probe_interval_s):
-                    await self._wait_for_spool()
 
-    async def _wait_for_spool(self) -> None:
-        if not self.spool.count:
-            self._wake = trio.Event()
-            await self._wake.wait()
+class DbWriter(Actor[DbWriterMessage]):
+    """The spool's replay: one pass per :class:`Replay`. Build it with :func:`db_writer_child`."""
+
+    name = "db_writer"
+
+    def __init__(self, gateway: DbGateway, *, probe_interval_s: float) -> None:
+        self.gateway = gateway
+        self.probe_interval_s = probe_interval_s
+        self.states = StateLog("db writer", WriterState.IDLE, log, warn={WriterState.WAITING})
+        self._wake_at: float | None = None  # the half-open pass already scheduled
+
+    async def init(self) -> None:
+        """Open the spool (records a previous process left are replayed at once)."""
+        await self.gateway.spool.open()
+        self._again()
+
+    def timers(self) -> Sequence[Timer]:
+        return [Timer(self.probe_interval_s, REPLAY)]
+
+    def statistics(self) -> DbWriterStatistics:
+        gateway = self.gateway
+        counts = gateway._counts
+        return DbWriterStatistics(
+            state=self.states.state,
+            backlog=gateway.spool.count,
+            written=counts.written,
+            spooled=counts.spooled,
+            refused=counts.refused,
+            replayed=counts.replayed,
+            replica_reads=counts.replica_reads,
+            connection_errors=counts.connection_errors,
+        )
+
+    async def handle(self, message: DbWriterMessage) -> None:
+        match message:
+            case Replay():
+                await self._pass()
+
+    async def _pass(self) -> None:
+        gateway, breaker = self.gateway, self.gateway.primary_breaker
+        if breaker.state in _CLOSED_DOOR:  # nothing gets through before half-open
+            self.states.enter(WriterState.WAITING, f"breaker {breaker.name} {breaker.state.value}")
+            self._pass_at_half_open(breaker)
+            return
+        if gateway.spool.count:
+            try:
+                replayed = await gateway.replay_once()
+            except (CircuitOpen, *_CONNECTION_ERRORS) as exc:  # the next tick retries
+                self.states.enter(WriterState.WAITING, f"replay failed: {exc}")
+                self._pass_at_half_open(breaker)
+                return
+            if replayed:
+                log.info(
+                    "spool replayed", extra={"records": replayed, "backlog": gateway.spool.count}
+                )
+            if gateway.spool.count:
+                self.states.enter(WriterState.REPLAYING, "records remain")
+                self._again()
+            else:
+                self.states.enter(WriterState.IDLE, "spool replayed")
+        elif breaker.state in _REFUSING:  # half-open: probe, so that it closes again
+            if await gateway.probe():
+                self.states.enter(WriterState.IDLE, "primary answered")
+            else:
+                self.states.enter(WriterState.WAITING, "probe failed")
+                self._pass_at_half_open(breaker)
+        else:
+            self.states.enter(WriterState.IDLE, "nothing spooled")
+
+    def _again(self) -> None:
+        with contextlib.suppress(MailboxFull):
+            self.ref.tell_nowait(REPLAY)
+
+    def _pass_at_half_open(self, breaker: Breaker) -> None:
+        """A pass when the breaker lets a probe through, if that comes before the next tick."""
+        half_open = breaker.half_open_at()
+        if half_open is None or not math.isfinite(half_open) or half_open == self._wake_at:
+            return
+        delay = max(0.0, half_open - trio.current_time())
+        if delay < self.probe_interval_s:
+            self._wake_at = half_open
+            self.send_after(delay, REPLAY)
+
+
+def db_writer_child(
+    gateway: DbGateway,
+    *,
+    mailbox: MailboxConfig,
+    shutdown_s: float,
+    probe_interval_s: float | None = None,
+    restart: Restart | None = None,
+    deadlines: Deadlines | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[ChildSpec, ActorRef[DbWriterMessage]]:
+    """The writer's child spec (id ``db_writer``) and ref; ``gateway`` tells it of spooled writes.
+
+    ``probe_interval_s`` defaults to the primary breaker's ``reset_timeout_s``.
+    """
+    interval = (
+        gateway.primary_breaker.reset_timeout_s if probe_interval_s is None else probe_interval_s
+    )
+    spec, ref = actor_child(
+        DbWriter.name,
+        partial(DbWriter, gateway, probe_interval_s=interval),
+        capacity=mailbox.capacity,
+        overflow=Overflow(mailbox.overflow),
+        restart=restart,
+        shutdown_s=shutdown_s,
+        deadlines=deadlines,
+        metrics=metrics,
+    )
+    gateway.replay_with(ref)
+    return spec, ref

@@ -1,7 +1,12 @@
 """The inbox consumer: scheduling events from a durable JetStream pull consumer (row 18).
 
-A supervised loop (a child whose ``start`` is :meth:`InboxConsumer.run`). Each
-turn crosses the bridge three times, once per unit of work:
+An actor (:func:`inbox_child` builds its child spec and ref). Each :class:`Fetch`
+is one turn; a turn that reached NATS asks for the next at once (the fetch is a
+long poll of ``fetch_timeout_s``), and a timer tells it :class:`Fetch` every
+``fetch_timeout_s`` too (ticks coalesce), which is what retries after NATS or
+the database breaker refused. While the database breaker is open nothing is
+fetched, and a fetch is sent for its half-open moment. Each turn crosses the
+bridge three times, once per unit of work:
 
 1. :func:`providers.jetstream_consumer.fetch_batch` -- up to ``batch_size``
    messages (an idle pull is an empty batch);
@@ -30,13 +35,16 @@ tenant)
 A lost ack (or a crash between commit and ack) means the message is delivered
 again after ``ack_wait_s``; the inbox row turns that into a counted duplicate.
 
-State machine (logged on every transition)::
+State machine (one log line per change, :class:`~engine.statelog.StateLog`)::
 
     STARTING --consumer created/updated--> CONSUMING
     CONSUMING --database unreachable--> DEGRADED    events nak'ed, redelivered later
     CONSUMING/DEGRADED --NATS unreachable--> DISCONNECTED   retried every fetch_timeout_s
     DEGRADED/DISCONNECTED --a batch applied--> CONSUMING
-    any --cancelled--> STOPPED
+    any --the incarnation ends--> STOPPED
+
+Counts (:class:`InboxStatistics`, through ``ref.statistics()``) are this
+incarnation's; the Prometheus counters (``triage_inbox_*_total``) are the totals.
 
 Known gap: if the database is down on an event's last delivery, the dead
 letter cannot be written either; the message is nak'ed and JetStream stops
@@ -46,10 +54,12 @@ advisory). Choose ``max_deliver`` x backoff longer than a tolerated outage.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -57,12 +67,13 @@ import trio
 from prometheus_client import CollectorRegistry, Counter
 
 from config.catalog import Catalog, alert_name, row_detector
-from config.schema import DetectorConfig, InboxConfig, TriageConfig, engine_kwargs
+from config.schema import DetectorConfig, InboxConfig, MailboxConfig, TriageConfig, engine_kwargs
+from engine.actor import Actor, ActorRef, Overflow, Timer, actor_child
 from engine.breaker import Breaker, CircuitState
 from engine.detectors import CountInWindowDetector, make_detector
-from engine.errors import CircuitOpen, ProviderError
+from engine.errors import CircuitOpen, MailboxFull, ProviderError
 from engine.metrics import families
-from engine.supervisor import ChildSpec, Restart
+from engine.statelog import StateLog
 from providers import jetstream, jetstream_consumer
 from providers.bridge import run, translate_error
 from providers.db.inbox import (
@@ -77,17 +88,25 @@ from providers.jetstream_consumer import ConsumerSettings, Delivery, PullConsume
 if TYPE_CHECKING:
     import asyncpg
 
+    from engine.deadlines import Deadlines
+    from engine.metrics import Metrics
     from engine.runtime import Runtime
+    from engine.supervisor import ChildSpec, Restart
 
 __all__ = [
     "DETECTOR_OVERRIDE",
+    "FETCH",
     "ROW",
+    "Fetch",
     "InboxConsumer",
+    "InboxMessage",
     "InboxState",
-    "InboxStats",
+    "InboxStatistics",
+    "build_detector",
     "consumer_settings",
     "decode_event",
     "detector_config",
+    "inbox_child",
 ]
 
 log = logging.getLogger("triage.inbox")
@@ -107,14 +126,27 @@ class InboxState(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass
-class InboxStats:
-    fetched: int = 0
-    applied: int = 0  # new events committed (inbox row + effect)
-    duplicates: int = 0  # redelivered/republished events that changed nothing
-    naks: int = 0  # transient failures handed back to JetStream
-    dead_lettered: int = 0  # poison or exhausted events stored in dead_letters
-    acks_dropped: int = 0  # acks withheld by :meth:`InboxConsumer.settle_for` (fault injection)
+class Fetch(msgspec.Struct, frozen=True, tag=True):
+    """Run a turn: fetch a batch, apply it, settle it."""
+
+
+FETCH = Fetch()
+
+#: The consumer's messages (one kind: everything it does is a turn).
+InboxMessage = Fetch
+
+
+class InboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`InboxConsumer.statistics` reports (this incarnation's counts)."""
+
+    state: InboxState
+    turns: int
+    fetched: int
+    applied: int  # new events committed (inbox row + effect)
+    duplicates: int  # redelivered/republished events that changed nothing
+    naks: int  # transient failures handed back to JetStream
+    dead_lettered: int  # poison or exhausted events stored in dead_letters
+    acks_dropped: int  # acks withheld by :meth:`InboxConsumer.settle_for` (fault injection)
 
 
 class _InboxMetrics:
@@ -146,6 +178,21 @@ def _inbox_metrics(registry: CollectorRegistry) -> _InboxMetrics:
 def detector_config(config: TriageConfig, catalog: Catalog) -> DetectorConfig:
     """Row 18's detector: ``[detectors.inbox_duplicates]`` if set, else the catalog row's."""
     return row_detector(config, catalog, ROW, DETECTOR_OVERRIDE)
+
+
+def build_detector(
+    config: TriageConfig, catalog: Catalog, *, runtime: Runtime | None = None
+) -> CountInWindowDetector:
+    """Row 18's detector, from ``[detectors.inbox_duplicates]`` or the catalog row."""
+    common: dict[str, Any] = {}
+    if runtime is not None:
+        common = {"clock": runtime.clock, "events": runtime.events, "metrics": runtime.metrics}
+    return make_detector(
+        alert_name(catalog.row(ROW)),
+        row=ROW,
+        **engine_kwargs(detector_config(config, catalog)),
+        **common,
+    ).expect(CountInWindowDetector)
 
 
 def consumer_settings(config: InboxConfig) -> ConsumerSettings:
@@ -182,8 +229,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class InboxConsumer:
-    """The consumer's state and loop. Build one, run :meth:`run` under a supervisor."""
+class InboxConsumer(Actor[InboxMessage]):
+    """The consumer: one turn per :class:`Fetch`. Build it with :func:`inbox_child`."""
 
     name = "inbox_consumer"
 
@@ -206,68 +253,76 @@ class InboxConsumer:
         self.config = config
         self.settings = consumer_settings(config)
         self.detector = detector
-        self.state = InboxState.STARTING
-        self.stats = InboxStats()
+        self.states = StateLog(
+            "inbox consumer",
+            InboxState.STARTING,
+            log,
+            warn={InboxState.DEGRADED, InboxState.DISCONNECTED},
+        )
         self.consumer: PullConsumer | None = None
+        self._wake_at: float | None = None  # the half-open fetch already scheduled
+        self.turns = 0
+        self.fetched = 0
+        self.applied = 0
+        self.duplicates = 0
+        self.naks = 0
+        self.dead_lettered = 0
+        self.acks_dropped = 0
         self._metrics = _inbox_metrics(registry) if registry is not None else None
 
-    @classmethod
-    def from_config(
-        cls,
-        config: TriageConfig,
-        catalog: Catalog,
-        pool: asyncpg.Pool[asyncpg.Record],
-        client: jetstream.JetStreamClient,
-        *,
-        runtime: Runtime | None = None,
-        detector: CountInWindowDetector | None = None,
-        breaker: Breaker | None = None,
-    ) -> InboxConsumer:
-        """A consumer wired from ``[inbox]`` and row 18's detector (or the one given)."""
-        common: dict[str, Any] = {}
-        if runtime is not None:
-            common = {"clock": runtime.clock, "events": runtime.events, "metrics": runtime.metrics}
-        if detector is None:
-            detector = make_detector(
-                alert_name(catalog.row(ROW)),
-                row=ROW,
-                **engine_kwargs(detector_config(config, catalog)),
-                **common,
-            ).expect(CountInWindowDetector)
-        return cls(
-            pool=pool,
-            client=client,
-            config=config.inbox,
-            detector=detector,
-            registry=runtime.metrics.registry
-            if runtime is not None and runtime.metrics is not None
-            else None,
-            breaker=breaker,
-        )
+    # -- the actor -----------------------------------------------------------------------
 
-    # -- outside API -----------------------------------------------------------------
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The child's body: create/update the consumer, signal started, consume until cancelled."""
-        try:
-            await self.open()
-            self._enter(InboxState.CONSUMING, "started")
-            task_status.started()
-            while True:
-                await self.step()
-        finally:
-            self._enter(InboxState.STOPPED, "stopped")
-
-    def child_spec(self, *, shutdown_s: float = 5.0, restart: Restart | None = None) -> ChildSpec:
-        """A supervisor child running :meth:`run`."""
-        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
-
-    async def open(self) -> PullConsumer:
+    async def init(self) -> None:
         """Ensure the stream and the durable consumer (created, or updated to ``[inbox]``)."""
         self.consumer = await run(
             jetstream_consumer.open_consumer, self.client, self.settings, service="nats"
         )
-        return self.consumer
+        self.states.enter(InboxState.CONSUMING, "started")
+        self._again()  # the first fetch at once, not a tick later
+
+    def timers(self) -> Sequence[Timer]:
+        return [Timer(self.config.fetch_timeout_s, FETCH)]
+
+    def statistics(self) -> InboxStatistics:
+        return InboxStatistics(
+            state=self.states.state,
+            turns=self.turns,
+            fetched=self.fetched,
+            applied=self.applied,
+            duplicates=self.duplicates,
+            naks=self.naks,
+            dead_lettered=self.dead_lettered,
+            acks_dropped=self.acks_dropped,
+        )
+
+    async def handle(self, message: InboxMessage) -> None:
+        match message:
+            case Fetch():
+                breaker = self.breaker
+                if breaker is not None and breaker.state in _REFUSING:
+                    self.states.enter(InboxState.DEGRADED, "database breaker open: not fetching")
+                    self._fetch_at_half_open(breaker)
+                elif await self._turn():
+                    self._again()
+
+    async def terminate(self, reason: BaseException | None) -> None:
+        # The supervisor logs a crash itself; here it is only named.
+        self.states.enter(InboxState.STOPPED, "crashed" if _crashed(reason) else "stopped")
+
+    def _again(self) -> None:
+        """Queue the next fetch (a full mailbox: the tick comes)."""
+        with contextlib.suppress(MailboxFull):
+            self.ref.tell_nowait(FETCH)
+
+    def _fetch_at_half_open(self, breaker: Breaker) -> None:
+        """Fetch when the breaker lets a probe through, if that comes before the next tick."""
+        half_open = breaker.half_open_at()
+        if half_open is None or not math.isfinite(half_open) or half_open == self._wake_at:
+            return
+        delay = max(0.0, half_open - trio.current_time())
+        if delay < self.config.fetch_timeout_s:
+            self._wake_at = half_open
+            self.send_after(delay, FETCH)
 
     def settle_for(self, delivery: Delivery, decision: Settle) -> Settle:
         """The decision actually sent for ``delivery``: a hook for fault injection.
@@ -279,28 +334,26 @@ class InboxConsumer:
 
     # -- one turn ----------------------------------------------------------------------
 
-    async def step(self) -> int:
-        """One turn: fetch, apply, dead-letter, settle. Returns the messages fetched."""
-        consumer = self.consumer if self.consumer is not None else await self.open()
+    async def _turn(self) -> bool:
+        """One turn: fetch, apply, dead-letter, settle. False if NATS refused the fetch."""
+        consumer = self.consumer
+        assert consumer is not None, "init opens the consumer"
         config = self.config
-        if self.breaker is not None and self.breaker.state in _REFUSING:
-            self._enter(InboxState.DEGRADED, "database breaker open: not fetching")
-            await self.breaker.wait_until_half_open()
+        self.turns += 1
         try:
             batch = await run(
                 jetstream_consumer.fetch_batch, consumer, config.batch_size,
                 config.fetch_timeout_s, service="nats",
             )  # fmt: skip
-        except ProviderError as exc:
-            self._enter(InboxState.DISCONNECTED, str(exc))
-            await trio.sleep(config.fetch_timeout_s)
-            return 0
+        except ProviderError as exc:  # the tick retries, fetch_timeout_s later
+            self.states.enter(InboxState.DISCONNECTED, str(exc))
+            return False
         if not batch:
-            return 0
-        self.stats.fetched += len(batch)
+            return True
+        self.fetched += len(batch)
         decisions = await self._process(batch)
         sent = [(d, self.settle_for(d, s)) for d, s in decisions]
-        self.stats.acks_dropped += sum(
+        self.acks_dropped += sum(
             1
             for (_, wanted), (_, actual) in zip(decisions, sent, strict=True)
             if wanted.kind is jetstream_consumer.SettleKind.ACK
@@ -309,8 +362,9 @@ class InboxConsumer:
         try:
             await run(jetstream_consumer.settle_batch, consumer, sent, service="nats")
         except ProviderError as exc:  # unsettled messages come back after ack_wait
-            self._enter(InboxState.DISCONNECTED, str(exc))
-        return len(batch)
+            self.states.enter(InboxState.DISCONNECTED, str(exc))
+            return False
+        return True
 
     async def _process(self, batch: Sequence[Delivery]) -> list[tuple[Delivery, Settle]]:
         decisions: dict[int, Settle] = {}
@@ -331,10 +385,10 @@ class InboxConsumer:
             for (index, item), result in zip(items, results, strict=True):
                 delivery = batch[index]
                 if result is True:
-                    self.stats.applied += 1
+                    self.applied += 1
                     decisions[index] = Settle.ack()
                 elif result is False:
-                    self.stats.duplicates += 1
+                    self.duplicates += 1
                     decisions[index] = Settle.ack()
                 elif _transient(result):
                     transient = True
@@ -347,9 +401,9 @@ class InboxConsumer:
                     letters[index] = self._letter(delivery, item.event, _describe(result))
             self._count_outcomes(results)
             if transient:
-                self._enter(InboxState.DEGRADED, "database unreachable: events nak'ed")
+                self.states.enter(InboxState.DEGRADED, "database unreachable: events nak'ed")
             else:
-                self._enter(InboxState.CONSUMING, "batch applied")
+                self.states.enter(InboxState.CONSUMING, "batch applied")
 
         if letters:
             try:
@@ -361,11 +415,11 @@ class InboxConsumer:
             else:
                 for index in letters:
                     decisions[index] = Settle.term()
-                self.stats.dead_lettered += len(letters)
+                self.dead_lettered += len(letters)
                 if self._metrics is not None:
                     self._metrics.dead_lettered.inc(len(letters))
         naks = sum(1 for d in decisions.values() if d.kind is jetstream_consumer.SettleKind.NAK)
-        self.stats.naks += naks
+        self.naks += naks
         if self._metrics is not None and naks:
             self._metrics.naks.inc(naks)
         return [(batch[i], decisions[i]) for i in sorted(decisions)]
@@ -422,13 +476,47 @@ class InboxConsumer:
             headers=delivery.headers,
         )
 
-    def _enter(self, state: InboxState, reason: str) -> None:
-        if state is self.state:
-            return
-        old, self.state = self.state, state
-        level = (
-            logging.WARNING
-            if state in (InboxState.DEGRADED, InboxState.DISCONNECTED)
-            else logging.INFO
-        )
-        log.log(level, "inbox consumer: %s -> %s (%s)", old.value, state.value, reason)
+
+def _crashed(reason: BaseException | None) -> bool:
+    """Whether an incarnation ended by an error (not normally, not cancelled)."""
+    if reason is None or isinstance(reason, trio.Cancelled):
+        return False
+    if isinstance(reason, BaseExceptionGroup):
+        return reason.split(trio.Cancelled)[1] is not None
+    return True
+
+
+def inbox_child(
+    *,
+    pool: asyncpg.Pool[asyncpg.Record],
+    client: jetstream.JetStreamClient,
+    config: InboxConfig,
+    mailbox: MailboxConfig,
+    shutdown_s: float,
+    detector: CountInWindowDetector | None = None,
+    registry: CollectorRegistry | None = None,
+    breaker: Breaker | None = None,
+    actor: Callable[..., InboxConsumer] = InboxConsumer,
+    restart: Restart | None = None,
+    deadlines: Deadlines | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[ChildSpec, ActorRef[InboxMessage]]:
+    """The consumer's child spec (id ``inbox_consumer``) and ref, its mailbox from ``mailbox``.
+
+    ``actor`` makes each incarnation from the keywords (a subclass for fault
+    injection, e.g. one that overrides :meth:`InboxConsumer.settle_for`).
+    """
+    factory = functools.partial(
+        actor, pool=pool, client=client, config=config, detector=detector, registry=registry,
+        breaker=breaker,
+    )  # fmt: skip
+    return actor_child(
+        InboxConsumer.name,
+        factory,
+        capacity=mailbox.capacity,
+        overflow=Overflow(mailbox.overflow),
+        restart=restart,
+        shutdown_s=shutdown_s,
+        deadlines=deadlines,
+        metrics=metrics,
+    )

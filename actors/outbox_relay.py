@@ -1,20 +1,25 @@
 """The outbox relay: PostgreSQL outbox rows to NATS JetStream, in order per aggregate (rows 6, 9).
 
-A supervised poll loop (a child whose ``start`` is :meth:`OutboxRelay.run`).
-Each turn crosses the bridge once with :func:`providers.db.outbox.relay_batch`:
+An actor (:func:`relay_child` builds its child spec and ref). Its timer tells it
+:class:`Poll` every ``poll_interval_s`` (ticks coalesce: a slow turn is never
+followed by a queue of them); a turn that moved a full batch polls again at
+once, and :func:`nudge` asks for a turn now (e.g. after a write). While
+``BLOCKED``, a poll is also sent for the breaker's half-open moment when that
+comes before the next tick. Each turn crosses the bridge once with
+:func:`providers.db.outbox.relay_batch`:
 one PostgreSQL transaction (as ``triage_relay``) that claims a batch, publishes
 it to JetStream (``Nats-Msg-Id`` = outbox id, all acks awaited concurrently),
 marks the acknowledged rows published and reads the lag. See
 :mod:`providers.db.outbox` for the claim and the order per aggregate.
 
-State machine (logged on every transition)::
+State machine (one log line per change, :class:`~engine.statelog.StateLog`)::
 
     STARTING --stream checked--> RELAYING
     RELAYING --breaker nats_publish opens--> BLOCKED     rows stay in the outbox
     BLOCKED  --half-open probe batch acked--> RELAYING   the backlog replays in order
     RELAYING/BLOCKED --database unreachable--> DEGRADED  retried every poll
     DEGRADED --a batch or a lag read succeeds--> RELAYING (or BLOCKED)
-    any      --cancelled--> STOPPED
+    any      --the incarnation ends--> STOPPED
 
 Breaker accounting (``breakers.nats_publish``): a batch with any failed publish
 (a timeout, a refusal, the client reconnecting) is one failure; an acked batch
@@ -25,7 +30,7 @@ which the breaker ignores (it frees a half-open probe slot and counts nothing).
 Lag: after every turn (also while BLOCKED, from a plain read) the age of the
 oldest pending row goes to the lag detectors with ``set_age`` (each an
 :class:`~engine.detectors.AgeOfNewestDetector`: catalog row 6's and/or
-``[detectors.outbox_lag]``), and is kept in :attr:`OutboxRelay.lag_s`. An
+``[detectors.outbox_lag]``), and is reported in :class:`RelayStatistics`. An
 age-of-newest detector nobody feeds counts from its start, so a daemon that
 builds these detectors must run the relay that feeds them.
 
@@ -44,9 +49,10 @@ A turn that *crashes* (an exception that is neither a database nor a NATS
 failure, e.g. a bug that one event's data triggers) re-raises, so its supervisor
 restarts the relay (each restart counts in ``restarts`` and feeds the row 9
 detector through ``restart_sinks``). Before re-raising, the relay attributes the
-crash: a crash on a batch of several rows switches the relay (the same object
-across restarts) to *isolation* -- batches of one row, until as many rows as the
-crashed batch held went through; a crash on a single row quarantines that row
+crash in its :class:`RelayMemory` (created once with the child, like its
+mailbox, so it outlives the incarnation): a crash on a batch of several rows
+switches the relay to *isolation* -- batches of one row, until as many rows as
+the crashed batch held went through; a crash on a single row quarantines that row
 at once (dead letter + DLQ, in its own unit of work). A poison row thus costs
 two restarts (batch, then alone) and the relay goes on past it, well within a
 supervisor intensity of a few restarts: the intensity limit stays the last
@@ -62,21 +68,31 @@ crash loses it), is logged as a warning.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol
 
+import msgspec
 import nats.js.errors
 import trio
 
-from config.schema import RelayConfig
+from config.schema import MailboxConfig, RelayConfig
+from engine.actor import Actor, ActorRef, Overflow, Timer, actor_child
 from engine.breaker import Breaker, CircuitState
-from engine.errors import CircuitOpen, LoadShed, ProviderError, ProviderUnavailable
-from engine.supervisor import ChildSpec, Restart
+from engine.errors import (
+    ActorStopped,
+    CircuitOpen,
+    LoadShed,
+    MailboxFull,
+    ProviderError,
+    ProviderUnavailable,
+)
+from engine.statelog import StateLog
 from providers import jetstream
 from providers.bridge import run
 from providers.db.outbox import (
@@ -93,14 +109,26 @@ from providers.db.outbox import (
 if TYPE_CHECKING:
     import asyncpg
 
+    from engine.deadlines import Deadlines
+    from engine.metrics import Metrics
+    from engine.supervisor import ChildSpec, Restart
+
 LAG_ROW: Final = 6  # the catalog row this actor owns: NATS unavailable (outbox lag)
 CRASH_LOOP_ROW: Final = 9  # the catalog row this actor owns: outbox relay crash loop
 __all__ = [
+    "POLL",
     "NatsPublishFailed",
     "OutboxRelay",
+    "Poll",
+    "PublishHook",
     "PublishNotAttempted",
+    "RelayMemory",
+    "RelayMessage",
     "RelayState",
+    "RelayStatistics",
     "dlq_stream_name",
+    "nudge",
+    "relay_child",
     "retry_horizon_s",
 ]
 
@@ -113,6 +141,55 @@ class RelayState(enum.Enum):
     BLOCKED = "blocked"  # the publish breaker is open: rows wait in the outbox
     DEGRADED = "degraded"  # the database is unreachable
     STOPPED = "stopped"
+
+
+class Poll(msgspec.Struct, frozen=True, tag=True):
+    """Run a turn now: the timer's tick, a nudge, or the relay's own "again"."""
+
+
+POLL = Poll()
+
+#: The relay's messages (one kind: everything it does is a turn).
+RelayMessage = Poll
+
+#: Wraps the relay's publish step (the asyncio side): a seam for fault injection.
+PublishHook = Callable[[Publish], Publish]
+
+
+@dataclass(slots=True)
+class RelayMemory:
+    """What outlives an incarnation of the relay: crash attribution and the totals.
+
+    Created once with the child (:func:`relay_child`), as the mailbox is; each
+    incarnation reads and updates it. ``isolate`` is the number of rows still to
+    relay one at a time after a crash on a batch.
+    """
+
+    starts: int = 0
+    isolate: int = 0
+    turns: int = 0
+    published: int = 0  # rows marked published
+    failed: int = 0  # row publishes that failed
+    crashes: int = 0  # turns that raised an unexpected exception
+    dead_lettered: int = 0  # poison rows moved to dead_letters + DLQ (quarantines included)
+    quarantined: int = 0  # rows dead-lettered because they crashed the relay alone
+    warnings: list[str] = field(default_factory=list)
+
+
+class RelayStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`OutboxRelay.statistics` reports; counts are totals across restarts."""
+
+    state: RelayState
+    lag_s: float | None
+    turns: int
+    published: int
+    failed: int
+    starts: int
+    restarts: int
+    crashes: int
+    dead_lettered: int
+    quarantined: int
+    warnings: tuple[str, ...]
 
 
 class NatsPublishFailed(ProviderUnavailable):
@@ -236,8 +313,8 @@ async def _publish_dlq(
         raise NatsPublishFailed(f"nats: {len(errors)} DLQ publishes failed (first: {errors[0]})")
 
 
-class OutboxRelay:
-    """The relay's state and its loop. Build one, run :meth:`run` under a supervisor."""
+class OutboxRelay(Actor[RelayMessage]):
+    """The relay: one turn per :class:`Poll`. Build it with :func:`relay_child`."""
 
     name = "outbox_relay"
 
@@ -248,36 +325,35 @@ class OutboxRelay:
         client: jetstream.JetStreamClient,
         config: RelayConfig,
         breaker: Breaker,
+        memory: RelayMemory,
         lag: LagSink | Sequence[LagSink] | None = None,
         ensure_stream: bool = True,
         restart_sinks: Sequence[RestartSink] = (),
+        publish_hook: PublishHook | None = None,
     ) -> None:
         self.pool = pool
         self.client = client
         self.config = config
         self.breaker = breaker
+        self.memory = memory
         self.lag: tuple[LagSink, ...] = (
             () if lag is None else tuple(lag) if isinstance(lag, Sequence) else (lag,)
         )
         self.ensure_stream = ensure_stream
-        self.state = RelayState.STARTING
+        self.states = StateLog(
+            "outbox relay",
+            RelayState.STARTING,
+            log,
+            warn={RelayState.BLOCKED, RelayState.DEGRADED},
+        )
         self.lag_s: float | None = None
-        self.published = 0  # rows marked published by this relay
-        self.failed = 0  # row publishes that failed
-        self.turns = 0
-        self.warnings: list[str] = []
         self.restart_sinks = tuple(restart_sinks)
-        self.starts = 0  # runs of :meth:`run`: every one after the first is a restart
-        self.restarts = 0
-        self.crashes = 0  # turns that raised an unexpected exception
-        self.dead_lettered = 0  # poison rows moved to dead_letters + DLQ (quarantines included)
-        self.quarantined = 0  # rows dead-lettered because they crashed the relay alone
-        self._isolate = 0  # rows still to relay one at a time after a crash
-        self._nudged = trio.Event()
+        self._wake_at: float | None = None  # the half-open poll already scheduled
         self.subjects = [s.strip() for s in config.subjects.split(",") if s.strip()]
         max_payload = int(client.nc.max_payload or 1024 * 1024)
         self._limits = _Limits(self.subjects, max_payload)
-        self._publish: Publish = partial(_publish_rows, client, config.ack_timeout_s, self._limits)
+        publish: Publish = partial(_publish_rows, client, config.ack_timeout_s, self._limits)
+        self._publish = publish if publish_hook is None else publish_hook(publish)
         self._dead_letter = DeadLetterTo(
             publish=partial(_publish_dlq, client, config.ack_timeout_s),
             subject=config.dlq_subject,
@@ -285,46 +361,78 @@ class OutboxRelay:
             max_attempts=config.max_attempts,
         )
 
-    # -- outside API -----------------------------------------------------------------
+    # -- the actor -----------------------------------------------------------------------
 
-    def nudge(self) -> None:
-        """Poll now rather than at the end of the interval (e.g. after a write)."""
-        self._nudged.set()
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The child's body: check the stream, signal started, then relay until cancelled."""
-        self.starts += 1
-        if self.starts > 1:
-            self.restarts += 1
+    async def init(self) -> None:
+        """Count the start (every one after the first is a restart), check the stream."""
+        memory = self.memory
+        memory.starts += 1
+        if memory.starts > 1:
             for sink in self.restart_sinks:
                 sink.observe()
-        try:
-            await self._check_stream()
-            self._enter(RelayState.RELAYING, "started")
-            task_status.started()
-            while True:
-                full = await self.step()
-                if not full:
-                    await self._wait()
-        finally:
-            self._enter(RelayState.STOPPED, "stopped")
+        await self._check_stream()
+        self.states.enter(RelayState.RELAYING, "started")
+        self._again()  # the first turn at once, not a tick later
 
-    def child_spec(self, *, shutdown_s: float = 5.0, restart: Restart | None = None) -> ChildSpec:
-        """A supervisor child running :meth:`run`."""
-        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
+    def timers(self) -> Sequence[Timer]:
+        return [Timer(self.config.poll_interval_s, POLL)]
+
+    def statistics(self) -> RelayStatistics:
+        memory = self.memory
+        return RelayStatistics(
+            state=self.states.state,
+            lag_s=self.lag_s,
+            turns=memory.turns,
+            published=memory.published,
+            failed=memory.failed,
+            starts=memory.starts,
+            restarts=max(memory.starts - 1, 0),
+            crashes=memory.crashes,
+            dead_lettered=memory.dead_lettered,
+            quarantined=memory.quarantined,
+            warnings=tuple(memory.warnings),
+        )
+
+    async def handle(self, message: RelayMessage) -> None:
+        match message:
+            case Poll():
+                if await self._turn():
+                    self._again()
+                elif self.states.state is RelayState.BLOCKED:
+                    self._poll_at_half_open()
+
+    async def terminate(self, reason: BaseException | None) -> None:
+        # The supervisor logs a crash itself; here it is only named.
+        self.states.enter(RelayState.STOPPED, "crashed" if _crashed(reason) else "stopped")
+
+    def _again(self) -> None:
+        """Queue a turn behind what is queued (a full mailbox already holds one)."""
+        with contextlib.suppress(MailboxFull):
+            self.ref.tell_nowait(POLL)
+
+    def _poll_at_half_open(self) -> None:
+        """Poll when the breaker lets a probe through, if that comes before the next tick."""
+        half_open = self.breaker.half_open_at()
+        if half_open is None or not math.isfinite(half_open) or half_open == self._wake_at:
+            return
+        delay = max(0.0, half_open - trio.current_time())
+        if delay < self.config.poll_interval_s:
+            self._wake_at = half_open
+            self.send_after(delay, POLL)
 
     # -- one turn ----------------------------------------------------------------------
 
-    async def step(self) -> bool:
+    async def _turn(self) -> bool:
         """One turn; True if a full batch went out (poll again at once)."""
-        self.turns += 1
+        self.memory.turns += 1
         try:
             start = self.breaker.before_call()
         except CircuitOpen:
-            self._enter(RelayState.BLOCKED, f"breaker {self.breaker.name} is open")
+            self.states.enter(RelayState.BLOCKED, f"breaker {self.breaker.name} is open")
             await self._read_lag()
             return False
-        limit = 1 if self._isolate > 0 else self.config.batch_size
+        memory = self.memory
+        limit = 1 if memory.isolate > 0 else self.config.batch_size
         claimed: list[int] = []
         batch = partial(relay_batch, self.pool, self._publish, limit, self._dead_letter, claimed)
         try:
@@ -336,7 +444,7 @@ class OutboxRelay:
             return False
         except ProviderError as exc:  # the database: nothing reached NATS
             self.breaker.on_failure(PublishNotAttempted(str(exc)), start)
-            self._enter(RelayState.DEGRADED, str(exc))
+            self.states.enter(RelayState.DEGRADED, str(exc))
             return False
         except Exception as exc:  # a crash: attribute it, then let the supervisor restart us
             self.breaker.on_failure(PublishNotAttempted("turn crashed"), start)
@@ -345,18 +453,19 @@ class OutboxRelay:
         except BaseException:
             self.breaker.on_failure(PublishNotAttempted("turn interrupted"), start)
             raise
-        if self._isolate > 0:
-            self._isolate = 0 if report.claimed == 0 else self._isolate - report.claimed
-        self.dead_lettered += report.dead_lettered
+        if memory.isolate > 0:
+            memory.isolate = 0 if report.claimed == 0 else memory.isolate - report.claimed
+        memory.dead_lettered += report.dead_lettered
         self._account(report, start)
         return report.claimed >= limit and report.failed == 0
 
     async def _on_crash(self, claimed: Sequence[int], exc: Exception) -> None:
         """Attribute a crashed turn: isolate a batch, quarantine a single row (module docstring)."""
-        self.crashes += 1
+        memory = self.memory
+        memory.crashes += 1
         error = f"relay crashed on this event: {type(exc).__name__}: {exc}"
         if len(claimed) > 1:
-            self._isolate = max(self._isolate, len(claimed))
+            memory.isolate = max(memory.isolate, len(claimed))
             log.error(
                 "outbox relay: crashed on a batch of %d rows (%s); relaying them one at a time",
                 len(claimed), error,
@@ -377,15 +486,15 @@ class OutboxRelay:
             )
             return
         if moved:
-            self.quarantined += 1
-            self.dead_lettered += 1
+            memory.quarantined += 1
+            memory.dead_lettered += 1
             log.error(
                 "outbox relay: event %d quarantined to the dead letters: %s", outbox_id, error
             )
 
     def _account(self, report: BatchReport, start: float) -> None:
-        self.published += report.published
-        self.failed += report.failed
+        self.memory.published += report.published
+        self.memory.failed += report.failed
         if report.claimed == 0:
             self.breaker.on_failure(PublishNotAttempted("nothing to publish"), start)
         elif report.failed:
@@ -395,8 +504,8 @@ class OutboxRelay:
             self._after_failure(error)
         else:
             self.breaker.on_success(start)
-        if report.failed == 0 or self.state is RelayState.DEGRADED:
-            self._enter(
+        if report.failed == 0 or self.states.state is RelayState.DEGRADED:
+            self.states.enter(
                 RelayState.RELAYING
                 if self.breaker.state is not CircuitState.OPEN
                 else RelayState.BLOCKED,
@@ -406,7 +515,7 @@ class OutboxRelay:
 
     def _after_failure(self, exc: Exception) -> None:
         if self.breaker.state is CircuitState.OPEN:
-            self._enter(RelayState.BLOCKED, str(exc))
+            self.states.enter(RelayState.BLOCKED, str(exc))
         else:
             log.warning("outbox relay: publish failed: %s", exc)
 
@@ -414,11 +523,11 @@ class OutboxRelay:
         try:
             age = await run(pending_age_s, self.pool, service="postgres")
         except ProviderError as exc:
-            self._enter(RelayState.DEGRADED, str(exc))
+            self.states.enter(RelayState.DEGRADED, str(exc))
             return
-        if self.state is RelayState.DEGRADED:
+        if self.states.state is RelayState.DEGRADED:
             blocked = self.breaker.state is CircuitState.OPEN
-            self._enter(
+            self.states.enter(
                 RelayState.BLOCKED if blocked else RelayState.RELAYING, "database reachable"
             )
         self._set_lag(age)
@@ -427,17 +536,6 @@ class OutboxRelay:
         self.lag_s = age_s
         for sink in self.lag:
             sink.set_age(age_s)
-
-    async def _wait(self) -> None:
-        interval = self.config.poll_interval_s
-        if self.state is RelayState.BLOCKED:
-            half_open = self.breaker.half_open_at()
-            if half_open is not None and math.isfinite(half_open):
-                interval = min(interval, max(0.0, half_open - trio.current_time()))
-        with trio.move_on_after(interval):
-            await self._nudged.wait()
-        if self._nudged.is_set():
-            self._nudged = trio.Event()
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -480,14 +578,69 @@ class OutboxRelay:
             )
 
     def _warn(self, message: str) -> None:
-        self.warnings.append(message)
+        if message not in self.memory.warnings:  # once, not again at every restart
+            self.memory.warnings.append(message)
         log.warning("outbox relay: %s", message)
 
-    def _enter(self, state: RelayState, reason: str) -> None:
-        if state is self.state:
-            return
-        old, self.state = self.state, state
-        level = (
-            logging.WARNING if state in (RelayState.BLOCKED, RelayState.DEGRADED) else logging.INFO
-        )
-        log.log(level, "outbox relay: %s -> %s (%s)", old.value, state.value, reason)
+
+def _crashed(reason: BaseException | None) -> bool:
+    """Whether an incarnation ended by an error (not normally, not cancelled)."""
+    if reason is None or isinstance(reason, trio.Cancelled):
+        return False
+    if isinstance(reason, BaseExceptionGroup):
+        return reason.split(trio.Cancelled)[1] is not None
+    return True
+
+
+def nudge(ref: ActorRef[RelayMessage]) -> None:
+    """Ask the relay at ``ref`` for a turn now rather than at its next tick (never blocks).
+
+    A full mailbox already holds a turn, and a stopped relay polls when it is
+    back: either way the nudge is not needed and is dropped.
+    """
+    with contextlib.suppress(MailboxFull, ActorStopped):
+        ref.tell_nowait(POLL)
+
+
+def relay_child(
+    *,
+    pool: asyncpg.Pool[asyncpg.Record],
+    client: jetstream.JetStreamClient,
+    config: RelayConfig,
+    breaker: Breaker,
+    mailbox: MailboxConfig,
+    shutdown_s: float,
+    lag: LagSink | Sequence[LagSink] | None = None,
+    ensure_stream: bool = True,
+    restart_sinks: Sequence[RestartSink] = (),
+    publish_hook: PublishHook | None = None,
+    restart: Restart | None = None,
+    deadlines: Deadlines | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[ChildSpec, ActorRef[RelayMessage]]:
+    """The relay's child spec (id ``outbox_relay``) and ref, its mailbox from ``mailbox``.
+
+    One :class:`RelayMemory` is made here and handed to every incarnation.
+    """
+    factory = partial(
+        OutboxRelay,
+        pool=pool,
+        client=client,
+        config=config,
+        breaker=breaker,
+        memory=RelayMemory(),
+        lag=lag,
+        ensure_stream=ensure_stream,
+        restart_sinks=restart_sinks,
+        publish_hook=publish_hook,
+    )
+    return actor_child(
+        OutboxRelay.name,
+        factory,
+        capacity=mailbox.capacity,
+        overflow=Overflow(mailbox.overflow),
+        restart=restart,
+        shutdown_s=shutdown_s,
+        deadlines=deadlines,
+        metrics=metrics,
+    )

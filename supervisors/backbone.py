@@ -27,6 +27,14 @@ At the end: the pool closes (shielded, by :attr:`Backbone.deadline` or
 ``command_timeout_s``), the bridge closes, then the embedded servers stop in a
 worker thread that is waited for even when cancelled, so that no server outlives
 the daemon.
+
+:func:`build_backbone_actors` wires the actors that live on the backbone (the
+tree places their child specs): the database probe, the database writer (row
+5), the outbox relay under ``[supervisors.relay]`` (rows 6, 9) and the inbox
+consumer (row 18). Each is an :class:`~engine.actor.Actor` with its mailbox
+from ``[mailboxes.*]`` (:data:`BACKBONE_MAILBOXES`); what others read of them
+goes through their refs (``ref.statistics()``) or a shared object the wiring
+hands out (the primary database's breaker, for readiness).
 """
 
 from __future__ import annotations
@@ -36,25 +44,56 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 import trio
 
-from config import TriageConfig
+from actors.db_health import DbHealth, DbHealthMessage, unavailable
+from actors.db_writer import ROW as DB_ROW
+from actors.db_writer import DbGateway, DbWriterMessage, apply_inbox, db_writer_child
+from actors.inbox import ROW as INBOX_ROW
+from actors.inbox import InboxMessage, inbox_child
+from actors.inbox import build_detector as build_inbox_detector
+from actors.outbox_relay import CRASH_LOOP_ROW, LAG_ROW, RelayMessage, relay_child
+from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
+from config.catalog import alert_name
+from engine.actor import ActorRef, Overflow, actor_child
+from engine.breaker import Breaker
+from engine.detectors import (
+    AgeOfNewestDetector,
+    CountInWindowDetector,
+    Detector,
+    DetectorSet,
+    RateDetector,
+)
 from engine.errors import TriageError
+from engine.runtime import Runtime
+from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers import jetstream
 from providers.bridge import open_bridge, run
 from providers.db import migrate
 from providers.db.pool import DbPool, open_pool
 from providers.redis_cache import RedisCache
 from providers.services import Services, postgres_url_with, resolve_services
+from providers.spool import Spool
 
-__all__ = ["Backbone", "StartAbandoned", "StartGuard", "describe_services", "open_backbone"]
+__all__ = [
+    "BACKBONE_MAILBOXES",
+    "DB_BREAKER",
+    "Backbone",
+    "BackboneActors",
+    "StartAbandoned",
+    "StartGuard",
+    "build_backbone_actors",
+    "describe_services",
+    "open_backbone",
+]
 
 log = logging.getLogger("triage.backbone")
 
@@ -236,3 +275,202 @@ async def open_backbone(
             await trio.to_thread.run_sync(services.close)
         if services.embedded:
             log.info("embedded services stopped", extra={"stopped": sorted(services.embedded)})
+
+
+# -- the backbone's actors --------------------------------------------------------------
+
+#: The breaker profile of the primary database: the probe's, the writer's, the inbox's.
+DB_BREAKER: Final = "postgres_primary"
+#: Each backbone actor's ``[mailboxes.*]`` profile.
+BACKBONE_MAILBOXES: Final = {
+    "db_health": "monitor",
+    "db_writer": "monitor",
+    "outbox_relay": "relay",
+    "inbox_consumer": "relay",
+}
+
+D = TypeVar("D", bound=Detector)
+
+
+@dataclass(frozen=True, slots=True)
+class BackboneActors:
+    """What :func:`build_backbone_actors` wired.
+
+    ``early`` are the probe, the writer and the relay's supervisor; ``late`` the
+    inbox consumer: the tree starts the idempotency store between them.
+    """
+
+    db_breaker: Breaker
+    db_health: ActorRef[DbHealthMessage]
+    #: Reads and writes on the primary (the replica, the spool): direct calls, per request.
+    db: DbGateway
+    db_writer: ActorRef[DbWriterMessage]
+    relay: ActorRef[RelayMessage] | None
+    #: The pool the relay was given (its own, ``[relay] pool_size``).
+    relay_pool: DbPool | None
+    inbox: ActorRef[InboxMessage]
+    early: tuple[ChildSpec, ...]
+    late: tuple[ChildSpec, ...]
+
+    def unavailable(self) -> str | None:
+        """The readiness check: ``"database unavailable"`` while the primary's breaker refuses."""
+        return unavailable(self.db_breaker)
+
+
+def _check_mailboxes(config: TriageConfig, source: str) -> None:
+    problems = [
+        ConfigProblem(
+            source=source,
+            line=None,
+            path=f"$.mailboxes.{name}",
+            message=f"missing required profile [mailboxes.{name}] (the {actor} actor uses it)",
+        )
+        for actor, name in BACKBONE_MAILBOXES.items()
+        if name not in config.mailboxes
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _mailbox(config: TriageConfig, actor: str) -> dict[str, Any]:
+    """``actor_child`` keywords for ``actor``'s mailbox profile."""
+    mailbox = config.mailboxes[BACKBONE_MAILBOXES[actor]]
+    return {"capacity": mailbox.capacity, "overflow": Overflow(mailbox.overflow)}
+
+
+def _live_detector(
+    rows: Sequence[CatalogRow], detectors: DetectorSet, row_id: int, kind: type[D]
+) -> D | None:
+    """The detector of catalog row ``row_id``, if that row is live here."""
+    for row in rows:
+        if row.id == row_id:
+            return detectors[alert_name(row)].expect(kind)
+    return None
+
+
+def _breaker(config: TriageConfig, name: str, runtime: Runtime) -> Breaker:
+    return Breaker(
+        name,
+        **engine_kwargs(config.breakers[name]),
+        clock=runtime.clock,
+        events=runtime.events,
+        metrics=runtime.metrics,
+    )
+
+
+def build_backbone_actors(
+    config: TriageConfig,
+    catalog: Catalog,
+    backbone: Backbone,
+    runtime: Runtime,
+    *,
+    rows: Sequence[CatalogRow],
+    detectors: DetectorSet,
+    shutdown_s: float,
+    source: str = "<config>",
+) -> BackboneActors:
+    """Wire the probe, the writer, the relay and the inbox on ``backbone`` (nothing runs yet).
+
+    ``rows`` are the live catalog rows (their detectors, in ``detectors``, are fed
+    by these actors); ``shutdown_s`` is each child's shutdown deadline.
+    """
+    _check_mailboxes(config, source)
+    common: dict[str, Any] = {"deadlines": runtime.deadlines, "metrics": runtime.metrics}
+    db_breaker = _breaker(config, DB_BREAKER, runtime)
+    database = config.database
+    health_spec, health = actor_child(
+        "db_health",
+        partial(
+            DbHealth,
+            backbone.pool,
+            db_breaker,
+            tick_s=config.daemon.detector_tick_s,
+            # A backstop one tick after the pool's own connect and command timeouts.
+            timeout_s=(
+                database.connect_timeout_s
+                + database.command_timeout_s
+                + config.daemon.detector_tick_s
+            ),
+        ),
+        **_mailbox(config, "db_health"),
+        restart=Restart.PERMANENT,
+        shutdown_s=shutdown_s,
+        **common,
+    )
+    # Row 5: writes share the probe's primary breaker; spoolable kinds go to the
+    # durable journal while the primary is gone, and replay in order after.
+    spool = config.spool
+    replica_breaker = None
+    if backbone.replica is not None:
+        replica_breaker = _breaker(config, "postgres_replica", runtime)
+    db = DbGateway(
+        backbone.pool,
+        db_breaker,
+        Spool(spool.path, max_bytes=spool.max_bytes, fsync=spool.fsync),
+        spool,
+        appliers={"inbox": apply_inbox},
+        wall=runtime.clock.wall,
+        replica=backbone.replica,
+        replica_breaker=replica_breaker,
+        connection_errors=_live_detector(rows, detectors, DB_ROW, RateDetector),
+    )
+    writer_spec, writer = db_writer_child(
+        db,
+        mailbox=config.mailboxes[BACKBONE_MAILBOXES["db_writer"]],
+        shutdown_s=shutdown_s,
+        restart=Restart.PERMANENT,
+        **common,
+    )
+    early: list[ChildSpec] = [health_spec, writer_spec]
+    relay: ActorRef[RelayMessage] | None = None
+    relay_pool: DbPool | None = None
+    if config.relay.enabled:
+        relay_pool = backbone.relay_pool if backbone.relay_pool is not None else backbone.pool
+        restarts = _live_detector(rows, detectors, CRASH_LOOP_ROW, CountInWindowDetector)
+        relay_spec, relay = relay_child(
+            pool=relay_pool.asyncpg_pool,
+            client=backbone.nats,
+            config=config.relay,
+            breaker=_breaker(config, "nats_publish", runtime),
+            mailbox=config.mailboxes[BACKBONE_MAILBOXES["outbox_relay"]],
+            shutdown_s=shutdown_s,
+            lag=_live_detector(rows, detectors, LAG_ROW, AgeOfNewestDetector),
+            restart_sinks=() if restarts is None else (restarts,),
+            **common,
+        )
+        # The relay under its own intensity ([supervisors.relay]): a poison event
+        # costs it a restart or two, never the root's budget (row 9).
+        early.append(
+            Supervisor(
+                "relay",
+                [relay_spec],
+                **engine_kwargs(config.supervisors["relay"]),
+                runtime=runtime,
+            ).child_spec()
+        )
+    duplicates = _live_detector(rows, detectors, INBOX_ROW, CountInWindowDetector)
+    inbox_spec, inbox = inbox_child(
+        pool=backbone.pool.asyncpg_pool,
+        client=backbone.nats,
+        config=config.inbox,
+        mailbox=config.mailboxes[BACKBONE_MAILBOXES["inbox_consumer"]],
+        shutdown_s=shutdown_s,
+        detector=duplicates
+        if duplicates is not None
+        else build_inbox_detector(config, catalog, runtime=runtime),
+        registry=runtime.metrics.registry if runtime.metrics is not None else None,
+        breaker=db_breaker,  # one breaker for the primary database
+        restart=Restart.PERMANENT,
+        **common,
+    )
+    return BackboneActors(
+        db_breaker=db_breaker,
+        db_health=health,
+        db=db,
+        db_writer=writer,
+        relay=relay,
+        relay_pool=relay_pool,
+        inbox=inbox,
+        early=tuple(early),
+        late=(inbox_spec,),
+    )

@@ -54,30 +54,23 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import msgspec
 
 from actors.alerts import ActiveAlerts, AlertEvent, AlertSink, EventForwarder, forward_events
-from actors.db_health import DbHealth
-from actors.db_writer import ROW as DB_ROW
-from actors.db_writer import DbWriter, apply_inbox
+from actors.db_writer import DbWriter
 from actors.idempotency import ROW as IDEMPOTENCY_ROW
 from actors.idempotency import IdempotencyStore
-from actors.inbox import ROW as INBOX_ROW
 from actors.inbox import InboxConsumer
-from actors.outbox_relay import CRASH_LOOP_ROW, LAG_ROW, OutboxRelay
+from actors.outbox_relay import OutboxRelay
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
 from config.catalog import alert_name, derive_built, module_path, overrides_a_row, row_override
 from engine.actor import ActorRef, Overflow, actor_child
-from engine.breaker import Breaker
 from engine.detectors import (
-    AgeOfNewestDetector,
-    CountInWindowDetector,
     Detector,
     DetectorSet,
-    RateDetector,
     RatioDetector,
     make_detector,
 )
 from engine.runtime import Runtime
 from engine.supervisor import ChildSpec, Restart, Supervisor
-from providers.spool import Spool
+from supervisors.backbone import DB_BREAKER, BackboneActors, build_backbone_actors
 from supervisors.channels import (
     CHANNEL_MODULES,
     CHANNEL_ROWS,
@@ -97,7 +90,6 @@ __all__ = [
     "Phase",
     "Readiness",
     "Tree",
-    "build_db_health",
     "build_detectors",
     "build_tree",
     "built_catalog",
@@ -119,8 +111,6 @@ REQUIRED_PROFILES: Final = (
     ("breakers", "redis"),  # the idempotency cache
     ("guards", "redis"),
 )
-#: The breaker profile of the database probe (with a backbone).
-DB_BREAKER: Final = "postgres_primary"
 
 
 def profile_problems(config: TriageConfig, source: str) -> list[ConfigProblem]:
@@ -282,11 +272,8 @@ class Tree:
     unsubscribe: Callable[[], None]
     detectors: DetectorSet
     http: HttpServer
-    db_health: DbHealth | None = None
-    relay: OutboxRelay | None = None
+    backbone_actors: BackboneActors | None = None
     idempotency: IdempotencyStore | None = None
-    inbox: InboxConsumer | None = None
-    db_writer: DbWriter | None = None
     channels: Channels | None = None
 
 
@@ -412,37 +399,14 @@ def build_tree(
 
     readiness = Readiness(board)
     backbone_specs: list[ChildSpec] = []
-    db_health: DbHealth | None = None
-    relay: OutboxRelay | None = None
+    actors: BackboneActors | None = None
     store: IdempotencyStore | None = None
-    inbox: InboxConsumer | None = None
-    writer: DbWriter | None = None
     if backbone is not None:
-        db_health = build_db_health(config, backbone, runtime)
-        readiness.add_check(db_health.unavailable)
-        # Row 5: writes share the probe's primary breaker; spoolable kinds go to the
-        # durable journal while the primary is gone, and replay in order after.
-        spool = config.spool
-        replica_breaker = None
-        if backbone.replica is not None:
-            replica_breaker = Breaker(
-                "postgres_replica",
-                **engine_kwargs(config.breakers["postgres_replica"]),
-                clock=runtime.clock,
-                events=runtime.events,
-                metrics=runtime.metrics,
-            )
-        writer = DbWriter(
-            backbone.pool,
-            db_health.breaker,
-            Spool(spool.path, max_bytes=spool.max_bytes, fsync=spool.fsync),
-            spool,
-            appliers={"inbox": apply_inbox},
-            replica=backbone.replica,
-            replica_breaker=replica_breaker,
-            connection_errors=_row_detector(rows, detectors, DB_ROW, RateDetector),
-        )
-        relay = build_relay(config, rows, detectors, backbone, runtime)
+        actors = build_backbone_actors(
+            config, catalog, backbone, runtime, rows=rows, detectors=detectors,
+            shutdown_s=child_shutdown_s, source=source,
+        )  # fmt: skip
+        readiness.add_check(actors.unavailable)
         store = IdempotencyStore.from_config(
             config,
             catalog,
@@ -451,49 +415,15 @@ def build_tree(
             runtime=runtime,
             detector=_row_detector(rows, detectors, IDEMPOTENCY_ROW, RatioDetector),
         )
-        inbox = InboxConsumer.from_config(
-            config,
-            catalog,
-            backbone.pool.asyncpg_pool,
-            backbone.nats,
-            runtime=runtime,
-            detector=_row_detector(rows, detectors, INBOX_ROW, CountInWindowDetector),
-            breaker=db_health.breaker,  # one breaker for the primary database
-        )
         backbone_specs += [
-            ChildSpec(
-                id="db_health",
-                start=db_health.run,
-                restart=Restart.PERMANENT,
-                shutdown_s=child_shutdown_s,
-            ),
-            ChildSpec(
-                id="db_writer",
-                start=writer.run,
-                restart=Restart.PERMANENT,
-                shutdown_s=child_shutdown_s,
-            ),
-            # The relay under its own intensity ([supervisors.relay]): a poison event
-            # costs it a restart or two, never the root's budget (row 9).
-            *(
-                [
-                    Supervisor(
-                        "relay",
-                        [relay.child_spec(shutdown_s=child_shutdown_s)],
-                        **engine_kwargs(config.supervisors["relay"]),
-                        runtime=runtime,
-                    ).child_spec()
-                ]
-                if config.relay.enabled
-                else []
-            ),
+            *actors.early,
             ChildSpec(
                 id="idempotency",
                 start=store.run,
                 restart=Restart.PERMANENT,
                 shutdown_s=child_shutdown_s,
             ),
-            inbox.child_spec(shutdown_s=child_shutdown_s),
+            *actors.late,
         ]
     channels: Channels | None = None
     if backbone is not None and endpoints is not None:
@@ -533,11 +463,8 @@ def build_tree(
         unsubscribe=unsubscribe,
         detectors=detectors,
         http=http,
-        db_health=db_health,
-        relay=relay,
+        backbone_actors=actors,
         idempotency=store,
-        inbox=inbox,
-        db_writer=writer,
         channels=channels,
     )
 
@@ -550,51 +477,3 @@ def _row_detector(
         if row.id == row_id:
             return detectors[detector_name(row)].expect(kind)
     return None
-
-
-def build_relay(
-    config: TriageConfig,
-    rows: Sequence[CatalogRow],
-    detectors: DetectorSet,
-    backbone: Backbone,
-    runtime: Runtime,
-) -> OutboxRelay:
-    """The outbox relay: publishes through ``[breakers.nats_publish]``, feeds row 6's lag
-    and row 9's restart count."""
-    breaker = Breaker(
-        "nats_publish",
-        **engine_kwargs(config.breakers["nats_publish"]),
-        clock=runtime.clock,
-        events=runtime.events,
-        metrics=runtime.metrics,
-    )
-    lag = _row_detector(rows, detectors, LAG_ROW, AgeOfNewestDetector)
-    restarts = _row_detector(rows, detectors, CRASH_LOOP_ROW, CountInWindowDetector)
-    pool = backbone.relay_pool if backbone.relay_pool is not None else backbone.pool
-    return OutboxRelay(
-        pool=pool.asyncpg_pool,
-        client=backbone.nats,
-        config=config.relay,
-        breaker=breaker,
-        lag=lag,
-        restart_sinks=() if restarts is None else (restarts,),
-    )
-
-
-def build_db_health(config: TriageConfig, backbone: Backbone, runtime: Runtime) -> DbHealth:
-    """The database probe, its breaker from ``[breakers.postgres_primary]``."""
-    fields = engine_kwargs(config.breakers[DB_BREAKER])
-    breaker = Breaker(
-        DB_BREAKER,
-        **fields,
-        clock=runtime.clock,
-        events=runtime.events,
-        metrics=runtime.metrics,
-    )
-    database = config.database
-    return DbHealth(
-        backbone.pool,
-        breaker,
-        tick_s=config.daemon.detector_tick_s,
-        timeout_s=database.connect_timeout_s + database.command_timeout_s + 1.0,
-    )

@@ -1,7 +1,7 @@
 """Scenario 5, database unavailable: stop PostgreSQL under a write load, then bring it back.
 
 The scenario owns its server: an embedded PostgreSQL (migrated, two tenants).
-A :class:`~actors.db_writer.DbWriter` runs as the daemon's role with the
+A :class:`~actors.db_writer.DbGateway` and its :class:`~actors.db_writer.DbWriter` run as the daemon's role with the
 ``breakers.postgres_primary`` profile, the ``[spool]`` section (the spool file
 gets ``[spool] path``'s name, in a fresh temporary directory per run) and the
 connection-error detector ``[detectors.db_connection_errors]`` of the scenario
@@ -34,16 +34,23 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
 import trio
 
-from actors.db_writer import DbWriter, WriteOutcome, apply_inbox
+from actors.db_writer import (
+    DbGateway,
+    DbWriterStatistics,
+    WriteOutcome,
+    apply_inbox,
+    db_writer_child,
+)
 from bench.chaos.fixtures import create_tenants, evaluate_every, wait_until
 from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from config import engine_kwargs
 from engine.breaker import Breaker
+from engine.clock import Clock
 from engine.detectors import RateDetector, make_detector
 from engine.errors import DatabaseUnavailable, LoadShed
 from engine.events import BreakerStateChanged, DetectorCleared, DetectorFired, Event, EventBus
@@ -112,7 +119,7 @@ class _Watch:
 class _Load:
     """Spoolable and direct writes plus reads, round robin over the tenants."""
 
-    writer: DbWriter
+    writer: DbGateway
     tenants: Sequence[uuid.UUID]
     ledger: Ledger
     spooled_order: list[str] = field(default_factory=list)
@@ -198,24 +205,34 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
                     detector = make_detector(DETECTOR, **fields, row=ROW, events=bus).expect(
                         RateDetector
                     )
-                    writer = DbWriter(
+                    writer = DbGateway(
                         pool,
                         breaker,
                         spool,
                         spool_config,
                         appliers={SPOOLABLE: apply_inbox, DIRECT: apply_inbox},
+                        wall=Clock().wall,
                         connection_errors=detector,
                     )
+                    spec, ref = db_writer_child(
+                        writer,
+                        mailbox=config.mailboxes["monitor"],
+                        shutdown_s=config.supervisors["default"].shutdown_s,
+                    )
+
+                    def stats() -> DbWriterStatistics:
+                        return cast(DbWriterStatistics, ref.statistics())
+
                     if SPOOLABLE not in writer.spoolable:
                         notes.append(f"[spool] spoolable_kinds lacks {SPOOLABLE!r}")
                     load = _Load(writer, tenants, ledger)
                     async with trio.open_nursery() as nursery:
-                        await nursery.start(writer.run)
+                        await nursery.start(spec.start)
                         nursery.start_soon(evaluate_every, detector, tick_s)
 
                         # 1. steady state
                         await load.run(per_phase, 0.002)
-                        notes.append(f"steady: {writer.written} written, {load.reads_ok} reads")
+                        notes.append(f"steady: {stats().written} written, {load.reads_ok} reads")
 
                         # 2. PostgreSQL stops; writes and reads go on
                         await trio.to_thread.run_sync(postgres.stop)
@@ -247,9 +264,10 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
                         notes.append(
                             f"recovery: spool drained={spool.count == 0} in"
                             f" {trio.current_time() - restarted_at:.2f}s"
-                            f" ({writer.replayed} replayed), detector"
+                            f" ({stats().replayed} replayed), detector"
                             f" {'cleared' if watch.cleared_at is not None else 'still firing'}"
                         )
+                        final = stats()
                         nursery.cancel_scope.cancel()
                 await spool.aclose()
                 left = [record.key for record in await spool.read_all()]
@@ -271,8 +289,8 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
     if stray:
         notes.append(f"{len(stray)} rows never accepted: {stray[:5]}")
     notes.append(
-        f"accepted {len(ledger.accepted)} ({writer.written} direct to primary,"
-        f" {writer.spooled} spooled), refused {load.refused} direct writes, spool full {load.full}"
+        f"accepted {len(ledger.accepted)} ({final.written} direct to primary,"
+        f" {final.spooled} spooled), refused {load.refused} direct writes, spool full {load.full}"
     )
     notes.append("events: " + ", ".join(watch.events))
 
@@ -283,7 +301,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         and durable == spooled_during
         and load.refused > 0
         and replayed
-        and writer.replayed == writer.spooled
+        and final.replayed == final.spooled
         and not left
         and in_order
         and not stray

@@ -29,12 +29,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import asyncpg
 import trio
 
-from actors.outbox_relay import OutboxRelay, RelayState
+from actors.outbox_relay import RelayState, RelayStatistics, relay_child
 from bench.chaos.fixtures import create_tenants, evaluate_every, wait_until
 from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from config import TriageConfig, engine_kwargs
@@ -232,25 +232,31 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         detector = make_detector(LAG_DETECTOR, **fields, row=ROW, events=bus).expect(
             AgeOfNewestDetector
         )
-        relay = OutboxRelay(
+        spec, ref = relay_child(
             pool=backbone.pool,
             client=backbone.client,
             config=config.relay,
             breaker=breaker,
+            mailbox=config.mailboxes["relay"],
+            shutdown_s=config.supervisors["relay"].shutdown_s,
             lag=detector,
         )
+
+        def relay() -> RelayStatistics:
+            return cast(RelayStatistics, ref.statistics())
+
         writer = Writer(backbone.pool, backbone.tenants, aggregates, ledger)
         retained = 0
         async with trio.open_nursery() as nursery:
-            await nursery.start(relay.run)
+            await nursery.start(spec.start)
             nursery.start_soon(evaluate_every, detector, tick_s)
 
             # 1. steady state
             await writer.write(per_phase, pace_s=0.002)
             drained = await wait_until(
-                lambda: relay.lag_s is None and relay.published >= writer.written, 15
+                lambda: relay().lag_s is None and relay().published >= writer.written, 15
             )
-            notes.append(f"steady: {relay.published}/{writer.written} published")
+            notes.append(f"steady: {relay().published}/{writer.written} published")
             if not drained:
                 notes.append("steady state never drained")
 
@@ -262,10 +268,10 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
                     await writer.write(1, pace_s=0.02)
             retained = len(await run(_pending_ids, backbone.postgres.url))
             notes.append(
-                f"outage: breaker opened={watch.breaker_opened}, relay {relay.state.value},"
+                f"outage: breaker opened={watch.breaker_opened}, relay {relay().state.value},"
                 f" {retained} events retained in the outbox"
             )
-            blocked = relay.state is RelayState.BLOCKED
+            blocked = relay().state is RelayState.BLOCKED
 
             # 3. NATS is back; writes go on; the backlog replays
             await trio.to_thread.run_sync(backbone.nats.start)
@@ -273,8 +279,8 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
             await writer.write(per_phase, pace_s=0.002)
             replayed = await wait_until(
                 lambda: (
-                    relay.lag_s is None
-                    and relay.published >= writer.written
+                    relay().lag_s is None
+                    and relay().published >= writer.written
                     and not detector.firing
                 ),
                 30,

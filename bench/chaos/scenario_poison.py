@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import trio
 
-from actors.outbox_relay import OutboxRelay, RelayState, dlq_stream_name
+from actors.outbox_relay import RelayState, RelayStatistics, dlq_stream_name, nudge, relay_child
 from bench.chaos.fixtures import wait_until
 from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from bench.chaos.scenario_nats import Writer, open_backbone
@@ -54,7 +54,7 @@ from engine.supervisor import Supervisor
 from providers import jetstream
 from providers.bridge import run
 from providers.db.dead_letters import DLQ_MSG_ID_PREFIX
-from providers.db.outbox import HEADER_AGGREGATE, HEADER_SEQ, HEADER_TENANT, OutboxRow
+from providers.db.outbox import HEADER_AGGREGATE, HEADER_SEQ, HEADER_TENANT, OutboxRow, Publish
 
 if TYPE_CHECKING:
     import nats.js.api
@@ -190,20 +190,31 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         breaker = Breaker(
             "nats_publish", **engine_kwargs(config.breakers["nats_publish"]), events=bus
         )
-        relay = OutboxRelay(
+
+        def rendering(real: Publish) -> Publish:
+            async def publish(rows: Sequence[OutboxRow]) -> Sequence[object]:
+                for row in rows:
+                    if CRASH_MARK in row.payload:
+                        raise RenderCrash(f"cannot render event {row.id}: unknown field 'render'")
+                return await real(rows)
+
+            return publish
+
+        spec, ref = relay_child(
             pool=backbone.pool, client=backbone.client, config=relay_config, breaker=breaker,
-            restart_sinks=[detector],
+            mailbox=config.mailboxes["relay"], shutdown_s=config.supervisors["relay"].shutdown_s,
+            restart_sinks=[detector], publish_hook=rendering,
         )  # fmt: skip
-        real = relay._publish
+        seen: list[RelayStatistics] = []
 
-        async def rendering(rows: Sequence[OutboxRow]) -> Sequence[object]:
-            for row in rows:
-                if CRASH_MARK in row.payload:
-                    raise RenderCrash(f"cannot render event {row.id}: unknown field 'render'")
-            return await real(rows)
+        def relay() -> RelayStatistics:
+            """The relay's statistics; while it restarts, the last ones seen."""
+            stats = ref.statistics()
+            if stats is not None:
+                seen[:] = [stats]
+            return seen[0]
 
-        relay._publish = rendering
-        supervisor = Supervisor("relay", [relay.child_spec(shutdown_s=2.0)], **supervisor_fields)
+        supervisor = Supervisor("relay", [spec], **supervisor_fields)
         writer = Writer(backbone.pool, backbone.tenants, 2, ledger)
 
         async def add_poison(tenant: uuid.UUID, aggregate: str, subj: str, body: str,
@@ -232,10 +243,10 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
 
-            async def supervise() -> None:
+            async def supervise(task_status: trio.TaskStatus[None]) -> None:
                 nonlocal escalated
                 try:
-                    await supervisor.run()
+                    await supervisor.run(task_status=task_status)
                 except* Exception:
                     escalated = True
 
@@ -244,7 +255,8 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
                     detector.evaluate()
                     await trio.sleep(config.daemon.detector_tick_s)
 
-            nursery.start_soon(supervise)
+            await nursery.start(supervise)
+            relay()  # the first statistics, while the relay surely runs
             nursery.start_soon(evaluate)
             tenant_a, tenant_b = backbone.tenants[0], backbone.tenants[1]
 
@@ -255,34 +267,37 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
             await add_poison(tenant_b, "a1", "elsewhere.unbound", '{"n": -2}')
             await add_crash(tenant_b, "a1")
             await writer.write(per_wave)
-            relay.nudge()
+            nudge(ref)
             first = await wait_until(
                 lambda: (
-                    relay.dead_lettered >= 4 and relay.published >= writer.written + len(crash_rows)
+                    relay().dead_lettered >= 4
+                    and relay().published >= writer.written + len(crash_rows)
                 ),
                 30,
             )
             notes.append(
-                f"wave 1: drained={first}, restarts={relay.restarts},"
-                f" dead-lettered={relay.dead_lettered}"
+                f"wave 1: drained={first}, restarts={relay().restarts},"
+                f" dead-lettered={relay().dead_lettered}"
             )
             # Wave 2, past the supervisor's period: the restarts add up in the detector's window.
             await trio.sleep(period_s + 0.5)
             await add_crash(tenant_a, "a0")
             await writer.write(per_wave)
-            relay.nudge()
+            nudge(ref)
             second = await wait_until(
                 lambda: (
-                    relay.dead_lettered >= 5 and relay.published >= writer.written + len(crash_rows)
+                    relay().dead_lettered >= 5
+                    and relay().published >= writer.written + len(crash_rows)
                 ),
                 30,
             )
             await wait_until(lambda: watch.fired_at is not None, 2)
             notes.append(
-                f"wave 2: drained={second}, restarts={relay.restarts},"
-                f" quarantined={relay.quarantined}, relay {relay.state.value}"
+                f"wave 2: drained={second}, restarts={relay().restarts},"
+                f" quarantined={relay().quarantined}, relay {relay().state.value}"
             )
-            relaying = relay.state is RelayState.RELAYING
+            relaying = relay().state is RelayState.RELAYING
+            quarantined = relay().quarantined
             nursery.cancel_scope.cancel()
 
         stored = await run(jetstream.read_stream, backbone.client, relay_config.stream)
@@ -324,7 +339,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         and not order
         and not escalated
         and relaying
-        and relay.quarantined == len(crash_rows)
+        and quarantined == len(crash_rows)
     )
     detected = watch.fired_at is not None
     return Outcome(

@@ -38,16 +38,23 @@ import asyncpg
 import trio
 from prometheus_client import CollectorRegistry
 
-from actors.inbox import ROW, InboxConsumer, detector_config
+from actors.inbox import (
+    ROW,
+    InboxConsumer,
+    InboxStatistics,
+    consumer_settings,
+    detector_config,
+    inbox_child,
+)
 from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from bench.chaos.scenario_nats import open_backbone
 from config import engine_kwargs
 from engine.detectors import CountInWindowDetector, make_detector
-from providers import jetstream, jetstream_consumer
+from providers import jetstream
 from providers.bridge import run
 from providers.db.inbox import session_topic
 from providers.jetstream import PublishItem
-from providers.jetstream_consumer import Delivery, Settle, SettleKind
+from providers.jetstream_consumer import ConsumerSettings, Delivery, Settle, SettleKind
 
 __all__ = ["ROW", "SCENARIO", "AckLosingConsumer", "run_scenario"]
 
@@ -74,6 +81,12 @@ def _body(tenant: uuid.UUID, appointment: str) -> bytes:
     return json.dumps(
         {"tenant_id": str(tenant), "appointment_id": appointment, "kind": "appointment.booked"}
     ).encode()
+
+
+async def _unsettled(client: jetstream.JetStreamClient, settings: ConsumerSettings) -> int:
+    """asyncio side: the durable consumer's pending plus ack-pending messages."""
+    info = await client.js.consumer_info(settings.stream, settings.durable)
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
 
 async def _database_view(url: str) -> tuple[list[str], Counter[str], int]:
@@ -103,12 +116,13 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
     notes: list[str] = []
 
     async with open_backbone(tenants=3) as backbone:
-        consumer = AckLosingConsumer(
+        spec, consumer = inbox_child(
             pool=backbone.pool, client=backbone.client, config=config.inbox,
-            detector=detector, registry=registry,
+            mailbox=config.mailboxes["relay"], shutdown_s=config.supervisors["default"].shutdown_s,
+            detector=detector, registry=registry, actor=AckLosingConsumer,
         )  # fmt: skip
-        pull = await consumer.open()
-        subject = consumer.settings.subjects[0].replace(">", "appointment")
+        settings = consumer_settings(config.inbox)
+        subject = settings.subjects[0].replace(">", "appointment")
 
         appointments = {
             f"apt-{n}": backbone.tenants[n % len(backbone.tenants)] for n in range(count)
@@ -119,26 +133,32 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
             PublishItem(f"re-{a}", subject, _body(appointments[a], a)) for a in names[:republished]
         ]
         items += [PublishItem(a, subject, _body(appointments[a], a)) for a in names[-same_id:]]
-        results = await run(jetstream.publish_batch, backbone.client, items, 5.0)
-        failed = [r for r in results if isinstance(r, Exception)]
-        if failed:
-            notes.append(f"{len(failed)} publishes failed (first: {failed[0]!r})")
-        for appointment in appointments:
-            ledger.accept(appointment)
+        stats: InboxStatistics | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(spec.start)  # the stream and the durable consumer exist
+            results = await run(jetstream.publish_batch, backbone.client, items, 5.0)
+            failed = [r for r in results if isinstance(r, Exception)]
+            if failed:
+                notes.append(f"{len(failed)} publishes failed (first: {failed[0]!r})")
+            for appointment in appointments:
+                ledger.accept(appointment)
 
-        started = trio.current_time()
-        fired_at: float | None = None
-        settled = False
-        with trio.move_on_after(30 if ctx.quick else 120):
-            while True:
-                fetched = await consumer.step()
-                if fired_at is None and detector.evaluate().firing:
-                    fired_at = trio.current_time()
-                if fetched == 0 and consumer.stats.fetched >= count + republished:
-                    info = await run(jetstream_consumer.consumer_info, pull, service="nats")
-                    if info.num_pending == 0 and info.num_ack_pending == 0:
-                        settled = True
-                        break
+            started = trio.current_time()
+            fired_at: float | None = None
+            settled = False
+            with trio.move_on_after(30 if ctx.quick else 120):
+                while True:
+                    await trio.sleep(config.inbox.fetch_timeout_s)
+                    stats = consumer.statistics()
+                    if fired_at is None and detector.evaluate().firing:
+                        fired_at = trio.current_time()
+                    if stats is not None and stats.fetched >= count + republished:
+                        left = await run(_unsettled, backbone.client, settings, service="nats")
+                        if left == 0:
+                            settled = True
+                            break
+            stats = consumer.statistics()
+            nursery.cancel_scope.cancel()
 
         inbox, threads, letters = await run(_database_view, backbone.postgres.url)
 
@@ -148,7 +168,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         for _ in range(n):
             ledger.receive(topic.removeprefix("appointment:"))
 
-    stats = consumer.stats
+    assert stats is not None, "the consumer ran"
     counted = registry.get_sample_value(DUPLICATES_METRIC) or 0.0
     expected = stats.acks_dropped + republished
     detected = fired_at is not None and counted == expected == stats.duplicates

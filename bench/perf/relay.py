@@ -32,7 +32,7 @@ import nats
 import trio
 
 import config
-from actors.outbox_relay import OutboxRelay
+from actors.outbox_relay import RelayStatistics, relay_child
 from bench.chaos.scenario_nats import check_order, open_backbone
 from bench.perf.common import Better, Result, Target, Worker, measure_alternating
 from config import engine_kwargs
@@ -85,14 +85,16 @@ async def _relay_main(n: int) -> dict[str, float]:
     async with open_backbone(tenants=TENANTS) as backbone:
         await run(_seed, backbone.postgres.url, backbone.tenants, n)
         breaker = Breaker("nats_publish", **engine_kwargs(cfg.breakers["nats_publish"]))
-        relay = OutboxRelay(
-            pool=backbone.pool, client=backbone.client, config=cfg.relay, breaker=breaker
-        )
+        spec, relay = relay_child(
+            pool=backbone.pool, client=backbone.client, config=cfg.relay, breaker=breaker,
+            mailbox=cfg.mailboxes["relay"], shutdown_s=cfg.supervisors["relay"].shutdown_s,
+        )  # fmt: skip
         async with trio.open_nursery() as nursery:
-            await nursery.start(relay.run)
+            await nursery.start(spec.start)
             began = time.perf_counter()
             while True:  # polled: the relay's counter is no event (2 ms << the run)
-                if relay.published >= n:
+                stats: RelayStatistics = relay.statistics()
+                if stats.published >= n:
                     break
                 await trio.sleep(0.002)
             elapsed = time.perf_counter() - began
@@ -100,7 +102,7 @@ async def _relay_main(n: int) -> dict[str, float]:
         stored = await run(jetstream.read_stream, backbone.client, cfg.relay.stream)
     ids = {m.msg_id for m in stored}
     order_ok = len(stored) == n and len(ids) == n and not check_order(stored)
-    return {"seconds": elapsed, "order_ok": 1.0 if order_ok else 0.0, "failed": relay.failed}
+    return {"seconds": elapsed, "order_ok": 1.0 if order_ok else 0.0, "failed": stats.failed}
 
 
 def relay_ours(n: int) -> dict[str, float]:

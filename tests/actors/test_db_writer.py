@@ -16,9 +16,19 @@ import asyncpg
 import pytest
 import trio
 
-from actors.db_writer import DbWriter, WriteOutcome, apply_inbox
-from config.schema import DatabaseConfig, SpoolConfig
+from actors.db_writer import (
+    DbGateway,
+    DbWriterMessage,
+    DbWriterStatistics,
+    WriteOutcome,
+    WriterState,
+    apply_inbox,
+    db_writer_child,
+)
+from config.schema import DatabaseConfig, MailboxConfig, SpoolConfig
+from engine.actor import ActorRef
 from engine.breaker import Breaker, CircuitState
+from engine.clock import Clock
 from engine.detectors import RateDetector, make_detector
 from engine.errors import DatabaseUnavailable
 from providers.db import DAEMON_ROLE, migrate_async
@@ -122,6 +132,16 @@ def payload(tenant: uuid.UUID, key: str) -> dict[str, Any]:
     return {"tenant": str(tenant), "appointment": key, "source": "test"}
 
 
+MAILBOX = MailboxConfig(capacity=16, overflow="drop_newest")
+WALL = Clock().wall
+
+
+def _stats(ref: ActorRef[DbWriterMessage]) -> DbWriterStatistics:
+    stats: object = ref.statistics()
+    assert isinstance(stats, DbWriterStatistics), stats
+    return stats
+
+
 async def _until(predicate: Any, timeout_s: float) -> bool:
     deadline = trio.current_time() + timeout_s
     while not predicate():
@@ -137,51 +157,59 @@ async def test_stop_spool_restart_replays_exactly_once(
     config = SpoolConfig(path=str(tmp_path / "spool"), spoolable_kinds=["inbox"], replay_batch=4)
     spool = Spool(config.path, max_bytes=config.max_bytes)
     errors = detector()
-    writer = DbWriter(
+    primary_breaker = breaker("postgres_primary")
+    db = DbGateway(
         primary,
-        breaker("postgres_primary"),
+        primary_breaker,
         spool,
         config,
         appliers={"inbox": apply_inbox, "dispatch": apply_inbox},
+        wall=WALL,
         connection_errors=errors,
-        probe_interval_s=0.1,
     )
+    spec, writer = db_writer_child(db, mailbox=MAILBOX, shutdown_s=2.0, probe_interval_s=0.1)
     prefix = f"w-{uuid.uuid4().hex[:8]}-"
     keys: list[str] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
+        await nursery.start(spec.start)
         for n in range(3):
             keys.append(f"{prefix}{n:03d}")
-            assert await writer.write("inbox", keys[-1], payload(tenant, keys[-1])) == (
+            assert await db.write("inbox", keys[-1], payload(tenant, keys[-1])) == (
                 WriteOutcome.WRITTEN
             )
-        assert writer.unavailable() is None
+        assert db.unavailable() is None
+        assert _stats(writer).state is WriterState.IDLE
 
         await trio.to_thread.run_sync(own_postgres.stop)
         for n in range(3, 15):
             keys.append(f"{prefix}{n:03d}")
-            outcome = await writer.write("inbox", keys[-1], payload(tenant, keys[-1]))
+            outcome = await db.write("inbox", keys[-1], payload(tenant, keys[-1]))
             assert outcome is WriteOutcome.SPOOLED
         with pytest.raises(DatabaseUnavailable):  # not a spoolable kind: a 503
-            await writer.write("dispatch", prefix + "x", payload(tenant, prefix + "x"))
+            await db.write("dispatch", prefix + "x", payload(tenant, prefix + "x"))
         with pytest.raises(DatabaseUnavailable):  # no replica
-            await writer.read(_inbox_keys, str(tenant))
-        assert writer.unavailable() == "database unavailable"
+            await db.read(_inbox_keys, str(tenant))
+        assert db.unavailable() == "database unavailable"
         assert spool.count == 12 and [r.key for r in await spool.read_all()] == keys[3:]
+        stats = _stats(writer)
+        assert (stats.backlog, stats.written, stats.spooled) == (12, 3, 12)
+        assert stats.state is WriterState.WAITING
         errors.evaluate()
         assert errors.firing
 
         await trio.to_thread.run_sync(own_postgres.start)
-        assert await _until(lambda: spool.count == 0, 10), spool.count
-        assert writer.primary_breaker.state is CircuitState.CLOSED
-        assert writer.replayed == 12 and writer.refused == 1
+        assert await _until(lambda: _stats(writer).backlog == 0, 10), spool.count
+        assert primary_breaker.state is CircuitState.CLOSED
+        stats = _stats(writer)
+        assert stats.replayed == 12 and stats.refused == 1 and stats.connection_errors >= 1
+        assert stats.state is WriterState.IDLE
         nursery.cancel_scope.cancel()
 
     counts = await trio.to_thread.run_sync(
         lambda: asyncio.run(_inbox_count(own_postgres.url, prefix))
     )
     assert counts == dict.fromkeys(keys, 1)  # every accepted write exactly once; no "x"
-    assert await writer.read(_inbox_keys, str(tenant)) == keys  # replayed in order
+    assert await db.read(_inbox_keys, str(tenant)) == keys  # replayed in order
     await trio.sleep(2.1)  # the window forgets the outage
     errors.evaluate()
     assert not errors.firing
@@ -203,12 +231,15 @@ async def test_replay_after_crash_applies_each_record_once(
         await primary.run_unit(apply_inbox, record)
 
     spool = Spool(config.path, max_bytes=config.max_bytes)
-    writer = DbWriter(
-        primary, breaker("postgres_primary"), spool, config, appliers={"inbox": apply_inbox}
-    )
+    db = DbGateway(
+        primary, breaker("postgres_primary"), spool, config, appliers={"inbox": apply_inbox},
+        wall=WALL,
+    )  # fmt: skip
+    spec, writer = db_writer_child(db, mailbox=MAILBOX, shutdown_s=2.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        assert await _until(lambda: spool.count == 0, 5)
+        await nursery.start(spec.start)
+        assert await _until(lambda: _stats(writer).backlog == 0, 5)
+        assert _stats(writer).replayed == 5
         nursery.cancel_scope.cancel()
     rows = await primary.run_unit(_inbox_keys, str(tenant))
     assert sorted(k for k in rows if k.startswith(prefix)) == keys  # once each
@@ -223,23 +254,31 @@ async def test_reads_fall_to_the_replica_while_the_primary_is_down(
 
     config = SpoolConfig(path=str(tmp_path / "spool"))
     async with open_pool(postgres_url, DB_CONFIG, verify=False, close_s=2.0) as replica:
-        writer = DbWriter(
+        primary_breaker = breaker("postgres_primary")
+        db = DbGateway(
             primary,
-            breaker("postgres_primary"),
+            primary_breaker,
             Spool(config.path, max_bytes=config.max_bytes),
             config,
             appliers={"inbox": apply_inbox},
+            wall=WALL,
             replica=replica,
             replica_breaker=breaker("postgres_replica"),
         )
-        assert await writer.read(which) == "postgres"
-        await trio.to_thread.run_sync(own_postgres.stop)
-        replica_name = postgres_url.rsplit("/", 1)[1].split("?")[0]
-        assert await writer.read(which) == replica_name  # connection error: replica
-        assert await writer.read(which) == replica_name
-        assert writer.primary_breaker.state is CircuitState.OPEN
-        assert await writer.read(which) == replica_name  # breaker open: straight to the replica
-        assert writer.replica_reads == 3
-        with pytest.raises(DatabaseUnavailable):  # writes never go to a replica
-            await writer.write("inbox", "r", {"tenant": str(uuid.uuid4()), "appointment": "r"})
+        spec, writer = db_writer_child(db, mailbox=MAILBOX, shutdown_s=2.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(spec.start)
+            assert await db.read(which) == "postgres"
+            await trio.to_thread.run_sync(own_postgres.stop)
+            replica_name = postgres_url.rsplit("/", 1)[1].split("?")[0]
+            assert await db.read(which) == replica_name  # connection error: replica
+            assert await db.read(which) == replica_name
+            assert primary_breaker.state is CircuitState.OPEN
+            assert await db.read(which) == replica_name  # breaker open: straight to the replica
+            stats = _stats(writer)
+            assert stats.replica_reads == 3
+            assert stats.connection_errors >= 2  # the writer's own half-open probe may add one
+            with pytest.raises(DatabaseUnavailable):  # writes never go to a replica
+                await db.write("inbox", "r", {"tenant": str(uuid.uuid4()), "appointment": "r"})
+            nursery.cancel_scope.cancel()
         await trio.to_thread.run_sync(own_postgres.start)

@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -16,11 +17,22 @@ import trio
 from prometheus_client import CollectorRegistry
 
 import config
-from actors.inbox import InboxConsumer, InboxState, decode_event
-from config.schema import InboxConfig
+from actors.inbox import (
+    InboxConsumer,
+    InboxMessage,
+    InboxState,
+    InboxStatistics,
+    build_detector,
+    consumer_settings,
+    decode_event,
+    inbox_child,
+)
+from config.schema import InboxConfig, MailboxConfig
+from engine.actor import ActorRef
 from engine.breaker import Breaker
 from engine.detectors import CountInWindowDetector
 from engine.errors import ProviderUnavailable
+from engine.supervisor import ChildSpec
 from providers import jetstream
 from providers.bridge import run
 from providers.db import DAEMON_ROLE, migrate
@@ -106,10 +118,32 @@ async def _publish(world: World, items: Sequence[tuple[str, bytes]]) -> None:
     assert not [r for r in results if isinstance(r, Exception)]
 
 
-async def _turns(consumer: InboxConsumer, until: Callable[[], bool], timeout_s: float = 8) -> None:
+MAILBOX = MailboxConfig(capacity=16, overflow="wait")
+
+
+def _consumer(world: World, **kw: Any) -> tuple[ChildSpec, ActorRef[InboxMessage]]:
+    return inbox_child(
+        pool=world.pool, client=world.client, config=world.config, mailbox=MAILBOX,
+        shutdown_s=2.0, **kw,
+    )  # fmt: skip
+
+
+def _stats(ref: ActorRef[InboxMessage]) -> InboxStatistics:
+    stats: object = ref.statistics()
+    assert isinstance(stats, InboxStatistics), stats
+    return stats
+
+
+async def _until(
+    ref: ActorRef[InboxMessage], until: Callable[[InboxStatistics], bool], timeout_s: float = 8
+) -> InboxStatistics:
+    """Poll the consumer's statistics (no event signals them) until ``until`` holds."""
     with trio.fail_after(timeout_s):
-        while not until():
-            await consumer.step()
+        while True:
+            stats = _stats(ref)
+            if until(stats):
+                return stats
+            await trio.sleep(0.01)
 
 
 async def _sessions(world: World) -> dict[str, int]:
@@ -139,10 +173,9 @@ def test_the_shipped_configs_and_row_18_build_a_consumer() -> None:
     catalog = config.load_catalog(
         config.catalog_path(cfg, path), metrics=METRICS, mitigations=MITIGATIONS
     )
-    consumer = InboxConsumer.from_config(cfg, catalog, pool=None, client=None)  # type: ignore[arg-type]
-    assert consumer.detector is not None
-    assert consumer.detector.metric == "triage_inbox_duplicates_total"
-    assert consumer.settings.max_deliver == cfg.inbox.max_deliver
+    detector = build_detector(cfg, catalog)
+    assert detector.metric == "triage_inbox_duplicates_total" and detector.row == 18
+    assert consumer_settings(cfg.inbox).max_deliver == cfg.inbox.max_deliver
 
 
 async def test_new_events_apply_once_and_republished_ones_are_counted_duplicates(
@@ -150,23 +183,23 @@ async def test_new_events_apply_once_and_republished_ones_are_counted_duplicates
 ) -> None:
     registry = CollectorRegistry()
     detector = _detector()
-    consumer = InboxConsumer(
-        pool=world.pool, client=world.client, config=world.config, detector=detector,
-        registry=registry,
-    )  # fmt: skip
-    await consumer.open()
-    await _publish(world, [(f"m{n}", _body(world.tenant, f"apt-{n}")) for n in range(4)])
-    await _turns(consumer, lambda: consumer.stats.applied == 4)
-    assert not detector.evaluate().firing
+    spec, consumer = _consumer(world, detector=detector, registry=registry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(spec.start)
+        await _publish(world, [(f"m{n}", _body(world.tenant, f"apt-{n}")) for n in range(4)])
+        await _until(consumer, lambda s: s.applied == 4)
+        assert not detector.evaluate().firing
 
-    # The same appointments again under new message ids (not deduped by the stream).
-    await _publish(world, [(f"again{n}", _body(world.tenant, f"apt-{n}")) for n in range(2)])
-    await _turns(consumer, lambda: consumer.stats.duplicates == 2)
-    assert detector.evaluate().firing
-    assert registry.get_sample_value("triage_inbox_duplicates_total") == 2
-    assert registry.get_sample_value("triage_inbox_applied_total") == 4
-    assert await _sessions(world) == {f"appointment:apt-{n}": 1 for n in range(4)}
-    assert consumer.state is InboxState.CONSUMING
+        # The same appointments again under new message ids (not deduped by the stream).
+        await _publish(world, [(f"again{n}", _body(world.tenant, f"apt-{n}")) for n in range(2)])
+        stats = await _until(consumer, lambda s: s.duplicates == 2)
+        assert detector.evaluate().firing
+        assert registry.get_sample_value("triage_inbox_duplicates_total") == 2
+        assert registry.get_sample_value("triage_inbox_applied_total") == 4
+        assert await _sessions(world) == {f"appointment:apt-{n}": 1 for n in range(4)}
+        assert stats.state is InboxState.CONSUMING
+        assert (stats.fetched, stats.applied, stats.naks, stats.dead_lettered) == (6, 4, 0, 0)
+        nursery.cancel_scope.cancel()
 
 
 class _DropAcks(InboxConsumer):
@@ -179,27 +212,33 @@ class _DropAcks(InboxConsumer):
 
 
 async def test_a_lost_ack_redelivers_and_changes_nothing(world: World) -> None:
-    consumer = _DropAcks(pool=world.pool, client=world.client, config=world.config)
-    await consumer.open()
-    await _publish(world, [(f"m{n}", _body(world.tenant, f"apt-{n}")) for n in range(3)])
-    await _turns(consumer, lambda: consumer.stats.duplicates == 3)
-    assert consumer.stats.applied == 3 and consumer.stats.acks_dropped == 3
+    spec, consumer = _consumer(world, actor=_DropAcks)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(spec.start)
+        await _publish(world, [(f"m{n}", _body(world.tenant, f"apt-{n}")) for n in range(3)])
+        stats = await _until(consumer, lambda s: s.duplicates == 3)
+        nursery.cancel_scope.cancel()
+    assert stats.applied == 3 and stats.acks_dropped == 3
     assert await _sessions(world) == {f"appointment:apt-{n}": 1 for n in range(3)}
     inbox = await run(_admin_fetch, world.admin_url, "SELECT appointment_id FROM inbox")
     assert sorted(r["appointment_id"] for r in inbox) == ["apt-0", "apt-1", "apt-2"]
 
 
 async def test_garbage_and_unknown_tenants_go_to_dead_letters(world: World) -> None:
-    consumer = InboxConsumer(pool=world.pool, client=world.client, config=world.config)
-    await consumer.open()
-    await _publish(
-        world,
-        [("bad", b"not json"), ("ghost", _body(uuid.uuid4(), "apt-x")),
-         ("ok", _body(world.tenant, "apt-ok"))],
-    )  # fmt: skip
-    await _turns(
-        consumer, lambda: consumer.stats.dead_lettered == 2 and consumer.stats.applied == 1
-    )
+    spec, consumer = _consumer(world)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(spec.start)
+        await _publish(
+            world,
+            [("bad", b"not json"), ("ghost", _body(uuid.uuid4(), "apt-x")),
+             ("ok", _body(world.tenant, "apt-ok"))],
+        )  # fmt: skip
+        await _until(consumer, lambda s: s.dead_lettered == 2 and s.applied == 1)
+        # Terminated: nothing comes back.
+        await trio.sleep(1.0)
+        stats = _stats(consumer)
+        nursery.cancel_scope.cancel()
+    assert stats.dead_lettered == 2 and stats.fetched == 3 and stats.naks == 0
     letters = await run(
         _admin_fetch,
         world.admin_url,
@@ -208,24 +247,24 @@ async def test_garbage_and_unknown_tenants_go_to_dead_letters(world: World) -> N
     assert [r["source"] for r in letters] == ["inbox", "inbox"]
     assert all(r["tenant_id"] is None for r in letters)
     assert "undecodable" in letters[0]["error"]
-    # Terminated: nothing comes back.
-    with trio.move_on_after(1.0):
-        while True:
-            await consumer.step()
-    assert consumer.stats.dead_lettered == 2 and consumer.stats.fetched == 3
 
 
-def _state(consumer: InboxConsumer) -> InboxState:
-    return consumer.state
+@dataclass
+class Switch:
+    """Shared between a test and the actor it injects faults into."""
+
+    down: bool = True
 
 
 class _DatabaseDown(InboxConsumer):
-    """The database refuses every event while ``down`` (dead letters still work)."""
+    """The database refuses every event while ``switch.down`` (dead letters still work)."""
 
-    down = True
+    def __init__(self, switch: Switch, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.switch = switch
 
     async def _apply(self, items: list[InboxItem]) -> list[bool | Exception]:
-        if self.down:
+        if self.switch.down:
             return [ProviderUnavailable("postgres: unavailable (test)")] * len(items)
         return await super()._apply(items)
 
@@ -233,19 +272,22 @@ class _DatabaseDown(InboxConsumer):
 async def test_transient_failures_nak_then_apply_or_dead_letter_at_max_deliver(
     world: World,
 ) -> None:
-    consumer = _DatabaseDown(pool=world.pool, client=world.client, config=world.config)
-    await consumer.open()
-    await _publish(world, [("m0", _body(world.tenant, "apt-0"))])
-    await _turns(consumer, lambda: consumer.stats.naks == 1)
-    assert _state(consumer) is InboxState.DEGRADED
-    consumer.down = False
-    await _turns(consumer, lambda: consumer.stats.applied == 1)
-    assert _state(consumer) is InboxState.CONSUMING
+    switch = Switch()
+    spec, consumer = _consumer(world, actor=functools.partial(_DatabaseDown, switch))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(spec.start)
+        await _publish(world, [("m0", _body(world.tenant, "apt-0"))])
+        stats = await _until(consumer, lambda s: s.naks == 1)
+        assert stats.state is InboxState.DEGRADED
+        switch.down = False
+        stats = await _until(consumer, lambda s: s.applied == 1)
+        assert stats.state is InboxState.CONSUMING
 
-    consumer.down = True
-    await _publish(world, [("m1", _body(world.tenant, "apt-1"))])
-    await _turns(consumer, lambda: consumer.stats.dead_lettered == 1)
-    assert consumer.stats.naks == 1 + world.config.max_deliver - 1
+        switch.down = True
+        await _publish(world, [("m1", _body(world.tenant, "apt-1"))])
+        stats = await _until(consumer, lambda s: s.dead_lettered == 1)
+        nursery.cancel_scope.cancel()
+    assert stats.naks == 1 + world.config.max_deliver - 1
     letters = await run(
         _admin_fetch, world.admin_url, "SELECT tenant_id, attempts, error FROM dead_letters"
     )
@@ -266,16 +308,17 @@ async def test_an_open_database_breaker_stops_fetching_until_half_open(world: Wo
         reset_backoff_multiplier=1.0, failure_rate_threshold=1.0, rate_window_s=10.0,
         minimum_calls=100, slow_call_s=10.0, slow_call_rate_threshold=1.0, half_open_max_calls=1,
     )  # fmt: skip
-    consumer = InboxConsumer(
-        pool=world.pool, client=world.client, config=world.config, breaker=breaker
-    )
-    await consumer.open()
-    await _publish(world, [(f"b{n}", _body(world.tenant, f"apt-b{n}")) for n in range(2)])
+    spec, consumer = _consumer(world, breaker=breaker)
     breaker.force_open("test: database down")
-    with trio.move_on_after(0.3):
-        await consumer.step()
-    # Nothing fetched while open: the events wait in JetStream, no delivery is spent.
-    assert consumer.stats.fetched == 0 and consumer.stats.naks == 0
-    breaker.reset()
-    await _turns(consumer, lambda: consumer.stats.applied == 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(spec.start)
+        await _publish(world, [(f"b{n}", _body(world.tenant, f"apt-b{n}")) for n in range(2)])
+        await trio.sleep(0.3)
+        # Nothing fetched while open: the events wait in JetStream, no delivery is spent.
+        stats = _stats(consumer)
+        assert (stats.fetched, stats.naks, stats.turns) == (0, 0, 0)
+        assert stats.state is InboxState.DEGRADED
+        breaker.reset()
+        await _until(consumer, lambda s: s.applied == 2)
+        nursery.cancel_scope.cancel()
     assert await _sessions(world) == {"appointment:apt-b0": 1, "appointment:apt-b1": 1}

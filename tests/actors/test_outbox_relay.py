@@ -5,26 +5,38 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
 import trio
 
-from actors.outbox_relay import OutboxRelay, RelayState, dlq_stream_name, retry_horizon_s
+from actors.outbox_relay import (
+    RelayMessage,
+    RelayState,
+    RelayStatistics,
+    dlq_stream_name,
+    nudge,
+    relay_child,
+    retry_horizon_s,
+)
 from bench.chaos.scenario_nats import check_order
-from config.schema import RelayConfig
+from config.schema import MailboxConfig, RelayConfig
+from engine.actor import ActorRef
 from engine.breaker import Breaker, CircuitState
 from engine.detectors import AgeOfNewestDetector, CountInWindowDetector
-from engine.supervisor import Supervisor
+from engine.supervisor import ChildSpec, Supervisor
 from providers import jetstream
 from providers.bridge import run
 from providers.db import DAEMON_ROLE, migrate, run_as_relay
 from providers.db.outbox import (
     NewEvent,
     OutboxRow,
+    Publish,
     _settle,
     claim_batch_async,
     enqueue_async,
@@ -110,30 +122,62 @@ async def _write(world: World, count: int) -> list[int]:
     return ids
 
 
-async def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Poll state that no event signals (the relay's counters) until true."""
+MAILBOX = MailboxConfig(capacity=16, overflow="wait")
+
+
+def _relay(
+    world: World, config: RelayConfig | None = None, breaker: Breaker | None = None, **kw: Any
+) -> tuple[ChildSpec, ActorRef[RelayMessage]]:
+    return relay_child(
+        pool=kw.pop("pool", world.pool), client=kw.pop("client", world.client),
+        config=config if config is not None else world.config,
+        breaker=breaker if breaker is not None else _breaker(), mailbox=MAILBOX, shutdown_s=2.0,
+        **kw,
+    )  # fmt: skip
+
+
+def _stats(ref: ActorRef[RelayMessage]) -> RelayStatistics:
+    stats: object = ref.statistics()
+    assert isinstance(stats, RelayStatistics), stats
+    return stats
+
+
+async def _until(
+    ref: ActorRef[RelayMessage],
+    predicate: Callable[[RelayStatistics], bool],
+    timeout_s: float = 10.0,
+) -> RelayStatistics:
+    """Poll the relay's statistics (no event signals them) until ``predicate`` holds."""
     with trio.fail_after(timeout_s):
         while True:
-            if predicate():
-                return
+            stats: object = ref.statistics()
+            if isinstance(stats, RelayStatistics) and predicate(stats):
+                return stats
             await trio.sleep(0.01)
 
 
-async def test_relays_in_order_marks_published_and_clears_the_lag(world: World) -> None:
+async def test_relays_in_order_marks_published_and_clears_the_lag(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage.relay")
     ids = await _write(world, 30)
     lag = AgeOfNewestDetector("lag", metric="m_timestamp_seconds", threshold=30.0)
-    relay = OutboxRelay(
-        pool=world.pool, client=world.client, config=world.config, breaker=_breaker(), lag=lag
-    )
+    spec, relay = _relay(world, lag=lag)
     async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
-        assert relay.state.value == "relaying"
-        await _until(lambda: relay.published == 30 and relay.lag_s is None)
+        await nursery.start(spec.start)
+        assert _stats(relay).state is RelayState.RELAYING
+        await _until(relay, lambda s: s.published == 30 and s.lag_s is None)
         more = await _write(world, 5)
-        relay.nudge()
-        await _until(lambda: relay.published == 35)
+        nudge(relay)
+        stats = await _until(relay, lambda s: s.published == 35)
+        assert stats.failed == 0 and stats.restarts == 0
         nursery.cancel_scope.cancel()
-    assert relay.state.value == "stopped"
+    assert relay.statistics() is None  # no incarnation runs
+    transitions = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert transitions == [
+        "outbox relay: starting -> relaying (started)",
+        "outbox relay: relaying -> stopped (stopped)",
+    ]
     assert lag.evaluate().value == 0.0  # nothing pending
     stored = await run(jetstream.read_stream, world.client, world.config.stream)
     assert [m.msg_id for m in stored] == [str(i) for i in ids + more]
@@ -143,17 +187,17 @@ async def test_relays_in_order_marks_published_and_clears_the_lag(world: World) 
 
 async def test_open_breaker_keeps_rows_then_replays_in_order(world: World) -> None:
     breaker = _breaker()
-    relay = OutboxRelay(pool=world.pool, client=world.client, config=world.config, breaker=breaker)
+    spec, relay = _relay(world, breaker=breaker)
     breaker.force_open("test: NATS is away")
     async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
+        await nursery.start(spec.start)
         ids = await _write(world, 20)
-        await _until(lambda: relay.state is RelayState.BLOCKED and relay.lag_s is not None)
-        assert relay.published == 0
+        stats = await _until(relay, lambda s: s.state is RelayState.BLOCKED and s.lag_s is not None)
+        assert stats.published == 0
         assert not any(done for _, done, _, _ in await run(_published_flags, world.admin_url))
         breaker.reset("test: NATS is back")
-        await _until(lambda: relay.published == 20 and relay.lag_s is None)
-        assert relay.state is RelayState.RELAYING
+        stats = await _until(relay, lambda s: s.published == 20 and s.lag_s is None)
+        assert stats.state is RelayState.RELAYING
         nursery.cancel_scope.cancel()
     stored = await run(jetstream.read_stream, world.client, world.config.stream)
     assert [m.msg_id for m in stored] == [str(i) for i in ids]
@@ -228,15 +272,15 @@ async def test_warns_when_the_duplicate_window_is_short_and_replicas_are_few(wor
     config = world.config
     await run(jetstream.ensure_stream, world.client, config.stream, [config.subjects], 1.0)
     breaker = _breaker(reset_timeout_s=2.0, reset_timeout_max_s=30.0)
-    relay = OutboxRelay(
-        pool=world.pool, client=world.client, config=config, breaker=breaker, ensure_stream=False
-    )
+    spec, relay = _relay(world, config, breaker, ensure_stream=False)
     async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
+        await nursery.start(spec.start)
+        warnings = _stats(relay).warnings
         nursery.cancel_scope.cancel()
     horizon = retry_horizon_s(config, breaker)
     assert horizon == pytest.approx(2.0 + 30.0 + 0.02)
-    text = " | ".join(relay.warnings)
+    assert len(warnings) == 3
+    text = " | ".join(warnings)
     assert f"retry horizon {horizon:g}s" in text
     assert "below [relay] duplicate_window_s" in text
     assert "1 replica(s)" in text
@@ -261,19 +305,22 @@ async def test_database_outage_degrades_then_recovers(
         config = RelayConfig(stream=f"DB_{tag}", subjects=f"db{tag}.>", poll_interval_s=0.02)
         event = NewEvent("appointment", "a1", f"db{tag}.appointment", {"n": 1})
         breaker = _breaker()
-        relay = OutboxRelay(pool=pool, client=client, config=config, breaker=breaker)
+        spec, relay = relay_child(
+            pool=pool, client=client, config=config, breaker=breaker, mailbox=MAILBOX,
+            shutdown_s=2.0,
+        )  # fmt: skip
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(relay.run)
+                await nursery.start(spec.start)
                 await run(enqueue_async, pool, tenant, [event])
-                await _until(lambda: relay.published == 1)
+                await _until(relay, lambda s: s.published == 1)
                 await trio.to_thread.run_sync(server.stop)
-                await _until(lambda: relay.state is RelayState.DEGRADED)
+                await _until(relay, lambda s: s.state is RelayState.DEGRADED)
                 assert breaker.state is CircuitState.CLOSED  # the database is not NATS
                 await trio.to_thread.run_sync(server.start)
-                await _until(lambda: relay.state is RelayState.RELAYING, 15)
+                await _until(relay, lambda s: s.state is RelayState.RELAYING, 15)
                 await run(enqueue_async, pool, tenant, [event])
-                await _until(lambda: relay.published == 2, 15)
+                await _until(relay, lambda s: s.published == 2, 15)
                 nursery.cancel_scope.cancel()
         finally:
             await run(jetstream.close, client)
@@ -343,12 +390,12 @@ async def test_poison_events_are_dead_lettered_one_by_one_and_the_rest_goes_on(
     drift = await run(_insert_raw, world.admin_url, tenant, subject, '{"n": -1}', '["drift"]')
     unbound = await run(_insert_raw, world.admin_url, tenant, "elsewhere.x", '{"n": -2}', "{}")
     after = await _write(world, 6)
-    relay = OutboxRelay(pool=world.pool, client=world.client, config=config, breaker=_breaker())
+    spec, relay = _relay(world, config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
-        await _until(lambda: relay.published == 12 and relay.dead_lettered == 3)
+        await nursery.start(spec.start)
+        stats = await _until(relay, lambda s: s.published == 12 and s.dead_lettered == 3)
         nursery.cancel_scope.cancel()
-    assert relay.restarts == 0 and relay.crashes == 0
+    assert stats.restarts == 0 and stats.crashes == 0 and stats.quarantined == 0
     stored = await run(jetstream.read_stream, world.client, config.stream)
     assert [m.msg_id for m in stored] == [str(i) for i in before + after]  # each once, in order
     letters = await run(_dead_letters, world.admin_url)
@@ -374,16 +421,16 @@ async def _shrink_stream(client: jetstream.JetStreamClient, stream: str) -> None
 async def test_a_refusal_the_relay_did_not_foresee_is_learnt_from_the_stream(world: World) -> None:
     config = _poison_config(world, ack_timeout_s=0.5)
     subject = config.subjects.replace(">", "appointment")
-    relay = OutboxRelay(pool=world.pool, client=world.client, config=config, breaker=_breaker())
+    spec, relay = _relay(world, config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
+        await nursery.start(spec.start)
         await run(_shrink_stream, world.client, config.stream)  # after the relay read it
         good = await _write(world, 2)
         big = await run(_insert_raw, world.admin_url, world.tenants[0], subject,
                         json.dumps({"blob": "x" * 4000}), "{}")  # fmt: skip
         good += await _write(world, 2)
-        relay.nudge()
-        await _until(lambda: relay.published == 4 and relay.dead_lettered == 1)
+        nudge(relay)
+        await _until(relay, lambda s: s.published == 4 and s.dead_lettered == 1)
         nursery.cancel_scope.cancel()
     [(ref, error, _, _)] = await run(_dead_letters, world.admin_url)
     assert ref == str(big) and "stream refused" in error and "10054" in error
@@ -395,22 +442,23 @@ async def test_an_event_failing_max_attempts_times_is_dead_lettered(world: World
     config = _poison_config(world, max_attempts=3)
     ids = await _write(world, 5)
     victim = ids[1]
-    relay = OutboxRelay(pool=world.pool, client=world.client, config=config,
-                        breaker=_breaker(fail_max=100))  # fmt: skip
-    real = relay._publish
 
-    async def flaky(rows: Sequence[OutboxRow]) -> list[object]:
-        results = await real(rows)
-        return [
-            TimeoutError("no ack") if r.id == victim else x
-            for r, x in zip(rows, results, strict=True)
-        ]
+    def flaky(real: Publish) -> Publish:
+        async def publish(rows: Sequence[OutboxRow]) -> list[object]:
+            results = await real(rows)
+            return [
+                TimeoutError("no ack") if r.id == victim else x
+                for r, x in zip(rows, results, strict=True)
+            ]
 
-    relay._publish = flaky
+        return publish
+
+    spec, relay = _relay(world, config, _breaker(fail_max=100), publish_hook=flaky)
     async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
-        await _until(lambda: relay.dead_lettered == 1 and relay.published == 4)
+        await nursery.start(spec.start)
+        stats = await _until(relay, lambda s: s.dead_lettered == 1 and s.published == 4)
         nursery.cancel_scope.cancel()
+    assert stats.failed == config.max_attempts - 1 and stats.restarts == 0  # then dead-lettered
     [(ref, error, attempts, _)] = await run(_dead_letters, world.admin_url)
     assert (ref, attempts) == (str(victim), 3)
     assert "TimeoutError" in error
@@ -427,24 +475,24 @@ async def test_a_crash_loop_under_a_supervisor_quarantines_the_row_and_goes_on(
     detector = CountInWindowDetector(
         "relay_restarts", metric="m_total", threshold=1.0, window_s=300.0, buckets=10
     )
-    relay = OutboxRelay(pool=world.pool, client=world.client, config=config, breaker=_breaker(),
-                        restart_sinks=[detector])  # fmt: skip
-    real = relay._publish
 
-    async def crashing(rows: Sequence[OutboxRow]) -> list[object]:
-        if any(r.id == victim for r in rows):
-            raise RuntimeError("schema drift: cannot render this event")
-        return list(await real(rows))
+    def crashing(real: Publish) -> Publish:
+        async def publish(rows: Sequence[OutboxRow]) -> list[object]:
+            if any(r.id == victim for r in rows):
+                raise RuntimeError("schema drift: cannot render this event")
+            return list(await real(rows))
 
-    relay._publish = crashing
-    supervisor = Supervisor("backbone", [relay.child_spec(shutdown_s=2.0)], max_restarts=3,
-                            period_s=60.0)  # fmt: skip
+        return publish
+
+    spec, relay = _relay(world, config, restart_sinks=[detector], publish_hook=crashing)
+    supervisor = Supervisor("backbone", [spec], max_restarts=3, period_s=60.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
-        await _until(lambda: relay.published == 19 and relay.quarantined == 1)
-        assert relay.state is RelayState.RELAYING
+        stats = await _until(relay, lambda s: s.published == 19 and s.quarantined == 1)
+        assert stats.state is RelayState.RELAYING
         nursery.cancel_scope.cancel()
-    assert relay.crashes == 2 and relay.restarts == 2  # the batch, then the row alone
+    assert stats.crashes == 2 and stats.restarts == 2  # the batch, then the row alone
+    assert stats.starts == 3 and stats.dead_lettered == 1
     assert detector.evaluate().value == 2.0 and detector.firing
     [(ref, error, _, _)] = await run(_dead_letters, world.admin_url)
     assert ref == str(victim) and "relay crashed" in error and "schema drift" in error

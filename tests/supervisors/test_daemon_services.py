@@ -26,11 +26,14 @@ import pytest
 import trio
 
 from actors.alerts import ActiveAlerts
-from actors.db_health import UNAVAILABLE, DbHealth
+from actors.db_health import UNAVAILABLE, DbHealth, HealthState, unavailable
+from actors.outbox_relay import RelayState
 from config import engine_kwargs, load_config_text
+from engine.actor import Overflow, actor_child
 from engine.breaker import Breaker, CircuitState
 from engine.errors import ProviderUnavailable
 from engine.runtime import open_runtime
+from engine.supervisor import Supervisor
 from providers import jetstream
 from providers.db.pool import DbPool, Pool
 from providers.services import (
@@ -91,7 +94,9 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             assert 'triage_breaker_state{breaker="postgres_primary"} 0.0' in metrics.text
             assert 'triage_breaker_state{breaker="nats_publish"} 0.0' in metrics.text
             tree = daemon.tree
-            assert tree is not None and tree.relay is not None
+            assert tree is not None and tree.backbone_actors is not None
+            actors = tree.backbone_actors
+            assert actors.relay is not None
             assert [c.id for c in tree.root.which_children()] == [
                 "alerts", "detectors", "db_health", "db_writer", "relay", "idempotency",
                 "inbox_consumer", "channels", "dispatch_backlog", "bounce_tracker", "dlr_ingress",
@@ -113,16 +118,19 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             # The relay has a pool of its own, as the daemon's role too.
             assert backbone.relay_pool is not None and backbone.relay_pool is not backbone.pool
             assert await backbone.relay_pool.run_unit(_whoami) == ("triage_daemon", 3)
-            assert tree.relay is not None and tree.relay.pool is backbone.relay_pool.asyncpg_pool
+            assert actors.relay_pool is backbone.relay_pool
+            relay = actors.relay.statistics()
+            assert relay.state is RelayState.RELAYING and relay.published >= 1
 
             # The probe's breaker open: unready, named; closed again: ready.
-            assert tree.db_health is not None
-            assert tree.db_health.probes >= 1 and tree.db_health.failures == 0
-            tree.db_health.breaker.force_open("test")
+            health = actors.db_health.statistics()
+            assert health.probes >= 1 and health.failures == 0
+            assert health.state is HealthState.AVAILABLE
+            actors.db_breaker.force_open("test")
             readyz = await client.get("/readyz")
             assert readyz.status_code == 503
             assert readyz.json()["reason"] == UNAVAILABLE == "database unavailable"
-            tree.db_health.breaker.reset("test")
+            actors.db_breaker.reset("test")
             assert (await client.get("/readyz")).status_code == 200
         daemon.request_drain("test")
         with trio.fail_after(config.daemon.drain_s):
@@ -288,16 +296,28 @@ async def test_the_probe_opens_its_breaker_and_readiness_names_the_database(
         breaker = Breaker(
             DB_BREAKER, **engine_kwargs(config.breakers[DB_BREAKER]), clock=runtime.clock
         )
-        probe = DbHealth(cast(DbPool, pool), breaker, tick_s=1.0, timeout_s=5.0)
+        mailbox = config.mailboxes["monitor"]
+        spec, probe = actor_child(
+            "db_health",
+            partial(DbHealth, cast(DbPool, pool), breaker, tick_s=1.0, timeout_s=5.0),
+            capacity=mailbox.capacity,
+            overflow=Overflow(mailbox.overflow),
+            shutdown_s=1.0,
+            deadlines=runtime.deadlines,
+        )
         readiness = Readiness(ActiveAlerts())
-        readiness.add_check(probe.unavailable)
+        readiness.add_check(partial(unavailable, breaker))
         readiness.mark_running()
         assert readiness.readiness()[0]
+        supervisor = Supervisor("test", [spec], runtime=runtime)
         async with trio.open_nursery() as nursery:
-            await nursery.start(probe.run)
+            t0 = trio.current_time()
+            await nursery.start(supervisor.run)
             fail_max = config.breakers[DB_BREAKER].fail_max
-            await trio.sleep(fail_max - 0.5)  # fail_max failed probes, one a second
-            assert probe.failures == fail_max
+            await trio.sleep(fail_max - 0.5)  # fail_max failed probes, one a second, from 0
+            stats = probe.statistics()
+            assert (stats.probes, stats.failures) == (fail_max, fail_max)
+            assert stats.state is HealthState.UNAVAILABLE
             assert breaker.state is CircuitState.OPEN
             assert readiness.readiness() == (
                 False,
@@ -305,8 +325,11 @@ async def test_the_probe_opens_its_breaker_and_readiness_names_the_database(
             )
             pool.down = False
             await trio.sleep(config.breakers[DB_BREAKER].reset_timeout_s + 3.0)
-            assert probe.unavailable() is None  # closed again (two half-open probes passed)
+            assert unavailable(breaker) is None  # closed again (two half-open probes passed)
+            assert probe.statistics().state is HealthState.AVAILABLE
             assert readiness.readiness()[0]
+            # Ticks exactly one a second: the probe at 0, then one per tick.
+            assert probe.statistics().probes == int(trio.current_time() - t0) + 1
             nursery.cancel_scope.cancel()
 
 
@@ -343,15 +366,16 @@ async def test_reads_fall_to_the_configured_replica_when_the_primary_is_gone(
         with trio.fail_after(30):
             running = await start(nursery, daemon)
         tree, backbone = daemon.tree, daemon.backbone
-        assert tree is not None and tree.db_writer is not None
+        assert tree is not None and tree.backbone_actors is not None
         assert backbone is not None and backbone.replica is not None
-        writer = tree.db_writer
-        assert await writer.read(_whoami) == ("triage_daemon", 3)
-        assert writer.replica_reads == 0
-        writer.primary_breaker.force_open("test: primary failed over")
-        assert await writer.read(_whoami) == ("triage_daemon", 3)
-        assert writer.replica_reads == 1
-        writer.primary_breaker.reset()
+        actors = tree.backbone_actors
+        assert await actors.db.read(_whoami) == ("triage_daemon", 3)
+        assert actors.db_writer.statistics().replica_reads == 0
+        actors.db_breaker.force_open("test: primary failed over")
+        assert await actors.db.read(_whoami) == ("triage_daemon", 3)
+        stats = actors.db_writer.statistics()
+        assert (stats.replica_reads, stats.written, stats.backlog) == (1, 0, 0)
+        actors.db_breaker.reset()
         daemon.request_drain("test")
     assert running.code == 0
     assert backbone.replica.closed
