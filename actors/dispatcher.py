@@ -7,10 +7,15 @@
    template name; ``data`` a ``dict[str, str]`` within the configured bounds.
    Anything else raises :class:`InvalidRequest` naming the field; nothing is written.
 2. **idempotency, fast path** (when an :class:`~actors.idempotency.IdempotencyStore`
-   with Redis is given): ``SET NX GET`` of the key with the new dispatch id. A
-   key already there answers the duplicate at once (another body:
-   :class:`IdempotencyConflict`). Redis down, slow or refused by its breaker:
-   fall open to step 5, which is the truth either way.
+   with Redis is given): a ``GET`` of the key. A key already there names a
+   committed dispatch and answers the duplicate at once (another body:
+   :class:`IdempotencyConflict`). Absent, or Redis down, slow or refused by its
+   breaker: step 5 decides, which is the truth either way. The entry is written
+   only **after** step 5 committed (:meth:`IdempotencyStore.settle`), so a cache
+   hit can never name a dispatch that does not exist: a crash between the commit
+   and the cache write leaves no entry, and the retry is answered by the
+   database. (Claiming the key in Redis before the commit lost acknowledged
+   dispatches to ``kill -9``: the retry found the claim of a row never written.)
 3. **template** from the :class:`~actors.templates.TemplateRegistry` (cached),
    rendered strictly (a missing field is an :class:`InvalidRequest` on
    ``data.<field>``). A missing template fails closed (row 19): the dispatch is
@@ -72,10 +77,10 @@ from actors.failover import (
     Outcome,
     OutcomeKind,
 )
-from actors.idempotency import IdempotencyConflict, IdempotencyStore
+from actors.idempotency import IdempotencyConflict, IdempotencyStore, Lookup
 from actors.templates import MissingField, TemplateNotFound, TemplateRegistry, TemplateRenderError
 from engine.detectors import CountInWindowDetector
-from engine.errors import CircuitOpen, LoadShed, ProviderError, Rejected, TriageError
+from engine.errors import LoadShed, ProviderError, Rejected, TriageError
 from engine.metrics import families
 from engine.ratelimit import RateLimiter
 from engine.supervisor import ChildSpec, Restart, Supervisor
@@ -93,7 +98,6 @@ from providers.db.dispatches import (
     record_outcome_async,
 )
 from providers.push_feedback import push_platform
-from providers.redis_cache import CachedKey, decode_entry
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -733,25 +737,23 @@ class DispatchService:
         request_hash = _request_hash(request)
         dispatch_id = self.new_id()
 
-        cached = await self._cache_claim(tenant, request.idempotency_key, request_hash, dispatch_id)
-        if isinstance(cached, CachedKey):
-            if cached.request_hash != request_hash:
-                self.stats.conflicts += 1
-                raise IdempotencyConflict(tenant, request.idempotency_key)
-            self.stats.cache_duplicates += 1
-            self._count(channel, "duplicate")
-            return SubmitResult(str(cached.response["dispatch_id"]), None, duplicate=True)
-        try:
-            result = await self._submit(
-                request, channel, dispatcher, tenant, request_hash, dispatch_id
+        lookup = await self._cache_lookup(tenant, request.idempotency_key, request_hash)
+        if lookup is not None and lookup.duplicate is not None:
+            cached = lookup.duplicate.response
+            if isinstance(cached, dict) and "dispatch_id" in cached:  # a committed dispatch
+                self.stats.cache_duplicates += 1
+                self._count(channel, "duplicate")
+                return SubmitResult(str(cached["dispatch_id"]), None, duplicate=True)
+            lookup = None  # not a dispatch's entry: the database decides, nothing is cached
+        result = await self._submit(request, channel, dispatcher, tenant, request_hash, dispatch_id)
+        if lookup is not None and self.idempotency is not None:
+            # The accept committed: only now may Redis name its dispatch (step 2).
+            await self.idempotency.settle(
+                lookup,
+                first=not result.duplicate,
+                stored_hash=request_hash,
+                response={"dispatch_id": result.dispatch_id},
             )
-        except BaseException:
-            if cached is True:  # our cache entry names a dispatch that was never stored
-                with trio.CancelScope(shield=True):
-                    await self._cache_forget(tenant, request.idempotency_key)
-            raise
-        if result.duplicate and cached is True:  # the cache had lost the key: ours is wrong
-            await self._cache_forget(tenant, request.idempotency_key)
         return result
 
     async def _submit(
@@ -959,56 +961,16 @@ class DispatchService:
 
     # -- the Redis fast path --------------------------------------------------------------------
 
-    async def _cache_claim(
-        self, tenant: str, key: str, request_hash: str, dispatch_id: uuid.UUID
-    ) -> CachedKey | bool | None:
-        """``SET NX GET`` through the store's breaker: the entry already there, True if
-        ours was set, None when Redis could not answer (fall open to the database)."""
-        store = self.idempotency
-        if store is None or store.cache is None:
+    async def _cache_lookup(self, tenant: str, key: str, request_hash: str) -> Lookup | None:
+        """The store's cache half of the claim (None without a store); a key cached for
+        another request is an :class:`IdempotencyConflict`."""
+        if self.idempotency is None:
             return None
-        entry = CachedKey(request_hash, {"dispatch_id": str(dispatch_id)})
-        raw = await self._cache_call(store, store.cache.claim, tenant, key, entry)
-        if raw is _FAILED:
-            return None
-        if raw is None:
-            return True
-        assert isinstance(raw, bytes)
-        found = decode_entry(raw)
-        if (
-            found is None
-            or not isinstance(found.response, dict)
-            or "dispatch_id" not in found.response
-        ):
-            return None  # not a dispatch entry (or still in progress): the database decides
-        return found
-
-    async def _cache_forget(self, tenant: str, key: str) -> None:
-        store = self.idempotency
-        if store is not None and store.cache is not None:
-            await self._cache_call(store, store.cache.forget, tenant, key)
-
-    async def _cache_call(self, store: IdempotencyStore, fn: Any, *args: Any) -> Any:
-        breaker = store.breaker
         try:
-            start = breaker.before_call()
-        except CircuitOpen:
-            return _FAILED
-        try:
-            with trio.fail_after(store.cache_timeout_s):
-                result = await fn(*args)
-        except Exception as exc:  # the cache is optional: fall open to the database
-            breaker.on_failure(exc, start)
-            log.debug("dispatch idempotency cache call failed: %r", exc)
-            return _FAILED
-        except BaseException as exc:
-            breaker.on_failure(exc, start)
+            return await self.idempotency.lookup(tenant, key, request_hash)
+        except IdempotencyConflict:
+            self.stats.conflicts += 1
             raise
-        breaker.on_success(start)
-        return result
-
-
-_FAILED: Any = object()
 
 
 def _request_hash(request: RequestLike) -> str:

@@ -463,9 +463,13 @@ async def test_redis_fast_path_answers_duplicates(world: World, redis_url: str) 
     svc = service(world, d, idempotency=store)
     try:
         first = await svc.submit(sms(world))
+        cached = await cache.get(world.tenant, "k1")  # written after the accept committed
+        assert cached is not None and cached.response == {"dispatch_id": first.dispatch_id}
+        assert (await row(world, first.dispatch_id))["idempotency_key"] == "k1"
         again = await svc.submit(sms(world))
         assert again.duplicate and again.dispatch_id == first.dispatch_id
         assert svc.stats.cache_duplicates == 1 and svc.stats.duplicates == 0
+        assert (store.stats.hits, store.stats.misses) == (2, 0)  # the dispatcher's lookups count
         with pytest.raises(IdempotencyConflict):
             await svc.submit(sms(world, data={"time": "12:00"}))
         # A failed accept forgets its cache entry: the key is free again.
