@@ -83,6 +83,7 @@ from engine.supervisor import ChildSpec, Restart
 from providers import jetstream
 from providers.bridge import run
 from providers.channel import ChannelName
+from providers.db.dispatches import MAX_TEMPLATE_VERSION, UnknownTenant, UnstorableValue
 
 __all__ = [
     "IDEMPOTENCY_HEADER",
@@ -133,7 +134,7 @@ class DispatchBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     channel: ChannelName
     template: NonEmpty
     recipient: NonEmpty
-    template_version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    template_version: Annotated[int, msgspec.Meta(ge=1, le=MAX_TEMPLATE_VERSION)] | None = None
     data: dict[str, str] = msgspec.field(default_factory=dict)
 
 
@@ -337,6 +338,10 @@ def answer_for_error(exc: Exception, *, retry_after_s: float) -> Answer:
             field=field if isinstance(field, str) else None,
             retry_after_s=wait,
         )
+    if isinstance(exc, UnknownTenant):
+        return Answer.error(422, "unknown_tenant", str(exc), field="tenant_id")
+    if isinstance(exc, UnstorableValue):
+        return Answer.error(400, "invalid_field", str(exc))
     if isinstance(exc, IdempotencyConflict):
         return Answer.error(409, "idempotency_conflict", str(exc), field=IDEMPOTENCY_HEADER)
     if isinstance(exc, RateLimitExceeded):

@@ -87,6 +87,7 @@ from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers.channel import ChannelName, Message
 from providers.db.categories import BlockState
 from providers.db.dispatches import (
+    MAX_TEMPLATE_VERSION,
     AcceptRequest,
     AcceptResult,
     DeadRecipient,
@@ -913,6 +914,8 @@ class DispatchService:
         recipient = request.recipient
         if not isinstance(recipient, str) or len(recipient) > limits.max_recipient_chars:
             raise InvalidRequest("recipient", f"at most {limits.max_recipient_chars} characters")
+        if "\x00" in recipient:  # PostgreSQL text cannot hold it
+            raise InvalidRequest("recipient", "a NUL character")
         if channel is ChannelName.SMS and _E164.fullmatch(recipient) is None:
             raise InvalidRequest("recipient", "not an E.164 number (+ and 7 to 15 digits)")
         if channel is ChannelName.PUSH:
@@ -928,8 +931,10 @@ class DispatchService:
         if len(name) > limits.max_template_chars:
             raise InvalidRequest("template", f"at most {limits.max_template_chars} characters")
         version = request.template_version
-        if version is not None and (type(version) is not int or version < 1):
-            raise InvalidRequest("template_version", "a whole number >= 1")
+        if version is not None and (
+            type(version) is not int or not 1 <= version <= MAX_TEMPLATE_VERSION
+        ):
+            raise InvalidRequest("template_version", f"a whole number 1..{MAX_TEMPLATE_VERSION}")
         data = request.data
         if not isinstance(data, dict):
             raise InvalidRequest("data", "an object of strings")
@@ -944,6 +949,8 @@ class DispatchService:
                 raise InvalidRequest("data", f"bad field name {str(field_name)[:40]!r}")
             if not isinstance(value, str):
                 raise InvalidRequest(f"data.{field_name}", "must be a string")
+            if "\x00" in value:  # PostgreSQL's jsonb cannot hold it
+                raise InvalidRequest(f"data.{field_name}", "a NUL character")
             if len(value) > limits.max_value_chars:
                 raise InvalidRequest(
                     f"data.{field_name}", f"at most {limits.max_value_chars} characters"

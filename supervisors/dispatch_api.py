@@ -75,6 +75,10 @@ class DispatchApi:
 
     ``max_body_bytes`` caps the body (never buffered beyond it);
     ``retry_after_s`` is the ``Retry-After`` for load shedding that names none;
+    ``drain_max_bytes`` bounds how much of a refused oversize body is read (and
+    discarded, in constant memory) so that its 413 reaches the client -- None: a
+    body that declared its ``Content-Length`` is drained to that length (the client
+    sends it anyway); a chunked body is never read past the cap;
     ``require_content_length`` refuses bodies without ``Content-Length`` (411)
     instead of reading them up to the cap; ``max_key_length`` bounds the key.
     """
@@ -85,6 +89,7 @@ class DispatchApi:
         *,
         max_body_bytes: int,
         retry_after_s: float,
+        drain_max_bytes: int | None = None,
         require_content_length: bool = False,
         max_key_length: int = MAX_IDEMPOTENCY_KEY_LENGTH,
         path: str = "/v1/dispatches",
@@ -93,6 +98,7 @@ class DispatchApi:
             raise ValueError("max_body_bytes, max_key_length and retry_after_s must be > 0")
         self.submitter = submitter
         self.max_body_bytes = max_body_bytes
+        self.drain_max_bytes = drain_max_bytes
         self.retry_after_s = retry_after_s
         self.require_content_length = require_content_length
         self.max_key_length = max_key_length
@@ -148,6 +154,8 @@ class DispatchApi:
                 "length_required", "a Content-Length header is required", http_status=411
             )
         if declared is not None and declared > self.max_body_bytes:
+            if self.drain_max_bytes is None or declared <= self.drain_max_bytes:
+                await _drain(receive, declared)
             raise RequestRejected(
                 "payload_too_large",
                 str(BodyTooLarge(self.max_body_bytes, declared=declared)),
@@ -159,6 +167,26 @@ class DispatchApi:
             raise RequestRejected("payload_too_large", str(exc), http_status=413) from exc
         request = DispatchRequest.of(decode_body(data), key)
         return await submit_and_answer(self.submitter, request, retry_after_s=self.retry_after_s)
+
+
+async def _drain(receive: ASGIReceiveCallable, max_bytes: int) -> None:
+    """Read and discard the rest of a refused body, at most ``max_bytes`` of it.
+
+    Answering before the client has sent its body, then closing, makes the kernel
+    reset the connection with the client's bytes unread -- and the client loses the
+    answer with it ("server disconnected without sending a response"). Draining
+    (constant memory) lets the 413 arrive; past ``max_bytes`` it is best effort.
+    """
+    size = 0
+    while size <= max_bytes:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected while sending the body")
+        if message["type"] != "http.request":
+            continue
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _send(send: ASGISendCallable, answer: Answer) -> None:

@@ -40,7 +40,13 @@ from engine.supervisor import Supervisor
 from providers.bridge import run
 from providers.channel import ChannelName, RecipientGone
 from providers.db import DAEMON_ROLE, migrate
-from providers.db.dispatches import AcceptRequest, DispatchStatus, accept_async
+from providers.db.dispatches import (
+    MAX_TEMPLATE_VERSION,
+    AcceptRequest,
+    DispatchStatus,
+    UnknownTenant,
+    accept_async,
+)
 from providers.db.pool import DbPool, open_pool
 from providers.db.templates import TemplateRow, put_template_async
 from providers.redis_cache import RedisCache
@@ -503,3 +509,19 @@ async def test_an_adapter_bug_leaves_the_dispatch_queued_and_the_dispatcher_up(
     assert (await row(world, first.dispatch_id))["status"] == "queued"
     assert (await row(world, second.dispatch_id))["status"] == "dispatched"
     assert d.stats.errors == 1
+
+
+async def test_bad_values_are_typed_refusals_that_write_nothing(world: World) -> None:
+    d = dispatcher(world, ChannelName.SMS, {"default": failover(FakeAdapter("ghasi"))})
+    svc = service(world, d)
+    stranger = str(uuid.uuid4())  # well formed, no such tenant
+    with pytest.raises(UnknownTenant) as unknown:
+        await svc.submit(sms(world, "t1", tenant_id=stranger))
+    assert unknown.value.tenant_id == stranger
+    with pytest.raises(InvalidRequest) as version:
+        await svc.submit(sms(world, "t2", template_version=MAX_TEMPLATE_VERSION + 1))
+    assert version.value.field == "template_version"
+    with pytest.raises(InvalidRequest) as nul:
+        await svc.submit(sms(world, "t3", data={"time": "10\x0000"}))
+    assert nul.value.field == "data.time"
+    assert await admin(world.admin_url, "SELECT id FROM dispatches") == []
