@@ -63,7 +63,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -110,15 +110,15 @@ __all__ = [
     "DispatchLimits",
     "DispatchService",
     "DispatcherState",
-    "IdempotencyConflict",
+    "InvalidIdempotencyKey",
     "InvalidRequest",
     "Job",
+    "MissingIdempotencyKey",
     "Overloaded",
     "PhiRefused",
-    "RequestLike",
     "SubmitRequest",
     "SubmitResult",
-    "TemplateNotFound",
+    "check_idempotency_key",
 ]
 
 log = logging.getLogger("triage.dispatcher")
@@ -129,10 +129,7 @@ DEFAULT_ROUTE = "default"
 
 
 class InvalidRequest(TriageError):
-    """A request field is malformed (400 / a NATS error reply); nothing was written."""
-
-    code = "invalid_request"
-    http_status = 400
+    """A request field is malformed; nothing was written (answers: :mod:`actors.answers`)."""
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
@@ -140,11 +137,38 @@ class InvalidRequest(TriageError):
         self.problem = problem
 
 
+class MissingIdempotencyKey(InvalidRequest):
+    """The request carries no ``Idempotency-Key``."""
+
+    def __init__(self, field: str = "idempotency_key") -> None:
+        super().__init__(field, "the Idempotency-Key header is required")
+
+
+class InvalidIdempotencyKey(InvalidRequest):
+    """The ``Idempotency-Key`` is too long or not printable ASCII."""
+
+    def __init__(self, problem: str, field: str = "idempotency_key") -> None:
+        super().__init__(field, problem)
+
+
+def check_idempotency_key(
+    value: str | None, *, max_length: int, field: str = "idempotency_key"
+) -> str:
+    """The one rule for an ``Idempotency-Key``, at every door: 1..``max_length`` visible
+    ASCII characters or spaces, not starting or ending with a space (what a header
+    carries unmangled). :class:`MissingIdempotencyKey` / :class:`InvalidIdempotencyKey`
+    naming ``field`` (the doors: the header; the dispatcher: the request's field)."""
+    if value is None or value == "":
+        raise MissingIdempotencyKey(field)
+    if len(value) > max_length:
+        raise InvalidIdempotencyKey(f"{len(value)} characters long; at most {max_length}", field)
+    if _KEY.fullmatch(value) is None or value != value.strip():
+        raise InvalidIdempotencyKey("printable ASCII without leading or trailing spaces", field)
+    return value
+
+
 class CategoryDisabled(TriageError):
     """The tenant's category is disabled (row 3): the dispatch was stored ``failed``."""
-
-    code = "category_disabled"
-    http_status = 422
 
     def __init__(self, tenant_id: str, channel: str, category: str, dispatch_id: str) -> None:
         super().__init__(
@@ -159,9 +183,6 @@ class CategoryDisabled(TriageError):
 class PhiRefused(TriageError):
     """The push payload carries PHI: the dispatch was stored ``failed`` reason ``phi_guard``."""
 
-    code = "phi_guard"
-    http_status = 422
-
     def __init__(self, what: str, dispatch_id: str | None) -> None:
         super().__init__(f"push payload refused by the PHI guard ({what})")
         self.what = what
@@ -170,9 +191,6 @@ class PhiRefused(TriageError):
 
 class Overloaded(LoadShed):
     """The channel's dispatcher mailbox is full (429 / 503); nothing was written."""
-
-    code = "overloaded"
-    http_status = 503
 
     def __init__(self, channel: str, capacity: int) -> None:
         super().__init__(f"the {channel} dispatcher is full ({capacity} queued)")
@@ -184,7 +202,7 @@ class Overloaded(LoadShed):
 
 
 class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """One dispatch request, as the ingress decoded it."""
+    """The one dispatch request type, whichever door it came through (HTTP, NATS, tests)."""
 
     tenant_id: str
     idempotency_key: str
@@ -195,39 +213,17 @@ class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True):
     data: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class RequestLike(Protocol):
-    """What :meth:`DispatchService.submit` reads (``SubmitRequest`` or the ingress's own)."""
-
-    @property
-    def tenant_id(self) -> str: ...
-    @property
-    def idempotency_key(self) -> str: ...
-    @property
-    def channel(self) -> str: ...
-    @property
-    def recipient(self) -> str: ...
-    @property
-    def template(self) -> str: ...
-    @property
-    def template_version(self) -> int | None: ...
-    @property
-    def data(self) -> dict[str, str]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitResult:
-    """The answer: the dispatch and where it stands (``duplicate``: an earlier request's)."""
+class SubmitResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The one result of a dispatch request, at every door: the dispatch and where it
+    stands. ``replay``: an earlier request's dispatch (``status`` None when the cache
+    answered, which does not know it); ``deferred``: accepted, but left to the backlog
+    task (the mailbox filled meanwhile)."""
 
     dispatch_id: str
     status: DispatchStatus | None
-    duplicate: bool = False
+    replay: bool = False
     reason: str | None = None
-    deferred: bool = False  # accepted, but left to the backlog task (mailbox filled meanwhile)
-
-    @property
-    def replay(self) -> bool:
-        """The ingress's word for ``duplicate``."""
-        return self.duplicate
+    deferred: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +242,7 @@ _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _EMAIL = re.compile(r"[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+")
 _TEMPLATE = re.compile(r"[A-Za-z0-9_.\-]+")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEY = re.compile(r"[\x21-\x7e]+")
+_KEY = re.compile(r"[\x20-\x7e]+")  # visible ASCII and the space (check_idempotency_key)
 
 
 # -- the channel dispatcher -----------------------------------------------------------------
@@ -718,7 +714,7 @@ class DispatchService:
 
     # -- submit -------------------------------------------------------------------------------
 
-    async def submit(self, request: RequestLike) -> SubmitResult:
+    async def submit(self, request: SubmitRequest) -> SubmitResult:
         """Validate, dedupe, render, guard, accept and hand off one dispatch (module doc)."""
         try:
             channel = self._validate(request)
@@ -744,14 +740,14 @@ class DispatchService:
             if isinstance(cached, dict) and "dispatch_id" in cached:  # a committed dispatch
                 self.stats.cache_duplicates += 1
                 self._count(channel, "duplicate")
-                return SubmitResult(str(cached["dispatch_id"]), None, duplicate=True)
+                return SubmitResult(dispatch_id=str(cached["dispatch_id"]), status=None, replay=True)
             lookup = None  # not a dispatch's entry: the database decides, nothing is cached
         result = await self._submit(request, channel, dispatcher, tenant, request_hash, dispatch_id)
         if lookup is not None and self.idempotency is not None:
             # The accept committed: only now may Redis name its dispatch (step 2).
             await self.idempotency.settle(
                 lookup,
-                first=not result.duplicate,
+                first=not result.replay,
                 stored_hash=request_hash,
                 response={"dispatch_id": result.dispatch_id},
             )
@@ -759,7 +755,7 @@ class DispatchService:
 
     async def _submit(
         self,
-        request: RequestLike,
+        request: SubmitRequest,
         channel: ChannelName,
         dispatcher: ChannelDispatcher,
         tenant: str,
@@ -846,7 +842,7 @@ class DispatchService:
         if result.status is DispatchStatus.UNDELIVERABLE:
             self.stats.undeliverable += 1
             self._count(channel, "undeliverable")
-            return SubmitResult(did, result.status, reason=result.reason)
+            return SubmitResult(dispatch_id=did, status=result.status, reason=result.reason)
         self.stats.accepted += 1
         self._count(channel, "accepted")
         job = Job(
@@ -866,8 +862,8 @@ class DispatchService:
             dispatcher.offer(job)
         except Overloaded:  # filled meanwhile: the row is durable, the backlog sends it
             self.stats.deferred += 1
-            return SubmitResult(did, DispatchStatus.QUEUED, deferred=True)
-        return SubmitResult(did, DispatchStatus.QUEUED)
+            return SubmitResult(dispatch_id=did, status=DispatchStatus.QUEUED, deferred=True)
+        return SubmitResult(dispatch_id=did, status=DispatchStatus.QUEUED)
 
     def _settle_duplicate(self, result: AcceptResult, tenant: str, key: str) -> None:
         if not result.created and not result.same_request:
@@ -877,7 +873,7 @@ class DispatchService:
     def _duplicate(self, result: AcceptResult, channel: ChannelName) -> SubmitResult:
         self.stats.duplicates += 1
         self._count(channel, "duplicate")
-        return SubmitResult(str(result.dispatch_id), result.status, duplicate=True)
+        return SubmitResult(dispatch_id=str(result.dispatch_id), status=result.status, replay=True)
 
     def _count(self, channel: ChannelName | str, result: str) -> None:
         if self._metrics is not None:
@@ -893,19 +889,13 @@ class DispatchService:
 
     # -- validation and the PHI guard ---------------------------------------------------------
 
-    def _validate(self, request: RequestLike) -> ChannelName:
+    def _validate(self, request: SubmitRequest) -> ChannelName:
         limits = self.limits
         try:
             uuid.UUID(str(request.tenant_id))
         except ValueError:
             raise InvalidRequest("tenant_id", "not a UUID") from None
-        key = request.idempotency_key
-        if not isinstance(key, str) or not key:
-            raise InvalidRequest("idempotency_key", "required")
-        if len(key) > limits.max_key_chars or _KEY.fullmatch(key) is None:
-            raise InvalidRequest(
-                "idempotency_key", f"1 to {limits.max_key_chars} printable ASCII characters"
-            )
+        check_idempotency_key(request.idempotency_key, max_length=limits.max_key_chars)
         try:
             channel = ChannelName(request.channel)
         except ValueError:
@@ -957,7 +947,7 @@ class DispatchService:
                 )
         return channel
 
-    def _phi_hit(self, request: RequestLike, body: str, subject: str | None) -> str | None:
+    def _phi_hit(self, request: SubmitRequest, body: str, subject: str | None) -> str | None:
         for name in request.data:
             if name.lower() in self.phi_fields:
                 return f"field {name!r}"
@@ -980,7 +970,7 @@ class DispatchService:
             raise
 
 
-def _request_hash(request: RequestLike) -> str:
+def _request_hash(request: SubmitRequest) -> str:
     material = msgspec.json.encode(
         [
             request.channel,

@@ -18,16 +18,14 @@ from actors.dispatcher import (
     ChannelDispatcher,
     DispatchLimits,
     DispatchService,
-    IdempotencyConflict,
     InvalidRequest,
     Overloaded,
     PhiRefused,
     SubmitRequest,
-    TemplateNotFound,
 )
 from actors.failover import Failover, Route
-from actors.idempotency import IdempotencyStore
-from actors.templates import TemplateMissing, TemplateRegistry
+from actors.idempotency import IdempotencyConflict, IdempotencyStore
+from actors.templates import TemplateMissing, TemplateNotFound, TemplateRegistry
 from config.schema import DatabaseConfig
 from engine.breaker import Breaker
 from engine.detectors import RatioDetector
@@ -202,10 +200,10 @@ async def test_submit_sends_once_and_dedupes(world: World) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(d.run)
         first = await svc.submit(sms(world))
-        assert first.status is DispatchStatus.QUEUED and not first.duplicate
+        assert first.status is DispatchStatus.QUEUED and not first.replay
         await d.idle.wait()
         again = await svc.submit(sms(world))
-        assert again.duplicate and again.dispatch_id == first.dispatch_id
+        assert again.replay and again.dispatch_id == first.dispatch_id
         assert again.status is DispatchStatus.DISPATCHED
         with pytest.raises(IdempotencyConflict):
             await svc.submit(sms(world, data={"time": "11:00"}))
@@ -250,7 +248,7 @@ async def test_template_missing_fails_closed(world: World) -> None:
     assert adapter.sent == [] and not d.holds(uuid.UUID(dispatch_id))
     # The same request again is a duplicate of the failed dispatch, not a second count.
     again = await svc.submit(sms(world, template="gone"))
-    assert again.duplicate and again.status is DispatchStatus.FAILED
+    assert again.replay and again.status is DispatchStatus.FAILED
     assert (
         world.metrics.get_sample_value("triage_template_not_found_total", {"channel": "sms"}) == 1
     )
@@ -473,7 +471,7 @@ async def test_redis_fast_path_answers_duplicates(world: World, redis_url: str) 
         assert cached is not None and cached.response == {"dispatch_id": first.dispatch_id}
         assert (await row(world, first.dispatch_id))["idempotency_key"] == "k1"
         again = await svc.submit(sms(world))
-        assert again.duplicate and again.dispatch_id == first.dispatch_id
+        assert again.replay and again.dispatch_id == first.dispatch_id
         assert svc.stats.cache_duplicates == 1 and svc.stats.duplicates == 0
         assert (store.stats.hits, store.stats.misses) == (2, 0)  # the dispatcher's lookups count
         with pytest.raises(IdempotencyConflict):
@@ -482,7 +480,7 @@ async def test_redis_fast_path_answers_duplicates(world: World, redis_url: str) 
         with pytest.raises(TemplateNotFound):
             await svc.submit(sms(world, "k9", template="gone"))
         # (a refused row is still a row: the same request answers from the database)
-        assert (await svc.submit(sms(world, "k9", template="gone"))).duplicate
+        assert (await svc.submit(sms(world, "k9", template="gone"))).replay
         with pytest.raises(InvalidRequest):
             await svc.submit(sms(world, "k10", data={}))
         assert await cache.get(world.tenant, "k10") is None

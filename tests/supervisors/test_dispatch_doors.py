@@ -27,7 +27,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.dispatch_commands import IDEMPOTENCY_HEADER, STATUS_HEADER
+from actors.answers import IDEMPOTENCY_HEADER, STATUS_HEADER
 from providers import jetstream
 from providers.bridge import run
 from supervisors.demo import DEMO_TENANT_ID
@@ -243,3 +243,39 @@ async def test_an_overlong_template_name_is_answered_413_not_dropped(
             answer = await live.client.post("/v1/dispatches", content=body, headers=headers)
             expected = 400 if len(body) <= cap else 413
             assert answer.status_code == expected, (size, answer.text)
+
+
+async def test_one_bad_key_gets_one_error_code_at_both_doors(
+    postgres_url: str, nats_url: str, bridge: asyncio.AbstractEventLoop
+) -> None:
+    """One key rule (check_idempotency_key, [dispatch] max_key_chars) and one answer table."""
+    async with live_daemon(postgres_url, nats_url) as live:
+        cap = live.daemon.config.dispatch.max_key_chars
+        nats = await run(jetstream.connect, nats_url)
+        try:
+            for bad, code in [
+                ("k" * (cap + 1), "invalid_idempotency_key"),  # one door only had the limit
+                ("tab\there", "invalid_idempotency_key"),
+                ("", "missing_idempotency_key"),
+                (" padded", "invalid_idempotency_key"),
+            ]:
+                payload = json.dumps(VALID).encode()
+                answers = []
+                if bad.strip() == bad and "\t" not in bad:  # what h11 will put in a header
+                    http = await live.client.post(
+                        "/v1/dispatches",
+                        content=payload,
+                        headers={"Content-Type": "application/json", IDEMPOTENCY_HEADER: bad},
+                    )
+                    answers.append((http.status_code, http.json()["error"]))
+                command = json.dumps({**VALID, "idempotency_key": bad}).encode()
+                reply = await run(
+                    partial(nats.nc.request, live.daemon.config.dispatch.nats_subject, command,
+                            timeout=REPLY_S),
+                    service="nats",
+                )  # fmt: skip
+                status = int((reply.headers or {})[STATUS_HEADER])
+                answers.append((status, msgspec.json.decode(reply.data)["error"]))
+                assert answers == [(400, code)] * len(answers), bad
+        finally:
+            await run(jetstream.close, nats)
