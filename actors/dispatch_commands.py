@@ -9,40 +9,27 @@ A dispatch request comes in two ways and is answered the same way by both:
   the load), with the same JSON plus an ``"idempotency_key"`` field, or the
   NATS header ``Idempotency-Key``.
 
-This module holds what both share -- the wire structs, the validation, and the
-mapping of a :class:`Submitter`'s result or error onto an :class:`Answer` (an
-HTTP status, a JSON body, and an optional ``Retry-After``) -- because the HTTP
-API (``supervisors/``) may import ``actors/`` but not the other way round.
-
-Answers::
+This module holds what both share -- the wire structs and the one submit-and-answer
+step -- because the HTTP API (``supervisors/``) may import ``actors/`` but not the
+other way round. Both doors build the dispatcher's one request type
+(:class:`~actors.dispatcher.SubmitRequest`, via :func:`request_of`), check the key
+with the one rule (:func:`~actors.dispatcher.check_idempotency_key`, the length
+from ``[dispatch] max_key_chars``), get the one result type
+(:class:`~actors.dispatcher.SubmitResult`) and answer every error from the one
+table, :mod:`actors.answers`::
 
     202 {"dispatch_id", "status"}         accepted (a new request)
     200 {"dispatch_id", "status"}         an idempotent replay: the original answer
     4xx/5xx {"error", "message", "field"?} a typed refusal (``field`` when one is to blame)
-
-The error convention
-    An error the submitter raises is answered from two attributes when it has
-    them: ``code: str`` (machine-readable, e.g. ``"template_not_found"``) and
-    ``http_status: int``; optionally ``field: str`` and ``retry_after_s: float``.
-    Errors without them are answered by kind:
-
-    ==========================================  ===  =======================
-    ``IdempotencyConflict``                     409  idempotency_conflict
-    ``RateLimitExceeded``                       429  overloaded (Retry-After)
-    any other ``LoadShed`` (breaker, bulkhead,  503  overloaded (Retry-After)
-    mailbox, database unavailable)
-    ``TransientProviderError``                  503  unavailable (Retry-After)
-    anything else (a bug)                       500  internal_error (logged)
-    ==========================================  ===  =======================
-
-    :class:`RequestRejected` is this module's own error in that convention (bad
-    bodies, bad keys); the dispatcher's typed errors follow it too.
 
 NATS replies carry the JSON body above; the status is in the reply header
 ``Triage-Status`` (``Retry-After`` too when set). Garbage -- bytes that are not
 JSON, a body that fails validation, a missing key, a body over the cap -- gets
 a typed error reply, never a crash; a message without a reply subject is
 counted and dropped (there is nobody to answer).
+
+The asyncio side of the subject (subscribe, fetch a batch, publish the replies)
+is :mod:`providers.nats_commands`.
 
 Bridging (DESIGN.md section 7): the subscription lives on the asyncio side.
 Each turn crosses the bridge twice: :func:`next_commands` waits for the first
@@ -63,62 +50,49 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import re
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Final, Protocol, TypeVar
+from typing import Annotated, Protocol, TypeVar
 
 import msgspec
 import nats.errors
 import trio
-from nats.aio.subscription import Subscription
 from prometheus_client import CollectorRegistry, Counter
 
-from actors.idempotency import IdempotencyConflict
-from engine.errors import LoadShed, ProviderError, RateLimitExceeded, TransientProviderError
+from actors.answers import IDEMPOTENCY_HEADER, Answer, RequestRejected, answer_for
+from actors.dispatcher import InvalidRequest, SubmitRequest, SubmitResult, check_idempotency_key
+from engine.errors import ProviderError
 from engine.metrics import families
 from engine.supervisor import ChildSpec, Restart
 from providers import jetstream
 from providers.bridge import run
 from providers.channel import ChannelName
+from providers.db.dispatches import MAX_TEMPLATE_VERSION, DispatchStatus
+from providers.nats_commands import (
+    Command,
+    Reply,
+    Subscription,
+    next_commands,
+    publish_replies,
+    subscribe,
+    unsubscribe,
+)
 
 __all__ = [
-    "IDEMPOTENCY_HEADER",
-    "MAX_IDEMPOTENCY_KEY_LENGTH",
-    "STATUS_HEADER",
-    "AcceptedBody",
-    "Answer",
-    "Command",
     "CommandsState",
     "CommandsStats",
     "DispatchBody",
     "DispatchCommandBody",
     "DispatchCommands",
-    "DispatchRequest",
-    "ErrorBody",
-    "Reply",
-    "RequestRejected",
-    "SubmitResult",
     "Submitter",
-    "answer_for_error",
-    "check_idempotency_key",
     "decode_body",
     "decode_command",
-    "next_commands",
-    "publish_replies",
+    "request_of",
     "submit_and_answer",
-    "subscribe",
-    "unsubscribe",
 ]
 
 log = logging.getLogger("triage.dispatch_commands")
-
-IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
-STATUS_HEADER: Final = "Triage-Status"
-#: The default longest ``Idempotency-Key`` (a constructor keyword wherever it is used).
-MAX_IDEMPOTENCY_KEY_LENGTH: Final = 200
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -133,7 +107,7 @@ class DispatchBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     channel: ChannelName
     template: NonEmpty
     recipient: NonEmpty
-    template_version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    template_version: Annotated[int, msgspec.Meta(ge=1, le=MAX_TEMPLATE_VERSION)] | None = None
     data: dict[str, str] = msgspec.field(default_factory=dict)
 
 
@@ -143,113 +117,31 @@ class DispatchCommandBody(DispatchBody, frozen=True, kw_only=True, forbid_unknow
     idempotency_key: str | None = None
 
 
-class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """A validated request, as the :class:`Submitter` gets it (either door)."""
-
-    idempotency_key: str
-    tenant_id: str  # canonical UUID text
-    channel: ChannelName
-    template: str
-    recipient: str
-    template_version: int | None = None
-    data: dict[str, str] = msgspec.field(default_factory=dict)
-
-    @classmethod
-    def of(cls, body: DispatchBody, idempotency_key: str) -> DispatchRequest:
-        return cls(
-            idempotency_key=idempotency_key,
-            tenant_id=str(body.tenant_id),
-            channel=body.channel,
-            template=body.template,
-            recipient=body.recipient,
-            template_version=body.template_version,
-            data=dict(body.data),
-        )
-
-
-class SubmitResult(msgspec.Struct, frozen=True, kw_only=True):
-    """The submitter's answer: the dispatch and its status; ``replay`` for a known key."""
-
-    dispatch_id: str
-    status: str
-    replay: bool = False
+def request_of(body: DispatchBody, idempotency_key: str) -> SubmitRequest:
+    """The dispatcher's one request type, from either door's body."""
+    return SubmitRequest(
+        idempotency_key=idempotency_key,
+        tenant_id=str(body.tenant_id),
+        channel=body.channel.value,
+        template=body.template,
+        recipient=body.recipient,
+        template_version=body.template_version,
+        data=dict(body.data),
+    )
 
 
 class Submitter(Protocol):
-    """What both doors call (the dispatcher implements it)."""
+    """What both doors call (:class:`~actors.dispatcher.DispatchService` implements it)."""
 
-    async def submit(self, request: DispatchRequest) -> SubmitResult:
-        """Accept ``request`` or raise a typed error (see the module's convention)."""
+    async def submit(self, request: SubmitRequest) -> SubmitResult:
+        """Accept ``request`` or raise a typed error (see :mod:`actors.answers`)."""
         ...
 
-
-class AcceptedBody(msgspec.Struct, frozen=True, kw_only=True):
-    dispatch_id: str
-    status: str
-
-
-class ErrorBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    error: str
-    message: str
-    field: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """An HTTP status, its JSON body, and the ``Retry-After`` seconds if any."""
-
-    status: int
-    body: bytes
-    retry_after_s: float | None = None
-
-    @property
-    def retry_after(self) -> str | None:
-        """``Retry-After`` as HTTP wants it: whole seconds, rounded up, at least 1."""
-        if self.retry_after_s is None:
-            return None
-        return str(max(1, math.ceil(self.retry_after_s)))
-
-    @classmethod
-    def error(
-        cls,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        field: str | None = None,
-        retry_after_s: float | None = None,
-    ) -> Answer:
-        body = msgspec.json.encode(ErrorBody(error=code, message=message, field=field))
-        return cls(status, body, retry_after_s)
-
-
-class RequestRejected(Exception):
-    """A request refused before it reached the submitter, in the module's error convention."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        http_status: int = 400,
-        field: str | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.http_status = http_status
-        self.field = field
-        self.retry_after_s = retry_after_s
-
-
-# -- validation ------------------------------------------------------------------------
 
 _HTTP_DECODER = msgspec.json.Decoder(DispatchBody)
 _NATS_DECODER = msgspec.json.Decoder(DispatchCommandBody)
 _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _NAMED = re.compile(r"field `(?P<name>[^`]+)`")
-# Visible ASCII and the space: what a header carries unmangled.
-_KEY_CHARS = re.compile(r"^[\x20-\x7e]+$")
 
 
 def _field_of(message: str) -> str | None:
@@ -291,138 +183,16 @@ def decode_command(data: bytes) -> DispatchCommandBody:
     return _decode(_NATS_DECODER, data)
 
 
-def check_idempotency_key(value: str | None, *, max_length: int) -> str:
-    """The key, or :class:`RequestRejected` (400 ``missing_idempotency_key`` /
-    ``invalid_idempotency_key``): 1..``max_length`` visible ASCII characters or spaces,
-    not starting or ending with a space."""
-    if value is None or value == "":
-        raise RequestRejected(
-            "missing_idempotency_key",
-            f"the {IDEMPOTENCY_HEADER} header is required",
-            field=IDEMPOTENCY_HEADER,
-        )
-    if len(value) > max_length:
-        raise RequestRejected(
-            "invalid_idempotency_key",
-            f"{IDEMPOTENCY_HEADER} is {len(value)} characters long; at most {max_length}",
-            field=IDEMPOTENCY_HEADER,
-        )
-    if not _KEY_CHARS.match(value) or value != value.strip():
-        raise RequestRejected(
-            "invalid_idempotency_key",
-            f"{IDEMPOTENCY_HEADER} must be printable ASCII without leading or trailing spaces",
-            field=IDEMPOTENCY_HEADER,
-        )
-    return value
-
-
-# -- answers ---------------------------------------------------------------------------
-
-
-def answer_for_error(exc: Exception, *, retry_after_s: float) -> Answer:
-    """The typed answer for an error (the module's table); ``retry_after_s`` is the
-    ``Retry-After`` for load shedding that does not say when to come back."""
-    code = getattr(exc, "code", None)
-    status = getattr(exc, "http_status", None)
-    own_retry = getattr(exc, "retry_after_s", None)
-    if isinstance(code, str) and isinstance(status, int) and 400 <= status <= 599:
-        field = getattr(exc, "field", None)
-        wait = float(own_retry) if isinstance(own_retry, (int, float)) else None
-        if wait is None and status in (429, 503):
-            wait = retry_after_s
-        return Answer.error(
-            status,
-            code,
-            str(exc),
-            field=field if isinstance(field, str) else None,
-            retry_after_s=wait,
-        )
-    if isinstance(exc, IdempotencyConflict):
-        return Answer.error(409, "idempotency_conflict", str(exc), field=IDEMPOTENCY_HEADER)
-    if isinstance(exc, RateLimitExceeded):
-        return Answer.error(429, "overloaded", str(exc), retry_after_s=exc.retry_after_s)
-    if isinstance(exc, LoadShed):
-        wait = own_retry if isinstance(own_retry, (int, float)) else retry_after_s
-        return Answer.error(503, "overloaded", str(exc), retry_after_s=float(wait))
-    if isinstance(exc, TransientProviderError):
-        return Answer.error(503, "unavailable", str(exc), retry_after_s=retry_after_s)
-    log.error("dispatch: unexpected error from the submitter", exc_info=exc)
-    return Answer.error(500, "internal_error", f"internal error ({type(exc).__name__})")
-
-
 async def submit_and_answer(
-    submitter: Submitter, request: DispatchRequest, *, retry_after_s: float
+    submitter: Submitter, request: SubmitRequest, *, retry_after_s: float
 ) -> Answer:
     """Submit ``request`` and answer: 202 (new), 200 (replay), or the error's answer."""
     try:
         result = await submitter.submit(request)
     except Exception as exc:
-        return answer_for_error(exc, retry_after_s=retry_after_s)
-    body = msgspec.json.encode(AcceptedBody(dispatch_id=result.dispatch_id, status=result.status))
-    return Answer(200 if result.replay else 202, body)
-
-
-# -- NATS, asyncio side (each function is one unit of work for providers.bridge.run) ------
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """One request off the subject (copied out of nats-py's message)."""
-
-    subject: str
-    reply: str
-    data: bytes
-    headers: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    subject: str
-    data: bytes
-    headers: dict[str, str]
-
-
-async def subscribe(
-    client: jetstream.JetStreamClient, subject: str, queue: str, pending_msgs_limit: int
-) -> Subscription:
-    """asyncio side: a queue-group subscription without a callback (read by :func:`next_commands`)."""
-    subscription: Subscription = await client.nc.subscribe(
-        subject, queue=queue, pending_msgs_limit=pending_msgs_limit
-    )
-    return subscription
-
-
-async def unsubscribe(subscription: Subscription) -> None:
-    """asyncio side: leave the queue group (buffered requests are dropped; requesters time out)."""
-    await subscription.unsubscribe()
-
-
-async def next_commands(subscription: Subscription, batch: int, timeout_s: float) -> list[Command]:
-    """asyncio side: wait up to ``timeout_s`` for one request, then take what is buffered
-    (at most ``batch`` in all); [] when none came."""
-    try:
-        first = await subscription.next_msg(timeout=timeout_s)
-    except nats.errors.TimeoutError:
-        return []
-    messages = [first]
-    while len(messages) < batch and subscription.pending_msgs > 0:
-        messages.append(await subscription.next_msg(timeout=None))
-    return [
-        Command(
-            subject=msg.subject,
-            reply=msg.reply,
-            data=bytes(msg.data),
-            headers=dict(msg.headers or {}),
-        )
-        for msg in messages
-    ]
-
-
-async def publish_replies(client: jetstream.JetStreamClient, replies: Sequence[Reply]) -> None:
-    """asyncio side: publish every reply, then flush once."""
-    for reply in replies:
-        await client.nc.publish(reply.subject, reply.data, headers=reply.headers)
-    await client.nc.flush()
+        return answer_for(exc, retry_after_s=retry_after_s)
+    status = result.status if result.status is not None else DispatchStatus.QUEUED
+    return Answer.accepted(result.dispatch_id, status.value, replay=result.replay)
 
 
 # -- NATS, Trio side -------------------------------------------------------------------
@@ -488,7 +258,7 @@ class DispatchCommands:
         pending_msgs_limit: int,
         retry_after_s: float,
         unsubscribe_timeout_s: float,
-        max_key_length: int = MAX_IDEMPOTENCY_KEY_LENGTH,
+        max_key_length: int,
         registry: CollectorRegistry | None = None,
     ) -> None:
         if max_body_bytes < 1 or batch_max < 1 or pending_msgs_limit < 1:
@@ -586,9 +356,9 @@ class DispatchCommands:
         try:
             body = decode_command(command.data)
             key = self._key(command, body)
-        except RequestRejected as exc:
-            return answer_for_error(exc, retry_after_s=self.retry_after_s)
-        request = DispatchRequest.of(body, key)
+        except (RequestRejected, InvalidRequest) as exc:
+            return answer_for(exc, retry_after_s=self.retry_after_s)
+        request = request_of(body, key)
         return await submit_and_answer(self.submitter, request, retry_after_s=self.retry_after_s)
 
     def _key(self, command: Command, body: DispatchCommandBody) -> str:
@@ -600,8 +370,11 @@ class DispatchCommands:
                 f"the {IDEMPOTENCY_HEADER} header and the idempotency_key field differ",
                 field="idempotency_key",
             )
-        return check_idempotency_key(field if field is not None else header,
-                                     max_length=self.max_key_length)  # fmt: skip
+        return check_idempotency_key(
+            field if field is not None else header,
+            max_length=self.max_key_length,
+            field=IDEMPOTENCY_HEADER,
+        )
 
     async def _answer_into(
         self, answers: list[Answer | None], index: int, command: Command
@@ -615,11 +388,7 @@ class DispatchCommands:
             self._metrics.answered.labels(str(answer.status)).inc()
 
     def _reply(self, command: Command, answer: Answer) -> Reply:
-        headers = {STATUS_HEADER: str(answer.status), "Content-Type": "application/json"}
-        retry_after = answer.retry_after
-        if retry_after is not None:
-            headers["Retry-After"] = retry_after
-        return Reply(subject=command.reply, data=answer.body, headers=headers)
+        return Reply(subject=command.reply, data=answer.body, headers=answer.nats_headers())
 
     def _unanswerable(self, command: Command) -> None:
         self.stats.unanswerable += 1

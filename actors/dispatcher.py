@@ -7,10 +7,15 @@
    template name; ``data`` a ``dict[str, str]`` within the configured bounds.
    Anything else raises :class:`InvalidRequest` naming the field; nothing is written.
 2. **idempotency, fast path** (when an :class:`~actors.idempotency.IdempotencyStore`
-   with Redis is given): ``SET NX GET`` of the key with the new dispatch id. A
-   key already there answers the duplicate at once (another body:
-   :class:`IdempotencyConflict`). Redis down, slow or refused by its breaker:
-   fall open to step 5, which is the truth either way.
+   with Redis is given): a ``GET`` of the key. A key already there names a
+   committed dispatch and answers the duplicate at once (another body:
+   :class:`IdempotencyConflict`). Absent, or Redis down, slow or refused by its
+   breaker: step 5 decides, which is the truth either way. The entry is written
+   only **after** step 5 committed (:meth:`IdempotencyStore.settle`), so a cache
+   hit can never name a dispatch that does not exist: a crash between the commit
+   and the cache write leaves no entry, and the retry is answered by the
+   database. (Claiming the key in Redis before the commit lost acknowledged
+   dispatches to ``kill -9``: the retry found the claim of a row never written.)
 3. **template** from the :class:`~actors.templates.TemplateRegistry` (cached),
    rendered strictly (a missing field is an :class:`InvalidRequest` on
    ``data.<field>``). A missing template fails closed (row 19): the dispatch is
@@ -58,7 +63,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -72,16 +77,17 @@ from actors.failover import (
     Outcome,
     OutcomeKind,
 )
-from actors.idempotency import IdempotencyConflict, IdempotencyStore
+from actors.idempotency import IdempotencyConflict, IdempotencyStore, Lookup
 from actors.templates import MissingField, TemplateNotFound, TemplateRegistry, TemplateRenderError
 from engine.detectors import CountInWindowDetector
-from engine.errors import CircuitOpen, LoadShed, ProviderError, Rejected, TriageError
+from engine.errors import LoadShed, ProviderError, Rejected, TriageError
 from engine.metrics import families
 from engine.ratelimit import RateLimiter
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers.channel import ChannelName, Message
 from providers.db.categories import BlockState
 from providers.db.dispatches import (
+    MAX_TEMPLATE_VERSION,
     AcceptRequest,
     AcceptResult,
     DeadRecipient,
@@ -93,7 +99,6 @@ from providers.db.dispatches import (
     record_outcome_async,
 )
 from providers.push_feedback import push_platform
-from providers.redis_cache import CachedKey, decode_entry
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -105,15 +110,15 @@ __all__ = [
     "DispatchLimits",
     "DispatchService",
     "DispatcherState",
-    "IdempotencyConflict",
+    "InvalidIdempotencyKey",
     "InvalidRequest",
     "Job",
+    "MissingIdempotencyKey",
     "Overloaded",
     "PhiRefused",
-    "RequestLike",
     "SubmitRequest",
     "SubmitResult",
-    "TemplateNotFound",
+    "check_idempotency_key",
 ]
 
 log = logging.getLogger("triage.dispatcher")
@@ -124,10 +129,7 @@ DEFAULT_ROUTE = "default"
 
 
 class InvalidRequest(TriageError):
-    """A request field is malformed (400 / a NATS error reply); nothing was written."""
-
-    code = "invalid_request"
-    http_status = 400
+    """A request field is malformed; nothing was written (answers: :mod:`actors.answers`)."""
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
@@ -135,11 +137,38 @@ class InvalidRequest(TriageError):
         self.problem = problem
 
 
+class MissingIdempotencyKey(InvalidRequest):
+    """The request carries no ``Idempotency-Key``."""
+
+    def __init__(self, field: str = "idempotency_key") -> None:
+        super().__init__(field, "the Idempotency-Key header is required")
+
+
+class InvalidIdempotencyKey(InvalidRequest):
+    """The ``Idempotency-Key`` is too long or not printable ASCII."""
+
+    def __init__(self, problem: str, field: str = "idempotency_key") -> None:
+        super().__init__(field, problem)
+
+
+def check_idempotency_key(
+    value: str | None, *, max_length: int, field: str = "idempotency_key"
+) -> str:
+    """The one rule for an ``Idempotency-Key``, at every door: 1..``max_length`` visible
+    ASCII characters or spaces, not starting or ending with a space (what a header
+    carries unmangled). :class:`MissingIdempotencyKey` / :class:`InvalidIdempotencyKey`
+    naming ``field`` (the doors: the header; the dispatcher: the request's field)."""
+    if value is None or value == "":
+        raise MissingIdempotencyKey(field)
+    if len(value) > max_length:
+        raise InvalidIdempotencyKey(f"{len(value)} characters long; at most {max_length}", field)
+    if _KEY.fullmatch(value) is None or value != value.strip():
+        raise InvalidIdempotencyKey("printable ASCII without leading or trailing spaces", field)
+    return value
+
+
 class CategoryDisabled(TriageError):
     """The tenant's category is disabled (row 3): the dispatch was stored ``failed``."""
-
-    code = "category_disabled"
-    http_status = 422
 
     def __init__(self, tenant_id: str, channel: str, category: str, dispatch_id: str) -> None:
         super().__init__(
@@ -154,9 +183,6 @@ class CategoryDisabled(TriageError):
 class PhiRefused(TriageError):
     """The push payload carries PHI: the dispatch was stored ``failed`` reason ``phi_guard``."""
 
-    code = "phi_guard"
-    http_status = 422
-
     def __init__(self, what: str, dispatch_id: str | None) -> None:
         super().__init__(f"push payload refused by the PHI guard ({what})")
         self.what = what
@@ -165,9 +191,6 @@ class PhiRefused(TriageError):
 
 class Overloaded(LoadShed):
     """The channel's dispatcher mailbox is full (429 / 503); nothing was written."""
-
-    code = "overloaded"
-    http_status = 503
 
     def __init__(self, channel: str, capacity: int) -> None:
         super().__init__(f"the {channel} dispatcher is full ({capacity} queued)")
@@ -179,7 +202,7 @@ class Overloaded(LoadShed):
 
 
 class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """One dispatch request, as the ingress decoded it."""
+    """The one dispatch request type, whichever door it came through (HTTP, NATS, tests)."""
 
     tenant_id: str
     idempotency_key: str
@@ -190,39 +213,17 @@ class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True):
     data: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class RequestLike(Protocol):
-    """What :meth:`DispatchService.submit` reads (``SubmitRequest`` or the ingress's own)."""
-
-    @property
-    def tenant_id(self) -> str: ...
-    @property
-    def idempotency_key(self) -> str: ...
-    @property
-    def channel(self) -> str: ...
-    @property
-    def recipient(self) -> str: ...
-    @property
-    def template(self) -> str: ...
-    @property
-    def template_version(self) -> int | None: ...
-    @property
-    def data(self) -> dict[str, str]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitResult:
-    """The answer: the dispatch and where it stands (``duplicate``: an earlier request's)."""
+class SubmitResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The one result of a dispatch request, at every door: the dispatch and where it
+    stands. ``replay``: an earlier request's dispatch (``status`` None when the cache
+    answered, which does not know it); ``deferred``: accepted, but left to the backlog
+    task (the mailbox filled meanwhile)."""
 
     dispatch_id: str
     status: DispatchStatus | None
-    duplicate: bool = False
+    replay: bool = False
     reason: str | None = None
-    deferred: bool = False  # accepted, but left to the backlog task (mailbox filled meanwhile)
-
-    @property
-    def replay(self) -> bool:
-        """The ingress's word for ``duplicate``."""
-        return self.duplicate
+    deferred: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +242,7 @@ _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _EMAIL = re.compile(r"[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+")
 _TEMPLATE = re.compile(r"[A-Za-z0-9_.\-]+")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEY = re.compile(r"[\x21-\x7e]+")
+_KEY = re.compile(r"[\x20-\x7e]+")  # visible ASCII and the space (check_idempotency_key)
 
 
 # -- the channel dispatcher -----------------------------------------------------------------
@@ -713,7 +714,7 @@ class DispatchService:
 
     # -- submit -------------------------------------------------------------------------------
 
-    async def submit(self, request: RequestLike) -> SubmitResult:
+    async def submit(self, request: SubmitRequest) -> SubmitResult:
         """Validate, dedupe, render, guard, accept and hand off one dispatch (module doc)."""
         try:
             channel = self._validate(request)
@@ -733,30 +734,28 @@ class DispatchService:
         request_hash = _request_hash(request)
         dispatch_id = self.new_id()
 
-        cached = await self._cache_claim(tenant, request.idempotency_key, request_hash, dispatch_id)
-        if isinstance(cached, CachedKey):
-            if cached.request_hash != request_hash:
-                self.stats.conflicts += 1
-                raise IdempotencyConflict(tenant, request.idempotency_key)
-            self.stats.cache_duplicates += 1
-            self._count(channel, "duplicate")
-            return SubmitResult(str(cached.response["dispatch_id"]), None, duplicate=True)
-        try:
-            result = await self._submit(
-                request, channel, dispatcher, tenant, request_hash, dispatch_id
+        lookup = await self._cache_lookup(tenant, request.idempotency_key, request_hash)
+        if lookup is not None and lookup.duplicate is not None:
+            cached = lookup.duplicate.response
+            if isinstance(cached, dict) and "dispatch_id" in cached:  # a committed dispatch
+                self.stats.cache_duplicates += 1
+                self._count(channel, "duplicate")
+                return SubmitResult(dispatch_id=str(cached["dispatch_id"]), status=None, replay=True)
+            lookup = None  # not a dispatch's entry: the database decides, nothing is cached
+        result = await self._submit(request, channel, dispatcher, tenant, request_hash, dispatch_id)
+        if lookup is not None and self.idempotency is not None:
+            # The accept committed: only now may Redis name its dispatch (step 2).
+            await self.idempotency.settle(
+                lookup,
+                first=not result.replay,
+                stored_hash=request_hash,
+                response={"dispatch_id": result.dispatch_id},
             )
-        except BaseException:
-            if cached is True:  # our cache entry names a dispatch that was never stored
-                with trio.CancelScope(shield=True):
-                    await self._cache_forget(tenant, request.idempotency_key)
-            raise
-        if result.duplicate and cached is True:  # the cache had lost the key: ours is wrong
-            await self._cache_forget(tenant, request.idempotency_key)
         return result
 
     async def _submit(
         self,
-        request: RequestLike,
+        request: SubmitRequest,
         channel: ChannelName,
         dispatcher: ChannelDispatcher,
         tenant: str,
@@ -843,7 +842,7 @@ class DispatchService:
         if result.status is DispatchStatus.UNDELIVERABLE:
             self.stats.undeliverable += 1
             self._count(channel, "undeliverable")
-            return SubmitResult(did, result.status, reason=result.reason)
+            return SubmitResult(dispatch_id=did, status=result.status, reason=result.reason)
         self.stats.accepted += 1
         self._count(channel, "accepted")
         job = Job(
@@ -863,8 +862,8 @@ class DispatchService:
             dispatcher.offer(job)
         except Overloaded:  # filled meanwhile: the row is durable, the backlog sends it
             self.stats.deferred += 1
-            return SubmitResult(did, DispatchStatus.QUEUED, deferred=True)
-        return SubmitResult(did, DispatchStatus.QUEUED)
+            return SubmitResult(dispatch_id=did, status=DispatchStatus.QUEUED, deferred=True)
+        return SubmitResult(dispatch_id=did, status=DispatchStatus.QUEUED)
 
     def _settle_duplicate(self, result: AcceptResult, tenant: str, key: str) -> None:
         if not result.created and not result.same_request:
@@ -874,7 +873,7 @@ class DispatchService:
     def _duplicate(self, result: AcceptResult, channel: ChannelName) -> SubmitResult:
         self.stats.duplicates += 1
         self._count(channel, "duplicate")
-        return SubmitResult(str(result.dispatch_id), result.status, duplicate=True)
+        return SubmitResult(dispatch_id=str(result.dispatch_id), status=result.status, replay=True)
 
     def _count(self, channel: ChannelName | str, result: str) -> None:
         if self._metrics is not None:
@@ -890,19 +889,13 @@ class DispatchService:
 
     # -- validation and the PHI guard ---------------------------------------------------------
 
-    def _validate(self, request: RequestLike) -> ChannelName:
+    def _validate(self, request: SubmitRequest) -> ChannelName:
         limits = self.limits
         try:
             uuid.UUID(str(request.tenant_id))
         except ValueError:
             raise InvalidRequest("tenant_id", "not a UUID") from None
-        key = request.idempotency_key
-        if not isinstance(key, str) or not key:
-            raise InvalidRequest("idempotency_key", "required")
-        if len(key) > limits.max_key_chars or _KEY.fullmatch(key) is None:
-            raise InvalidRequest(
-                "idempotency_key", f"1 to {limits.max_key_chars} printable ASCII characters"
-            )
+        check_idempotency_key(request.idempotency_key, max_length=limits.max_key_chars)
         try:
             channel = ChannelName(request.channel)
         except ValueError:
@@ -911,6 +904,8 @@ class DispatchService:
         recipient = request.recipient
         if not isinstance(recipient, str) or len(recipient) > limits.max_recipient_chars:
             raise InvalidRequest("recipient", f"at most {limits.max_recipient_chars} characters")
+        if "\x00" in recipient:  # PostgreSQL text cannot hold it
+            raise InvalidRequest("recipient", "a NUL character")
         if channel is ChannelName.SMS and _E164.fullmatch(recipient) is None:
             raise InvalidRequest("recipient", "not an E.164 number (+ and 7 to 15 digits)")
         if channel is ChannelName.PUSH:
@@ -926,8 +921,10 @@ class DispatchService:
         if len(name) > limits.max_template_chars:
             raise InvalidRequest("template", f"at most {limits.max_template_chars} characters")
         version = request.template_version
-        if version is not None and (type(version) is not int or version < 1):
-            raise InvalidRequest("template_version", "a whole number >= 1")
+        if version is not None and (
+            type(version) is not int or not 1 <= version <= MAX_TEMPLATE_VERSION
+        ):
+            raise InvalidRequest("template_version", f"a whole number 1..{MAX_TEMPLATE_VERSION}")
         data = request.data
         if not isinstance(data, dict):
             raise InvalidRequest("data", "an object of strings")
@@ -942,13 +939,15 @@ class DispatchService:
                 raise InvalidRequest("data", f"bad field name {str(field_name)[:40]!r}")
             if not isinstance(value, str):
                 raise InvalidRequest(f"data.{field_name}", "must be a string")
+            if "\x00" in value:  # PostgreSQL's jsonb cannot hold it
+                raise InvalidRequest(f"data.{field_name}", "a NUL character")
             if len(value) > limits.max_value_chars:
                 raise InvalidRequest(
                     f"data.{field_name}", f"at most {limits.max_value_chars} characters"
                 )
         return channel
 
-    def _phi_hit(self, request: RequestLike, body: str, subject: str | None) -> str | None:
+    def _phi_hit(self, request: SubmitRequest, body: str, subject: str | None) -> str | None:
         for name in request.data:
             if name.lower() in self.phi_fields:
                 return f"field {name!r}"
@@ -959,59 +958,19 @@ class DispatchService:
 
     # -- the Redis fast path --------------------------------------------------------------------
 
-    async def _cache_claim(
-        self, tenant: str, key: str, request_hash: str, dispatch_id: uuid.UUID
-    ) -> CachedKey | bool | None:
-        """``SET NX GET`` through the store's breaker: the entry already there, True if
-        ours was set, None when Redis could not answer (fall open to the database)."""
-        store = self.idempotency
-        if store is None or store.cache is None:
+    async def _cache_lookup(self, tenant: str, key: str, request_hash: str) -> Lookup | None:
+        """The store's cache half of the claim (None without a store); a key cached for
+        another request is an :class:`IdempotencyConflict`."""
+        if self.idempotency is None:
             return None
-        entry = CachedKey(request_hash, {"dispatch_id": str(dispatch_id)})
-        raw = await self._cache_call(store, store.cache.claim, tenant, key, entry)
-        if raw is _FAILED:
-            return None
-        if raw is None:
-            return True
-        assert isinstance(raw, bytes)
-        found = decode_entry(raw)
-        if (
-            found is None
-            or not isinstance(found.response, dict)
-            or "dispatch_id" not in found.response
-        ):
-            return None  # not a dispatch entry (or still in progress): the database decides
-        return found
-
-    async def _cache_forget(self, tenant: str, key: str) -> None:
-        store = self.idempotency
-        if store is not None and store.cache is not None:
-            await self._cache_call(store, store.cache.forget, tenant, key)
-
-    async def _cache_call(self, store: IdempotencyStore, fn: Any, *args: Any) -> Any:
-        breaker = store.breaker
         try:
-            start = breaker.before_call()
-        except CircuitOpen:
-            return _FAILED
-        try:
-            with trio.fail_after(store.cache_timeout_s):
-                result = await fn(*args)
-        except Exception as exc:  # the cache is optional: fall open to the database
-            breaker.on_failure(exc, start)
-            log.debug("dispatch idempotency cache call failed: %r", exc)
-            return _FAILED
-        except BaseException as exc:
-            breaker.on_failure(exc, start)
+            return await self.idempotency.lookup(tenant, key, request_hash)
+        except IdempotencyConflict:
+            self.stats.conflicts += 1
             raise
-        breaker.on_success(start)
-        return result
 
 
-_FAILED: Any = object()
-
-
-def _request_hash(request: RequestLike) -> str:
+def _request_hash(request: SubmitRequest) -> str:
     material = msgspec.json.encode(
         [
             request.channel,

@@ -1,27 +1,41 @@
-"""The idempotency store: Redis ``SET NX`` in front, the database's unique key as the truth.
+"""The idempotency store: Redis in front, the database's unique key as the truth.
 
 Catalog row 7 (Redis cache miss flood). ``await store.claim(tenant, key, request_hash)``
 answers one question -- is this the first request with this key? -- and returns
 a :class:`Claim`::
 
-    Redis (behind the "redis" breaker, with a timeout)
-      SET NX GET finds the key ........ HIT   duplicate, answered by the cache alone
+    Redis GET (behind the "redis" breaker and bulkhead, with a timeout)
+      finds the key ................... HIT   duplicate, answered by the cache alone
                                               (same key, other request_hash: IdempotencyConflict)
-      SET NX GET set it (key new) ..... the database decides (INSERT ... ON CONFLICT):
-          inserted .................... HIT   first = True (the cache was right)
+      key absent ...................... the database decides (INSERT ... ON CONFLICT):
+          inserted .................... HIT   first = True (the cache was right); cached
           already there ............... MISS  duplicate; the cache lost the key (evicted,
                                               flushed): the entry is written back
       Redis down / breaker open ....... MISS  fail OPEN to the database: the INSERT decides
 
+**A cache entry is written only after the database committed the row it names.**
+That is the invariant that makes a Redis hit safe to trust without the database:
+a hit can only ever name a committed row. A daemon killed between its commit and
+its cache write leaves no entry at all -- the retry misses and the database
+answers it (and writes the entry back). The other order (``SET NX`` first, then
+the commit) was tried and lost acknowledged dispatches: a crash between the two
+left a claim naming a row that was never written, and every retry was answered
+with it. Verifying such a claim against the database on each hit would cost the
+round trip the cache exists to save; writing after the commit costs nothing but
+this: concurrent first requests of one key are serialized by the database's
+unique key (the second INSERT waits for the first's commit), not by Redis.
+
 The database is never skipped for a new key, so a flushed or absent cache can
-cost speed but never a duplicate: no key is claimed first twice. A Redis "hit"
-is trusted without the database (that is the point of the cache); its entry is
-only ever written after, or together with, the row that proves it -- a claim
-whose database INSERT fails removes the entry it cached. When the database is
-down too, ``claim`` raises (the translated ProviderError): there is no "send
-anyway". A duplicate that arrives while the first request is still in flight
-gets ``response=None`` (in progress: answer it like Stripe's 409, never by
-sending); if that first claim then fails in the database, the key is free again.
+cost speed but never a duplicate: no key is claimed first twice. When the
+database is down too, ``claim`` raises (the translated ProviderError): there is
+no "send anyway". A duplicate that arrives while the first request is still in
+flight gets ``response=None`` (in progress: answer it like Stripe's 409, never by
+sending).
+
+Callers that write their own row in their own transaction (the dispatcher: the
+idempotency row, the dispatch and its event in ONE statement) use the two halves
+of a claim: :meth:`IdempotencyStore.lookup` before their transaction and
+:meth:`IdempotencyStore.settle` after it committed.
 
 The **hit ratio** is the share of lookups Redis answered correctly (the HIT
 lines above). It feeds the row's :class:`~engine.detectors.RatioDetector`
@@ -35,6 +49,7 @@ background task; it reloads each known tenant's newest live keys
 (``warm_batch`` per tenant) from the database into Redis with ``SET NX`` in one
 pipeline, whenever the detector fires and whenever Redis answers again after a
 failure. Keys keep the shorter of the cache TTL and their own remaining life.
+Warmed entries come from committed rows, so they keep the invariant.
 
 Same key, different body -> :class:`IdempotencyConflict`, like Stripe's
 idempotency keys: the caller must not treat it as a duplicate of the first.
@@ -58,9 +73,9 @@ from engine.bulkhead import Bulkhead
 from engine.detectors import RatioDetector, make_detector
 from engine.errors import CircuitOpen, TriageError
 from engine.metrics import families
-from providers.db.idempotency import KeyRecord, claim_key, recent_keys
+from providers.db.idempotency import claim_key, recent_keys
 from providers.db.idempotency import complete_key as db_complete_key
-from providers.redis_cache import CachedKey, RedisCache, decode_entry
+from providers.redis_cache import CachedKey, RedisCache
 
 if TYPE_CHECKING:
     import asyncpg
@@ -74,6 +89,7 @@ __all__ = [
     "IdempotencyConflict",
     "IdempotencyStats",
     "IdempotencyStore",
+    "Lookup",
     "detector_config",
 ]
 
@@ -108,6 +124,20 @@ class Claim:
     first: bool
     response: Any = None
     source: Literal["cache", "database"] = "database"
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the cache said of a key before the database decided (:meth:`IdempotencyStore.lookup`).
+
+    ``duplicate``: the cache's answer (a committed key), or None -- the database must
+    decide; ``reachable``: Redis answered (so its "absent" is scored by ``settle``).
+    """
+
+    tenant: str
+    key: str
+    duplicate: Claim | None
+    reachable: bool
 
 
 @dataclass(slots=True)
@@ -275,39 +305,72 @@ class IdempotencyStore:
         Raises :class:`IdempotencyConflict` when the key belongs to another request,
         and the translated ProviderError when the database cannot decide.
         """
+        found = await self.lookup(tenant_id, key, request_hash)
+        if found.duplicate is not None:
+            return found.duplicate
+        first, record = await claim_key(self.pool, found.tenant, key, request_hash, self.key_ttl_s)
+        # Committed: only now may the cache hear of the key (module docstring).
+        await self.settle(
+            found, first=first, stored_hash=record.request_hash, response=record.response,
+            left_s=record.left_s,
+        )  # fmt: skip
+        if first:
+            return Claim(first=True, response=None, source="database")
+        return self._duplicate(
+            found.tenant, key, request_hash, record.request_hash, record.response, "database"
+        )
+
+    async def lookup(self, tenant_id: uuid.UUID | str, key: str, request_hash: str) -> Lookup:
+        """The cache's half of a claim, before the caller's database transaction.
+
+        ``duplicate`` is set when Redis holds the key (a committed row: the caller
+        answers the duplicate without the database); :class:`IdempotencyConflict`
+        when it holds the key for another request. Otherwise the database must
+        decide, and the caller reports its decision with :meth:`settle`.
+        """
         tenant = _tenant_text(tenant_id)
         if not key:
             raise ValueError("idempotency key must not be empty")
         self._remember(tenant)
-        cached = await self._cache_call(self._cache_claim, tenant, key, request_hash)
+        cached = await self._cache_call(self._cache_get, tenant, key)
         if isinstance(cached, CachedKey):
             self._observe(True)
-            return self._duplicate(
+            duplicate = self._duplicate(
                 tenant, key, request_hash, cached.request_hash, cached.response, "cache"
             )
-        if cached is _UNAVAILABLE:
+            return Lookup(tenant, key, duplicate=duplicate, reachable=True)
+        if isinstance(cached, _Unavailable):
             self.stats.db_fallbacks += 1
             if self._metrics is not None:
                 self._metrics.fallbacks.inc()
-        try:
-            first, record = await claim_key(self.pool, tenant, key, request_hash, self.key_ttl_s)
-        except BaseException:
-            if cached is None:  # we cached an entry the database never confirmed
-                with trio.CancelScope(shield=True):
-                    await self._cache_call(self._cache_forget, tenant, key)
-            raise
-        if cached is _UNAVAILABLE:
+            return Lookup(tenant, key, duplicate=None, reachable=False)
+        return Lookup(tenant, key, duplicate=None, reachable=True)
+
+    async def settle(
+        self,
+        lookup: Lookup,
+        *,
+        first: bool,
+        stored_hash: str | None,
+        response: Any,
+        left_s: float | None = None,
+    ) -> None:
+        """The database's decision on ``lookup``'s key, once COMMITTED: scored for the hit
+        ratio and cached (``first``: this request wrote the key; else it found it there).
+
+        ``stored_hash`` / ``response`` are the key's row (None: score only, cache nothing);
+        ``left_s`` the row's remaining life (default: the cache TTL). Never call it before
+        the commit: a cache entry must never name a row that may not exist.
+        """
+        if lookup.duplicate is not None:
+            return  # answered (and scored) by the cache
+        if not lookup.reachable:
             self._observe(False)
-        elif first:
-            self._observe(True)  # Redis said new, and it was
-        else:
-            self._observe(False)  # Redis had lost the key: put the truth back
-            await self._cache_call(self._cache_put, tenant, key, record)
-        if first:
-            return Claim(first=True, response=None, source="database")
-        return self._duplicate(
-            tenant, key, request_hash, record.request_hash, record.response, "database"
-        )
+            return
+        self._observe(first)  # new and Redis said absent: right; else Redis had lost it
+        if stored_hash is not None:
+            entry = CachedKey(stored_hash, response)
+            await self._cache_call(self._cache_put, lookup.tenant, lookup.key, entry, left_s)
 
     async def complete(self, tenant_id: uuid.UUID | str, key: str, response: Any) -> bool:
         """Record the response of a claimed key, for duplicates to replay; False if already set."""
@@ -352,23 +415,14 @@ class IdempotencyStore:
 
     # -- Redis, behind the breaker -----------------------------------------------------
 
-    async def _cache_claim(
-        self, cache: RedisCache, tenant: str, key: str, request_hash: str
-    ) -> CachedKey | None:
-        raw = await cache.claim(tenant, key, CachedKey(request_hash))
-        if raw is None:
-            return None
-        entry = decode_entry(raw)
-        if entry is None:  # not ours: overwrite it with the truth after the database decides
-            raise _Foreign
-        return entry
+    async def _cache_get(self, cache: RedisCache, tenant: str, key: str) -> CachedKey | None:
+        return await cache.get(tenant, key)  # None: absent, or not ours (then overwritten)
 
-    async def _cache_forget(self, cache: RedisCache, tenant: str, key: str) -> None:
-        await cache.forget(tenant, key)
-
-    async def _cache_put(self, cache: RedisCache, tenant: str, key: str, record: KeyRecord) -> None:
-        ttl_ms = max(1, round(record.left_s * 1000))
-        await cache.put(tenant, key, CachedKey(record.request_hash, record.response), ttl_ms)
+    async def _cache_put(
+        self, cache: RedisCache, tenant: str, key: str, entry: CachedKey, left_s: float | None
+    ) -> None:
+        ttl_ms = None if left_s is None else max(1, round(left_s * 1000))
+        await cache.put(tenant, key, entry, ttl_ms)
 
     async def _cache_refresh(self, cache: RedisCache, tenant: str, key: str, response: Any) -> None:
         current = await cache.get(tenant, key)
@@ -403,10 +457,6 @@ class IdempotencyStore:
         try:
             with trio.fail_after(self.cache_timeout_s):
                 result = await fn(cache, *args)
-        except _Foreign as exc:  # Redis answered; the value was not ours
-            self.breaker.on_success(start)
-            del exc
-            return _UNAVAILABLE
         except Exception as exc:  # the cache is optional: any failure falls open to the DB
             self.breaker.on_failure(exc, start)
             self._cache_failed()
@@ -476,7 +526,3 @@ class IdempotencyStore:
                 log.warning("idempotency cache warm-up failed: %r", exc)
             else:
                 log.info("idempotency cache warmed: %d keys", added)
-
-
-class _Foreign(Exception):
-    """A cached value that is not a store entry."""

@@ -73,11 +73,8 @@ class TemplateNotFound(TriageError):
     """No usable template (tenant, name, version): the dispatch fails closed.
 
     ``dispatch_id`` is set by the dispatcher once the ``failed`` row is written.
-    ``code`` / ``http_status`` follow the ingress's error convention.
+    Its answer (422 ``template_not_found``) is :mod:`actors.answers`'.
     """
-
-    code = "template_not_found"
-    http_status = 422
 
     def __init__(self, tenant_id: str, name: str, version: int | None) -> None:
         which = "the active version" if version is None else f"version {version}"

@@ -507,6 +507,9 @@ class DispatchConfig(_Section, frozen=True, kw_only=True):
     """Dispatch intake (HTTP and NATS) and the channel dispatchers."""
 
     max_body_bytes: PositiveInt = 65_536
+    # An oversize body declared up to this many bytes is read and discarded before the
+    # 413, so the client gets the answer instead of a reset; a larger one is cut.
+    drain_max_bytes: PositiveInt = 1_048_576
     nats_subject: Name = "triage.commands.dispatch"
     nats_queue: Name = "triage-dispatch"
     concurrency: PositiveInt = 64  # sends in flight per channel

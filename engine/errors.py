@@ -36,8 +36,10 @@ them) but rooted here; ``engine`` itself imports nothing from the other packages
     │  ├─ RestartIntensityExceeded     more than N restarts within T seconds
     │  └─ TooManyChildren              the dynamic-children bound is reached
     ├─ StartAbandoned                  supervisors.backbone: a drain cancelled the start
-    ├─ RequestRejected                 actors.dispatch_commands: refused before the submitter
+    ├─ RequestRejected                 actors.answers: refused at a door before the submitter
     ├─ InvalidRequest                  actors.dispatcher: a field fails validation (4xx)
+    │  ├─ MissingIdempotencyKey        no Idempotency-Key given
+    │  └─ InvalidIdempotencyKey        a key that is empty, too long or not visible ASCII
     ├─ CategoryDisabled                actors.dispatcher: the tenant's category is disabled
     ├─ PhiRefused                      actors.dispatcher: the push PHI guard refused the payload
     ├─ IdempotencyConflict             actors.idempotency: one key, two different requests
@@ -52,6 +54,8 @@ them) but rooted here; ``engine`` itself imports nothing from the other packages
     ├─ BodyTooLarge                    providers.asgi: the request body is over its cap
     ├─ ClientDisconnected              providers.asgi: the client left before the body was read
     ├─ CategoryError (also ValueError) providers.db.categories: not a category block's name
+    ├─ UnknownTenant                   providers.db.dispatches: a well-formed tenant id of no tenant
+    ├─ UnstorableValue                 providers.db.dispatches: a value the database refuses
     ├─ PoisonEvent                     providers.db.outbox: a publish result, dead-letter at once
     ├─ RedriveError                    providers.db.dead_letters: a redrive refused
     ├─ MigrationError                  providers.db.migrate

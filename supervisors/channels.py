@@ -41,12 +41,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
-import trio
 
 from actors.bounce_tracker import ROW as BOUNCE_ROW
 from actors.bounce_tracker import BounceTracker, DbBlockStore
-from actors.dispatch_commands import DispatchCommands, DispatchRequest
-from actors.dispatch_commands import SubmitResult as WireResult
+from actors.counted_sends import CountedSends
+from actors.dispatch_commands import DispatchCommands
 from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
 from actors.dlr_ingress import ROW as DLR_ROW
 from actors.dlr_ingress import DlrIngress
@@ -54,6 +53,7 @@ from actors.failover import ROW as SMS_ROW
 from actors.failover import Failover, Route
 from actors.push_feedback import ROW as FEEDBACK_ROW
 from actors.push_feedback import PushFeedback, StaleSweep
+from actors.receipt_applier import ReceiptApplier
 from actors.templates import ROW as TEMPLATE_ROW
 from actors.templates import TemplateRegistry
 from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs, located
@@ -75,9 +75,8 @@ from engine.runtime import Runtime
 from engine.supervisor import ChildSpec
 from providers.apns import ApnsAdapter, apns_client
 from providers.bounces import bounce_parser
-from providers.channel import Accepted, Adapter, ChannelName, DeliveryState, Message, Receipt
+from providers.channel import Adapter, ChannelName, Receipt
 from providers.db.dispatches import (
-    apply_receipts_async,
     mark_stale_unknown_async,
     outstanding_async,
 )
@@ -92,14 +91,12 @@ from supervisors.emulated import Endpoints, ghasi_wire
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
 
-    from providers.channel import StatusAnswer
     from supervisors.backbone import Backbone
 
 __all__ = [
     "CHANNEL_MODULES",
     "CHANNEL_ROWS",
     "Channels",
-    "ReceiptApplier",
     "build_channels",
     "channel_problems",
     "channel_profiles",
@@ -158,76 +155,11 @@ def channel_problems(config: TriageConfig, source: str = "<config>") -> list[Con
     return problems
 
 
-class ReceiptApplier:
-    """The DLR workers' and push feedback's sink: receipts to dispatch rows, bounces to row 3.
-
-    A soft bounce (``FAILED``, not permanent) leaves its dispatch as it is: the mail
-    server goes on trying; only the bounce tracker hears of it.
-    """
-
-    def __init__(
-        self, backbone: Backbone, tracker: BounceTracker | None, *, db_units: int
-    ) -> None:
-        self.db = backbone.pool
-        self.tracker = tracker
-        # However many DLR workers run, receipts hold at most this many pooled
-        # connections: a receipt flood never starves the accepts and the sends.
-        self.limiter = trio.CapacityLimiter(db_units)
-
-    async def apply(self, receipts: Sequence[Receipt]) -> None:
-        final = [r for r in receipts if r.permanent or r.state is not DeliveryState.FAILED]
-        if final:
-            async with self.limiter:
-                await self.db.run_unit(apply_receipts_async, final)
-        if self.tracker is not None:
-            for receipt in receipts:
-                if receipt.provider in _BOUNCE_PROVIDERS and receipt.state in _BOUNCES:
-                    self.tracker.record_bounce(receipt)
-
-
-_BOUNCE_PROVIDERS: Final = frozenset({"smtp"})
-_BOUNCES: Final = frozenset({DeliveryState.UNDELIVERABLE, DeliveryState.FAILED})
-
-
-class CountedSends:
-    """An adapter wrapper: each accepted email counts as sent for the bounce ratio (row 3)."""
-
-    def __init__(self, inner: Adapter, tracker: BounceTracker) -> None:
-        self.inner = inner
-        self.tracker = tracker
-        self.name = inner.name
-        self.channel = inner.channel
-
-    async def send(self, message: Message) -> Accepted:
-        accepted = await self.inner.send(message)
-        self.tracker.record_sent(message.tenant_id, message.category)
-        return accepted
-
-    async def status(self, message: Message) -> StatusAnswer | None:
-        return await self.inner.status(message)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-class Submitter:
-    """The ingress's view of the :class:`DispatchService` (the wire's result type)."""
-
-    def __init__(self, service: DispatchService) -> None:
-        self.service = service
-
-    async def submit(self, request: DispatchRequest) -> WireResult:
-        result = await self.service.submit(request)
-        status = result.status.value if result.status is not None else "queued"
-        return WireResult(dispatch_id=str(result.dispatch_id), status=status, replay=result.replay)
-
-
 @dataclass
 class Channels:
     """Everything :func:`build_channels` wired."""
 
     service: DispatchService
-    submitter: Submitter
     adapters: dict[str, Adapter]
     guards: dict[str, Guard]
     failovers: dict[str, Failover]
@@ -531,8 +463,7 @@ def build_channels(
         runtime=runtime,
         channels_supervisor=engine_kwargs(config.supervisors["providers"]),
     )
-    submitter = Submitter(service)
-    sink = ReceiptApplier(backbone, tracker, db_units=config.dlr.db_units)
+    sink = ReceiptApplier(backbone.pool, tracker, db_units=config.dlr.db_units)
 
     # Row 13: the DLR and bounce webhooks.
     dlr = config.dlr
@@ -635,11 +566,15 @@ def build_channels(
     )
 
     api = DispatchApi(
-        submitter, max_body_bytes=dispatch.max_body_bytes, retry_after_s=dispatch.retry_after_s
+        service,
+        max_body_bytes=dispatch.max_body_bytes,
+        drain_max_bytes=dispatch.drain_max_bytes,
+        retry_after_s=dispatch.retry_after_s,
+        max_key_length=dispatch.max_key_chars,
     )
     commands = DispatchCommands(
         client=backbone.nats,
-        submitter=submitter,
+        submitter=service,
         subject=dispatch.nats_subject,
         queue=dispatch.nats_queue,
         max_body_bytes=dispatch.max_body_bytes,
@@ -648,6 +583,7 @@ def build_channels(
         pending_msgs_limit=dispatch.nats_pending_limit,
         retry_after_s=dispatch.retry_after_s,
         unsubscribe_timeout_s=dispatch.nats_unsubscribe_timeout_s,
+        max_key_length=dispatch.max_key_chars,
         registry=registry,
     )
     specs = [
@@ -660,7 +596,6 @@ def build_channels(
     ]
     return Channels(
         service=service,
-        submitter=submitter,
         adapters=adapters,
         guards=guards,
         failovers=failovers,

@@ -30,7 +30,7 @@ a field missing, unknown or of the wrong type      400   invalid_field (``field`
 Then the submitter decides: 202 ``{"dispatch_id", "status"}``, 200 with the
 original answer for a replay, or its typed error (409 idempotency_conflict, 422
 template_not_found / category_disabled, 429/503 overloaded with
-``Retry-After``...), see the error convention in :mod:`actors.dispatch_commands`.
+``Retry-After``...), from the one answer table, :mod:`actors.answers`.
 
 ``GET /v1/dispatches/{id}`` is not served (404): the dispatcher offers no
 lookup yet.
@@ -42,17 +42,9 @@ import logging
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from actors.dispatch_commands import (
-    MAX_IDEMPOTENCY_KEY_LENGTH,
-    Answer,
-    DispatchRequest,
-    RequestRejected,
-    Submitter,
-    answer_for_error,
-    check_idempotency_key,
-    decode_body,
-    submit_and_answer,
-)
+from actors.answers import IDEMPOTENCY_HEADER, Answer, RequestRejected, answer_for
+from actors.dispatch_commands import Submitter, decode_body, request_of, submit_and_answer
+from actors.dispatcher import InvalidRequest, check_idempotency_key
 from providers.asgi import (
     BodyTooLarge,
     ClientDisconnected,
@@ -75,6 +67,11 @@ class DispatchApi:
 
     ``max_body_bytes`` caps the body (never buffered beyond it);
     ``retry_after_s`` is the ``Retry-After`` for load shedding that names none;
+    ``max_key_length`` is ``[dispatch] max_key_chars`` (the NATS door's too);
+    ``drain_max_bytes`` bounds how much of a refused oversize body is read (and
+    discarded, in constant memory) so that its 413 reaches the client -- None: a
+    body that declared its ``Content-Length`` is drained to that length (the client
+    sends it anyway); a chunked body is never read past the cap;
     ``require_content_length`` refuses bodies without ``Content-Length`` (411)
     instead of reading them up to the cap; ``max_key_length`` bounds the key.
     """
@@ -85,14 +82,16 @@ class DispatchApi:
         *,
         max_body_bytes: int,
         retry_after_s: float,
+        drain_max_bytes: int | None = None,
         require_content_length: bool = False,
-        max_key_length: int = MAX_IDEMPOTENCY_KEY_LENGTH,
+        max_key_length: int,
         path: str = "/v1/dispatches",
     ) -> None:
         if max_body_bytes < 1 or max_key_length < 1 or not retry_after_s > 0:
             raise ValueError("max_body_bytes, max_key_length and retry_after_s must be > 0")
         self.submitter = submitter
         self.max_body_bytes = max_body_bytes
+        self.drain_max_bytes = drain_max_bytes
         self.retry_after_s = retry_after_s
         self.require_content_length = require_content_length
         self.max_key_length = max_key_length
@@ -122,8 +121,8 @@ class DispatchApi:
             )
         try:
             return await self._post(scope, receive)
-        except RequestRejected as exc:
-            return answer_for_error(exc, retry_after_s=self.retry_after_s)
+        except (RequestRejected, InvalidRequest) as exc:
+            return answer_for(exc, retry_after_s=self.retry_after_s)
 
     async def _post(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> Answer:
         media = (header_value(scope, b"content-type") or "").partition(";")[0].strip().lower()
@@ -135,7 +134,9 @@ class DispatchApi:
                 field="Content-Type",
             )
         key = check_idempotency_key(
-            header_value(scope, b"idempotency-key"), max_length=self.max_key_length
+            header_value(scope, b"idempotency-key"),
+            max_length=self.max_key_length,
+            field=IDEMPOTENCY_HEADER,
         )
         try:
             declared = declared_length(scope)
@@ -148,6 +149,8 @@ class DispatchApi:
                 "length_required", "a Content-Length header is required", http_status=411
             )
         if declared is not None and declared > self.max_body_bytes:
+            if self.drain_max_bytes is None or declared <= self.drain_max_bytes:
+                await _drain(receive, declared)
             raise RequestRejected(
                 "payload_too_large",
                 str(BodyTooLarge(self.max_body_bytes, declared=declared)),
@@ -157,8 +160,28 @@ class DispatchApi:
             data = await read_body(receive, max_bytes=self.max_body_bytes)
         except BodyTooLarge as exc:
             raise RequestRejected("payload_too_large", str(exc), http_status=413) from exc
-        request = DispatchRequest.of(decode_body(data), key)
+        request = request_of(decode_body(data), key)
         return await submit_and_answer(self.submitter, request, retry_after_s=self.retry_after_s)
+
+
+async def _drain(receive: ASGIReceiveCallable, max_bytes: int) -> None:
+    """Read and discard the rest of a refused body, at most ``max_bytes`` of it.
+
+    Answering before the client has sent its body, then closing, makes the kernel
+    reset the connection with the client's bytes unread -- and the client loses the
+    answer with it ("server disconnected without sending a response"). Draining
+    (constant memory) lets the 413 arrive; past ``max_bytes`` it is best effort.
+    """
+    size = 0
+    while size <= max_bytes:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected while sending the body")
+        if message["type"] != "http.request":
+            continue
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _send(send: ASGISendCallable, answer: Answer) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import trio
 
-from actors.dispatch_commands import DispatchRequest, SubmitResult
+from actors.dispatcher import SubmitRequest, SubmitResult
+from providers.db.dispatches import DispatchStatus
 
 __all__ = ["Submitter", "Typed"]
 
 
 class Typed(Exception):
-    """An error in the dispatcher's convention (``code`` + ``http_status``)."""
+    """An error outside the answer table carrying ``code`` + ``http_status`` (its fallback)."""
 
     def __init__(self, code: str, http_status: int, *, field: str | None = None) -> None:
         super().__init__(f"{code} happened")
@@ -24,11 +25,11 @@ class Submitter:
     raises ``error`` when one is set."""
 
     def __init__(self) -> None:
-        self.seen: list[DispatchRequest] = []
+        self.seen: list[SubmitRequest] = []
         self.by_key: dict[str, SubmitResult] = {}
         self.error: Exception | None = None
 
-    async def submit(self, request: DispatchRequest) -> SubmitResult:
+    async def submit(self, request: SubmitRequest) -> SubmitResult:
         await trio.lowlevel.checkpoint()
         if self.error is not None:
             raise self.error
@@ -36,6 +37,6 @@ class Submitter:
         known = self.by_key.get(request.idempotency_key)
         if known is not None:
             return SubmitResult(dispatch_id=known.dispatch_id, status=known.status, replay=True)
-        result = SubmitResult(dispatch_id=f"d{len(self.by_key) + 1}", status="queued")
+        result = SubmitResult(dispatch_id=f"d{len(self.by_key) + 1}", status=DispatchStatus.QUEUED)
         self.by_key[request.idempotency_key] = result
         return result

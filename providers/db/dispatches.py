@@ -40,10 +40,11 @@ import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import asyncpg
 
+from engine.errors import TriageError
 from providers.channel import DeliveryState, Receipt
 from providers.db.categories import BlockState, mark_dead_in
 from providers.db.tenancy import (
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AGGREGATE",
+    "MAX_TEMPLATE_VERSION",
     "OPS_NOTICE_SUBJECT",
     "STALE_REASON",
     "SUBJECT_PREFIX",
@@ -73,6 +75,8 @@ __all__ = [
     "Transition",
     "TransitionOutcome",
     "TransitionResult",
+    "UnknownTenant",
+    "UnstorableValue",
     "accept_async",
     "apply_receipts_async",
     "event_subject",
@@ -87,6 +91,26 @@ AGGREGATE = "dispatch"
 SUBJECT_PREFIX = "triage.events.dispatch."
 OPS_NOTICE_SUBJECT = "triage.events.ops.notice"
 STALE_REASON = "feedback_stale"
+#: ``dispatches.template_version`` and ``templates.version`` are PostgreSQL ``integer``s:
+#: a fact of the schema (not a tunable), checked at the door so the database never sees more.
+MAX_TEMPLATE_VERSION: Final = 2**31 - 1
+
+
+class UnknownTenant(TriageError):
+    """The tenant id is well formed but names no tenant (the rows' foreign key refused it)."""
+
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(f"no tenant {tenant_id}")
+        self.tenant_id = tenant_id
+
+
+class UnstorableValue(TriageError):
+    """PostgreSQL refused a value of the request (out of range, a NUL byte, ...): nothing
+    was written. The door's validation should have caught it; this is the backstop."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"a value cannot be stored: {problem}")
+        self.problem = problem
 
 
 class DispatchStatus(enum.StrEnum):
@@ -257,13 +281,23 @@ async def accept_async(
     once (template missing, PHI guard): both events are written, nothing is sent.
     ``notices`` are internal-ops notice payloads written (``triage.events.ops.notice``)
     in the same transaction when the row is new.
+
+    Raises :class:`UnknownTenant` when no tenant has ``req.tenant_id`` and
+    :class:`UnstorableValue` when PostgreSQL refuses a value; nothing is written then.
     """
-    async with pool.acquire() as conn, tenant_transaction(conn, req.tenant_id):
-        result = await _accept(conn, req, refuse)
-        if result.created:
-            for notice in notices:
-                await _notice(conn, req.tenant_id, notice)
-        return result
+    try:
+        async with pool.acquire() as conn, tenant_transaction(conn, req.tenant_id):
+            result = await _accept(conn, req, refuse)
+            if result.created:
+                for notice in notices:
+                    await _notice(conn, req.tenant_id, notice)
+            return result
+    except asyncpg.ForeignKeyViolationError as exc:
+        if (exc.constraint_name or "").endswith("_tenant_id_fkey"):
+            raise UnknownTenant(req.tenant_id) from exc
+        raise
+    except asyncpg.DataError as exc:
+        raise UnstorableValue(str(exc)) from exc
 
 
 # -- transitions ------------------------------------------------------------------------

@@ -15,12 +15,10 @@ import trio
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
-from actors.dispatch_commands import (
-    STATUS_HEADER,
-    CommandsState,
-    DispatchCommands,
-    DispatchRequest,
-)
+from actors.answers import STATUS_HEADER
+from actors.dispatch_commands import CommandsState, DispatchCommands
+from actors.dispatcher import SubmitRequest
+from config.schema import DispatchConfig
 from engine.errors import BulkheadFull
 from providers import jetstream
 from providers.bridge import run
@@ -62,6 +60,7 @@ async def serving(
             pending_msgs_limit=256,
             retry_after_s=2.0,
             unsubscribe_timeout_s=1.0,
+            max_key_length=DispatchConfig().max_key_chars,
             registry=registry,
         )
         for client in clients[1:]
@@ -109,7 +108,7 @@ async def test_request_reply_accepts_then_replays(
     assert first[:2] == (202, {"dispatch_id": "d1", "status": "queued"})
     assert by_header[:2] == (200, {"dispatch_id": "d1", "status": "queued"})
     assert other[:2] == (202, {"dispatch_id": "d2", "status": "queued"})
-    assert submitter.seen[0] == DispatchRequest(
+    assert submitter.seen[0] == SubmitRequest(
         idempotency_key="key-1",
         tenant_id=TENANT,
         channel=ChannelName.PUSH,

@@ -18,16 +18,14 @@ from actors.dispatcher import (
     ChannelDispatcher,
     DispatchLimits,
     DispatchService,
-    IdempotencyConflict,
     InvalidRequest,
     Overloaded,
     PhiRefused,
     SubmitRequest,
-    TemplateNotFound,
 )
 from actors.failover import Failover, Route
-from actors.idempotency import IdempotencyStore
-from actors.templates import TemplateMissing, TemplateRegistry
+from actors.idempotency import IdempotencyConflict, IdempotencyStore
+from actors.templates import TemplateMissing, TemplateNotFound, TemplateRegistry
 from config.schema import DatabaseConfig
 from engine.breaker import Breaker
 from engine.detectors import RatioDetector
@@ -40,7 +38,13 @@ from engine.supervisor import Supervisor
 from providers.bridge import run
 from providers.channel import ChannelName, RecipientGone
 from providers.db import DAEMON_ROLE, migrate
-from providers.db.dispatches import AcceptRequest, DispatchStatus, accept_async
+from providers.db.dispatches import (
+    MAX_TEMPLATE_VERSION,
+    AcceptRequest,
+    DispatchStatus,
+    UnknownTenant,
+    accept_async,
+)
 from providers.db.pool import DbPool, open_pool
 from providers.db.templates import TemplateRow, put_template_async
 from providers.redis_cache import RedisCache
@@ -196,10 +200,10 @@ async def test_submit_sends_once_and_dedupes(world: World) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(d.run)
         first = await svc.submit(sms(world))
-        assert first.status is DispatchStatus.QUEUED and not first.duplicate
+        assert first.status is DispatchStatus.QUEUED and not first.replay
         await d.idle.wait()
         again = await svc.submit(sms(world))
-        assert again.duplicate and again.dispatch_id == first.dispatch_id
+        assert again.replay and again.dispatch_id == first.dispatch_id
         assert again.status is DispatchStatus.DISPATCHED
         with pytest.raises(IdempotencyConflict):
             await svc.submit(sms(world, data={"time": "11:00"}))
@@ -244,7 +248,7 @@ async def test_template_missing_fails_closed(world: World) -> None:
     assert adapter.sent == [] and not d.holds(uuid.UUID(dispatch_id))
     # The same request again is a duplicate of the failed dispatch, not a second count.
     again = await svc.submit(sms(world, template="gone"))
-    assert again.duplicate and again.status is DispatchStatus.FAILED
+    assert again.replay and again.status is DispatchStatus.FAILED
     assert (
         world.metrics.get_sample_value("triage_template_not_found_total", {"channel": "sms"}) == 1
     )
@@ -463,16 +467,20 @@ async def test_redis_fast_path_answers_duplicates(world: World, redis_url: str) 
     svc = service(world, d, idempotency=store)
     try:
         first = await svc.submit(sms(world))
+        cached = await cache.get(world.tenant, "k1")  # written after the accept committed
+        assert cached is not None and cached.response == {"dispatch_id": first.dispatch_id}
+        assert (await row(world, first.dispatch_id))["idempotency_key"] == "k1"
         again = await svc.submit(sms(world))
-        assert again.duplicate and again.dispatch_id == first.dispatch_id
+        assert again.replay and again.dispatch_id == first.dispatch_id
         assert svc.stats.cache_duplicates == 1 and svc.stats.duplicates == 0
+        assert (store.stats.hits, store.stats.misses) == (2, 0)  # the dispatcher's lookups count
         with pytest.raises(IdempotencyConflict):
             await svc.submit(sms(world, data={"time": "12:00"}))
         # A failed accept forgets its cache entry: the key is free again.
         with pytest.raises(TemplateNotFound):
             await svc.submit(sms(world, "k9", template="gone"))
         # (a refused row is still a row: the same request answers from the database)
-        assert (await svc.submit(sms(world, "k9", template="gone"))).duplicate
+        assert (await svc.submit(sms(world, "k9", template="gone"))).replay
         with pytest.raises(InvalidRequest):
             await svc.submit(sms(world, "k10", data={}))
         assert await cache.get(world.tenant, "k10") is None
@@ -499,3 +507,19 @@ async def test_an_adapter_bug_leaves_the_dispatch_queued_and_the_dispatcher_up(
     assert (await row(world, first.dispatch_id))["status"] == "queued"
     assert (await row(world, second.dispatch_id))["status"] == "dispatched"
     assert d.stats.errors == 1
+
+
+async def test_bad_values_are_typed_refusals_that_write_nothing(world: World) -> None:
+    d = dispatcher(world, ChannelName.SMS, {"default": failover(FakeAdapter("ghasi"))})
+    svc = service(world, d)
+    stranger = str(uuid.uuid4())  # well formed, no such tenant
+    with pytest.raises(UnknownTenant) as unknown:
+        await svc.submit(sms(world, "t1", tenant_id=stranger))
+    assert unknown.value.tenant_id == stranger
+    with pytest.raises(InvalidRequest) as version:
+        await svc.submit(sms(world, "t2", template_version=MAX_TEMPLATE_VERSION + 1))
+    assert version.value.field == "template_version"
+    with pytest.raises(InvalidRequest) as nul:
+        await svc.submit(sms(world, "t3", data={"time": "10\x0000"}))
+    assert nul.value.field == "data.time"
+    assert await admin(world.admin_url, "SELECT id FROM dispatches") == []

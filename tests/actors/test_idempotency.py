@@ -347,3 +347,29 @@ async def test_a_full_redis_bulkhead_falls_open_to_the_database(
         assert (await store.claim(a, k, "h")).source in ("cache", "database")
     finally:
         await close_store(store)
+
+
+async def test_the_cache_hears_of_a_key_only_once_the_database_decided(
+    pool: Pool, tenants: tuple[uuid.UUID, uuid.UUID], redis_url: str
+) -> None:
+    """A crash between the two halves of a claim leaves nothing in Redis (the row is the truth)."""
+    store = await open_store(pool, redis_url)
+    a, _ = tenants
+    k = key()
+    try:
+        found = await store.lookup(a, k, "h")
+        assert found.duplicate is None and found.reachable
+        with redis.Redis.from_url(redis_url) as client:
+            assert client.get(cache_name(a, k)) is None  # nothing before the commit
+        # "killed" here: the next request for the key asks the database again
+        again = await store.lookup(a, k, "h")
+        assert again.duplicate is None
+        await store.settle(again, first=True, stored_hash="h", response={"dispatch_id": "d1"})
+        hit = await store.lookup(a, k, "h")
+        assert hit.duplicate is not None and hit.duplicate.response == {"dispatch_id": "d1"}
+        assert hit.duplicate.source == "cache"
+        with pytest.raises(IdempotencyConflict):
+            await store.lookup(a, k, "other")
+        assert (store.stats.hits, store.stats.misses) == (3, 0)
+    finally:
+        await close_store(store)

@@ -28,7 +28,7 @@ import msgspec
 import pytest
 import trio
 
-from actors.dispatch_commands import STATUS_HEADER
+from actors.answers import STATUS_HEADER
 from providers import jetstream
 from providers.bridge import run
 from providers.ghasi import ghasi_signature

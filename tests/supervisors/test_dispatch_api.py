@@ -13,8 +13,10 @@ import trio
 from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, ConnectionState, HTTPScope
 from prometheus_client import CollectorRegistry
 
-from actors.dispatch_commands import DispatchRequest
+from actors.dispatch_commands import request_of
+from actors.dispatcher import SubmitRequest
 from actors.idempotency import IdempotencyConflict
+from config.schema import DispatchConfig
 from engine.errors import BulkheadFull, ProviderUnavailable, RateLimitExceeded
 from providers.channel import ChannelName
 from supervisors.dispatch_api import DispatchApi
@@ -41,6 +43,7 @@ def body(**changes: Any) -> dict[str, Any]:
 
 def make_api(**kwargs: Any) -> tuple[DispatchApi, Submitter]:
     submitter = Submitter()
+    kwargs.setdefault("max_key_length", DispatchConfig().max_key_chars)
     api = DispatchApi(submitter, max_body_bytes=MAX_BODY, retry_after_s=RETRY_AFTER_S, **kwargs)
     return api, submitter
 
@@ -60,7 +63,7 @@ async def test_a_valid_request_is_accepted_and_submitted() -> None:
     assert response.status_code == 202
     assert response.json() == {"dispatch_id": "d1", "status": "queued"}
     assert submitter.seen == [
-        DispatchRequest(
+        SubmitRequest(
             idempotency_key="key-1",
             tenant_id=TENANT,
             channel=ChannelName.SMS,
@@ -453,5 +456,5 @@ def test_tenant_ids_are_canonicalised() -> None:
     upper = TENANT.upper()
     from actors.dispatch_commands import decode_body
 
-    request = DispatchRequest.of(decode_body(_json(body(tenant_id=upper))), "k")
+    request = request_of(decode_body(_json(body(tenant_id=upper))), "k")
     assert request.tenant_id == str(uuid.UUID(TENANT))
