@@ -43,7 +43,13 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import trio
 
-from actors.bounce_tracker import BounceTracker, DbBlockStore
+from actors.bounce_tracker import (
+    BounceBoard,
+    BounceFeed,
+    BounceRules,
+    DbBlockStore,
+    bounce_tracker_child,
+)
 from actors.dispatch_commands import DispatchCommands, DispatchRequest
 from actors.dispatch_commands import SubmitResult as WireResult
 from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
@@ -53,6 +59,7 @@ from actors.push_feedback import PushFeedback, StaleSweep
 from actors.templates import TemplateRegistry
 from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
 from config.catalog import alert_name, row_override
+from engine.actor import Overflow
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
 from engine.detectors import (
@@ -103,7 +110,7 @@ CHANNEL_OWNERS: Final = frozenset(
 def channel_profiles(config: TriageConfig) -> list[tuple[str, str]]:
     """Profiles the channels need, as (section, name): the tree refuses to start without."""
     p = config.providers
-    needed = [("mailboxes", "dispatcher"), ("supervisors", "providers")]
+    needed = [("mailboxes", "dispatcher"), ("mailboxes", "bounces"), ("supervisors", "providers")]
     needed += [("guards", getattr(p, vendor).guard) for vendor in _VENDORS]
     needed.append(("rate_limits", config.dlr.rate_limit))
     out: list[tuple[str, str]] = []
@@ -150,7 +157,7 @@ class ReceiptApplier:
     """
 
     def __init__(
-        self, backbone: Backbone, tracker: BounceTracker | None, *, db_units: int
+        self, backbone: Backbone, tracker: BounceFeed | None, *, db_units: int
     ) -> None:
         self.db = backbone.pool
         self.tracker = tracker
@@ -176,7 +183,7 @@ _BOUNCES: Final = frozenset({DeliveryState.UNDELIVERABLE, DeliveryState.FAILED})
 class CountedSends:
     """An adapter wrapper: each accepted email counts as sent for the bounce ratio (row 3)."""
 
-    def __init__(self, inner: Adapter, tracker: BounceTracker) -> None:
+    def __init__(self, inner: Adapter, tracker: BounceFeed) -> None:
         self.inner = inner
         self.tracker = tracker
         self.name = inner.name
@@ -219,7 +226,7 @@ class Channels:
     api: DispatchApi
     commands: DispatchCommands
     templates: TemplateRegistry
-    tracker: BounceTracker
+    tracker: BounceFeed
     feedback: PushFeedback
     sweep: StaleSweep
     sources: list[FeedbackSource] = field(default_factory=list)
@@ -393,8 +400,7 @@ def build_channels(
     # Row 3: the bounce tracker counts every accepted email and every bounce.
     bounce_cfg = _row_config(config, catalog, 3)
     bounces = config.bounces
-    tracker = BounceTracker(
-        store=DbBlockStore(backbone.pool.asyncpg_pool),
+    rules = BounceRules.of(
         **engine_kwargs(bounce_cfg),
         disable_after_s=bounces.disable_after_s,
         ceiling_ratio=bounces.ceiling_ratio,
@@ -402,6 +408,16 @@ def build_channels(
         max_keys=bounces.max_keys,
         evaluate_interval_s=config.daemon.detector_tick_s,
         reload_interval_s=bounces.reload_interval_s,
+    )
+    tracker_mailbox = config.mailboxes["bounces"]
+    tracker_spec, tracker = bounce_tracker_child(
+        rules,
+        store=DbBlockStore(backbone.pool.asyncpg_pool),
+        board=BounceBoard(rules.throttle_rate_per_s),
+        capacity=tracker_mailbox.capacity,
+        overflow=Overflow(tracker_mailbox.overflow),
+        shutdown_s=shutdown_s,
+        deadlines=runtime.deadlines,
         detector=_detector(config, catalog, runtime, detectors, 3, RatioDetector),
         events=runtime.events,
         metrics=runtime.metrics,
@@ -614,7 +630,7 @@ def build_channels(
     )
     specs = [
         *service.child_specs(),
-        tracker.child_spec(shutdown_s=shutdown_s),
+        tracker_spec,
         ingress.child_spec(shutdown_s=shutdown_s),
         feedback.child_spec(shutdown_s=shutdown_s),
         sweep.child_spec(shutdown_s=shutdown_s),
