@@ -55,11 +55,17 @@ from actors.dispatch_commands import SubmitResult as WireResult
 from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
 from actors.dlr_ingress import DlrIngress
 from actors.failover import Failover, Route
-from actors.push_feedback import PushFeedback, StaleSweep
+from actors.push_feedback import (
+    FeedbackHistory,
+    FeedbackMessage,
+    SweepMessage,
+    push_feedback_child,
+    stale_sweep_child,
+)
 from actors.templates import TemplateRegistry
 from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
 from config.catalog import alert_name, row_override
-from engine.actor import Overflow
+from engine.actor import ActorRef, Overflow
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
 from engine.detectors import (
@@ -110,7 +116,8 @@ CHANNEL_OWNERS: Final = frozenset(
 def channel_profiles(config: TriageConfig) -> list[tuple[str, str]]:
     """Profiles the channels need, as (section, name): the tree refuses to start without."""
     p = config.providers
-    needed = [("mailboxes", "dispatcher"), ("mailboxes", "bounces"), ("supervisors", "providers")]
+    needed = [("mailboxes", "dispatcher"), ("mailboxes", "bounces"), ("mailboxes", "push_feedback")]
+    needed.append(("supervisors", "providers"))
     needed += [("guards", getattr(p, vendor).guard) for vendor in _VENDORS]
     needed.append(("rate_limits", config.dlr.rate_limit))
     out: list[tuple[str, str]] = []
@@ -227,8 +234,8 @@ class Channels:
     commands: DispatchCommands
     templates: TemplateRegistry
     tracker: BounceFeed
-    feedback: PushFeedback
-    sweep: StaleSweep
+    feedback: ActorRef[FeedbackMessage]
+    sweep: ActorRef[SweepMessage]
     sources: list[FeedbackSource] = field(default_factory=list)
     specs: list[ChildSpec] = field(default_factory=list)
     mounts: dict[str, ASGIFramework] = field(default_factory=dict)
@@ -585,7 +592,8 @@ def build_channels(
         count: int = await backbone.pool.run_unit(outstanding_async, ChannelName.PUSH.value)
         return count
 
-    feedback = PushFeedback(
+    push_mailbox = config.mailboxes["push_feedback"]
+    feedback_spec, feedback = push_feedback_child(
         sources=sources,
         sink=sink,
         outstanding=outstanding,
@@ -594,9 +602,14 @@ def build_channels(
         stall_after_s=pf.stall_after_s,
         watchdog_interval_s=pf.watchdog_interval_s,
         severity=catalog.row(2).severity,
+        history=FeedbackHistory(),
+        capacity=push_mailbox.capacity,
+        overflow=Overflow(push_mailbox.overflow),
+        shutdown_s=shutdown_s,
         detector=_detector(config, catalog, runtime, detectors, 2, AgeOfNewestDetector),
         events=runtime.events,
         registry=registry,
+        metrics=runtime.metrics,
         clock=runtime.clock,
     )
 
@@ -604,12 +617,16 @@ def build_channels(
         marked = await backbone.pool.run_unit(mark_stale_unknown_async, channel, older_than_s, limit)
         return len(marked)
 
-    sweep = StaleSweep(
+    sweep_spec, sweep = stale_sweep_child(
         sweeper=sweeper,
         stale_after_s=pf.stale_after_s,
         sweep_interval_s=pf.sweep_interval_s,
         sweep_limit=pf.sweep_batch,
+        capacity=push_mailbox.capacity,
+        overflow=Overflow(push_mailbox.overflow),
+        shutdown_s=shutdown_s,
         registry=registry,
+        metrics=runtime.metrics,
     )
 
     api = DispatchApi(
@@ -632,8 +649,8 @@ def build_channels(
         *service.child_specs(),
         tracker_spec,
         ingress.child_spec(shutdown_s=shutdown_s),
-        feedback.child_spec(shutdown_s=shutdown_s),
-        sweep.child_spec(shutdown_s=shutdown_s),
+        feedback_spec,
+        sweep_spec,
         commands.child_spec(shutdown_s=shutdown_s),
     ]
     return Channels(
