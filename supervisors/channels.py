@@ -53,7 +53,7 @@ from actors.bounce_tracker import (
 from actors.dispatch_commands import DispatchCommands, DispatchRequest
 from actors.dispatch_commands import SubmitResult as WireResult
 from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
-from actors.dlr_ingress import DlrIngress
+from actors.dlr_ingress import DlrIngress, dlr_pool_child
 from actors.failover import Failover, Route
 from actors.push_feedback import (
     FeedbackHistory,
@@ -546,8 +546,21 @@ def build_channels(
     def twilio_parser(url: str, headers: Mapping[str, str], body: bytes) -> list[Receipt]:
         return [parse_twilio_receipt(url, headers, body, auth_token=token)]
 
-    ingress = DlrIngress(
+    pool_spec, pool = dlr_pool_child(
         sink=sink,
+        queue_capacity=dlr.queue_capacity,
+        workers_min=dlr.workers_min,
+        workers_max=dlr.workers_max,
+        scale_up_depth=dlr.scale_up_depth,
+        scale_up_after_s=dlr.scale_up_after_s,
+        scale_down_after_s=dlr.scale_down_after_s,
+        batch_max=dlr.batch_max,
+        shutdown_s=shutdown_s,
+        registry=registry,
+        metrics=runtime.metrics,
+    )
+    ingress = DlrIngress(
+        pool=pool,
         limiter=RateLimiter(
             "dlr", **engine_kwargs(config.rate_limits[dlr.rate_limit]), metrics=runtime.metrics
         ),
@@ -555,13 +568,7 @@ def build_channels(
         bounce_parsers={"smtp": bounce_parser(endpoints.smtp_bounce_secret, provider="smtp")},
         max_body_bytes=dlr.max_body_bytes,
         queue_capacity=dlr.queue_capacity,
-        workers_min=dlr.workers_min,
-        workers_max=dlr.workers_max,
-        scale_up_depth=dlr.scale_up_depth,
-        scale_up_after_s=dlr.scale_up_after_s,
-        scale_down_after_s=dlr.scale_down_after_s,
         ack_timeout_s=dlr.ack_timeout_s,
-        batch_max=dlr.batch_max,
         retry_after_s=dlr.retry_after_s,
         public_base_url=dlr.callback_base_url,
         detector=_detector(config, catalog, runtime, detectors, 13, SpikeOverBaselineDetector),
@@ -648,7 +655,7 @@ def build_channels(
     specs = [
         *service.child_specs(),
         tracker_spec,
-        ingress.child_spec(shutdown_s=shutdown_s),
+        pool_spec,
         feedback_spec,
         sweep_spec,
         commands.child_spec(shutdown_s=shutdown_s),
