@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from actors.bounce_tracker import BounceTracker
+    from actors.bounce_tracker import BounceFeed
     from providers.channel import Accepted, Adapter, Message, StatusAnswer
 
 __all__ = ["CountedSends"]
@@ -17,7 +17,7 @@ __all__ = ["CountedSends"]
 class CountedSends:
     """An adapter wrapper: each accepted email counts as sent for the bounce ratio (row 3)."""
 
-    def __init__(self, inner: Adapter, tracker: BounceTracker) -> None:
+    def __init__(self, inner: Adapter, tracker: BounceFeed) -> None:
         self.inner = inner
         self.tracker = tracker
         self.name = inner.name

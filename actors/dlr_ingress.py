@@ -1,8 +1,9 @@
 """The DLR ingress: delivery-receipt and bounce webhooks, catalog row 13 (DLR callback flood).
 
 :class:`DlrIngress` is an ASGI app (mounted at ``/webhooks/`` by the daemon's
-:class:`~supervisors.http.HealthApp`, served by hypercorn on Trio) and the owner
-of a bounded queue drained by a pool of DLR workers::
+:class:`~supervisors.http.HealthApp`, served by hypercorn on Trio) that offers
+every callback to :class:`DlrPool`, the actor owning a bounded queue drained by
+a pool of DLR workers::
 
     POST /webhooks/dlr/{provider}       a provider's delivery receipts
     POST /webhooks/bounces/{provider}   bounces (DSN or a provider's event webhook)
@@ -19,8 +20,8 @@ body over the cap while reading        413   payload_too_large (reading stops)
 signature missing or wrong             401   bad_signature (the parser verifies)
 body unreadable                        400   malformed_receipt
 more receipts than the queue holds     413   too_many_receipts
-ingress not running                    503   not_ready
-the queue cannot take them             429   queue_full (``Retry-After``; shed)
+pool not running                       503   not_ready
+the pool cannot take them              429   queue_full (``Retry-After``; shed)
 not applied within ``ack_timeout_s``   503   ack_timeout (``Retry-After``)
 the sink failed                        503   sink_failed (``Retry-After``)
 applied                                200   {"accepted": n}
@@ -46,20 +47,40 @@ workers.
 a request whose receipts do not all fit is shed whole with 429 and counted in
 ``triage_dlr_shed_total``). In flight beyond it: at most one batch per worker
 (``batch_max`` receipts, or one request if larger). Every request waiting for
-its acknowledgement has its receipts in one of those two places, so the waiting
-requests are bounded too.
+its acknowledgement has its receipts in one of those two places, or in the
+pool's mailbox on their way in, so the waiting requests are bounded too.
 
-**Workers** are tasks in the ingress's own nursery (:meth:`DlrIngress.run`),
-``workers_min`` of them always. When the queue depth stays at or above
-``scale_up_depth`` for ``scale_up_after_s`` one more worker starts (another
-after each further ``scale_up_after_s`` while it holds), up to
-``workers_max``. A worker that has waited ``scale_down_after_s`` without work
-stops, unless only ``workers_min`` are left. Idle workers are woken last-in
-first-out, so under light traffic the same few stay busy and the extra ones
-time out. Each worker takes up to ``batch_max`` receipts (whole requests) and
-hands them to the sink in one call. Gauges: ``triage_dlr_workers``,
-``triage_dlr_queue_depth``; counters ``triage_dlr_shed_total{provider}``,
-``triage_dlr_refused_total{provider,reason}``, ``triage_dlr_receipts_applied_total``.
+**The pool is an actor.** :class:`DlrPool` (child id ``dlr_ingress``) owns the
+queue, the workers and the scaler; the webhook front (:class:`DlrIngress`, a
+plain ASGI object) offers each callback to its mailbox with ``tell_nowait``
+(:class:`Deliver`, carrying the request's :class:`QueuedCallback`, which is its
+reply slot). A full mailbox -- ``queue_capacity`` callbacks the pool has not
+looked at yet -- is a 429 ``queue_full`` at once, as is a callback whose
+receipts do not fit the queue (the pool settles it ``SHED``). The mailbox is
+``wait``: the front never waits on it (``tell_nowait`` refuses when full), and
+the pool's own worker tasks wait for room to report (:class:`BatchDone`), so
+no report is ever lost. Its state is one :class:`PoolState` in a
+:class:`~engine.statelog.StateLog` (``IDLE``, ``BUSY``, ``BACKLOGGED`` while
+the depth is at or above ``scale_up_depth``).
+
+**Workers** are slots of the pool, ``workers_min`` of them always; a worker
+with a batch runs it as a task of the actor (``start_soon``) that hands the
+receipts to the sink in one call and reports back. When the queue depth stays
+at or above ``scale_up_depth`` for ``scale_up_after_s`` one more worker starts
+(another after each further ``scale_up_after_s`` while it holds), up to
+``workers_max`` -- a :class:`ScaleUp` the pool sends itself with ``send_after``
+when the depth gets there, ignored if the depth fell back meanwhile. A worker
+that has waited ``scale_down_after_s`` without work stops (:class:`IdleCheck`,
+also ``send_after``, at most one pending per worker), unless only
+``workers_min`` are left. Idle workers are given work last-in first-out, so
+under light traffic the same few stay busy and the extra ones time out. Each
+batch takes up to ``batch_max`` receipts (whole requests). Gauges:
+``triage_dlr_workers``, ``triage_dlr_queue_depth``; counters
+``triage_dlr_shed_total{provider}``,
+``triage_dlr_refused_total{provider,reason}``,
+``triage_dlr_receipts_applied_total``. The pool's numbers:
+``ref.statistics()`` (:class:`DlrPoolStatistics`); the front's:
+:meth:`DlrIngress.statistics`.
 
 **Row 13.** Every POST to a webhook route counts in
 ``triage_dlr_callbacks_total{provider}`` (an unknown provider as ``_unknown``)
@@ -87,16 +108,19 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from engine.errors import RateLimitExceeded
+from engine.actor import Actor, ActorRef, Overflow, actor_child
+from engine.errors import ActorStopped, MailboxFull, RateLimitExceeded
 from engine.metrics import families
 from engine.ratelimit import RateLimiter
+from engine.statelog import StateLog
 from engine.supervisor import ChildSpec, Restart
 from providers.asgi import (
     BodyTooLarge,
@@ -112,20 +136,32 @@ from providers.asgi import (
 from providers.channel import Receipt
 from providers.receipts import BadSignature
 
+if TYPE_CHECKING:
+    from engine.metrics import Metrics
+
 ROW: Final = 13  # the catalog row this actor owns: DLR callback flood
 __all__ = [
     "UNKNOWN_PROVIDER",
+    "BatchDone",
     "BodyTooLarge",
     "CallbackObserver",
     "ClientDisconnected",
+    "Deliver",
     "DlrIngress",
     "DlrIngressStatistics",
+    "DlrMessage",
+    "DlrPool",
+    "DlrPoolStatistics",
+    "IdleCheck",
     "Outcome",
     "Parser",
+    "PoolState",
     "QueuedCallback",
     "ReceiptSink",
+    "ScaleUp",
     "WebhookKind",
     "declared_length",
+    "dlr_pool_child",
     "header_value",
     "lifespan",
     "read_body",
@@ -169,7 +205,8 @@ class Outcome(enum.Enum):
 
     PENDING = "pending"
     APPLIED = "applied"
-    FAILED = "failed"  # the sink raised, or the ingress stopped
+    FAILED = "failed"  # the sink raised, or the pool stopped
+    SHED = "shed"  # the queue could not take them all (429)
     ABANDONED = "abandoned"  # the request stopped waiting (ack timeout); skipped if still queued
 
 
@@ -187,12 +224,16 @@ class _Accepted(msgspec.Struct, frozen=True, kw_only=True):
     accepted: int
 
 
-# -- the ingress -----------------------------------------------------------------------
+# -- the pool (an actor) ---------------------------------------------------------------
 
 
 @dataclass(eq=False, slots=True)
 class QueuedCallback:
-    """One callback's receipts in the queue; ``done`` is set once ``outcome`` is final."""
+    """One callback's receipts and its reply slot: ``done`` is set once ``outcome`` is final.
+
+    The front waits on ``done``; a front that gave up (ack timeout) marks it
+    ``ABANDONED`` and the pool skips it if it is still queued.
+    """
 
     provider: str
     receipts: Sequence[Receipt]
@@ -205,28 +246,74 @@ class QueuedCallback:
         self.done.set()
 
 
-@dataclass(eq=False, slots=True)
 class _Worker:
-    number: int
-    busy: bool = False
-    wake: trio.Event = field(default_factory=trio.Event)
+    """One worker slot of the pool; while ``busy`` its batch runs as a task of the actor."""
+
+    __slots__ = ("busy", "idle_since", "number", "watched")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.busy = False
+        self.idle_since = 0.0
+        self.watched = False  # an IdleCheck is on its way
 
 
-@dataclass(frozen=True, slots=True)
-class DlrIngressStatistics:
+class Deliver(msgspec.Struct, frozen=True, tag=True):
+    """From the front: queue this callback's receipts (or settle it ``SHED``)."""
+
+    job: QueuedCallback
+
+
+class BatchDone(msgspec.Struct, frozen=True, tag=True):
+    """From a worker's task: its batch is settled (``applied`` receipts, 0 if the sink failed)."""
+
+    worker: _Worker
+    applied: int
+
+
+class ScaleUp(msgspec.Struct, frozen=True, tag=True):
+    """``send_after``: the depth reached ``scale_up_depth`` at ``since``; does it still hold?"""
+
+    since: float
+
+
+class IdleCheck(msgspec.Struct, frozen=True, tag=True):
+    """``send_after``: has ``worker`` been idle for ``scale_down_after_s``?"""
+
+    worker: _Worker
+
+
+DlrMessage = Deliver | BatchDone | ScaleUp | IdleCheck
+
+
+class PoolState(enum.Enum):
+    IDLE = "idle"  # nothing queued, no batch running
+    BUSY = "busy"  # batches running, the depth below scale_up_depth
+    BACKLOGGED = "backlogged"  # the depth at or above scale_up_depth
+    STOPPED = "stopped"
+
+
+class DlrPoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    state: PoolState
     workers: int
     busy_workers: int
-    queue_depth: int  # receipts waiting
+    queue_depth: int  # receipts waiting (an abandoned request counts until skipped)
     queue_capacity: int
-    max_queue_depth: int  # the highest depth ever reached (never above capacity)
-    callbacks: int  # POSTs to a webhook route
-    accepted: int  # requests answered 200
+    max_queue_depth: int  # the highest depth this incarnation reached (never above capacity)
     applied_receipts: int
-    shed: int  # requests refused 429 queue_full
-    rate_limited: int
-    refused: int  # every other typed 4xx/5xx (bad signature, malformed, oversize...)
+    shed: int  # callbacks the queue could not take
     started_workers: int  # workers started beyond the first workers_min
     stopped_workers: int  # workers stopped for being idle
+
+
+class DlrIngressStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """The front's numbers (:meth:`DlrIngress.statistics`)."""
+
+    callbacks: int  # POSTs to a webhook route
+    accepted: int  # requests answered 200
+    shed: int  # requests refused 429 queue_full (a full mailbox or a full queue)
+    rate_limited: int
+    refused: int  # every other typed 4xx/5xx (bad signature, malformed, oversize...)
 
 
 class _DlrMetrics:
@@ -264,167 +351,129 @@ def _dlr_metrics(registry: CollectorRegistry) -> _DlrMetrics:
     return families(registry, _DlrMetrics)
 
 
-class DlrIngress:
-    """The webhook ASGI app, its bounded queue and its worker pool.
-
-    Serve it (mount it) and run :meth:`run` (a supervised child); requests that
-    arrive while :meth:`run` is not running get 503 ``not_ready``.
-
-    Every number comes from the caller (``[dlr]`` in the config):
-    ``max_body_bytes``, ``queue_capacity`` (receipts), ``workers_min``,
-    ``workers_max``, ``scale_up_depth``, ``scale_up_after_s``,
-    ``scale_down_after_s``, ``ack_timeout_s``, ``batch_max`` (receipts per sink
-    call) and ``retry_after_s`` (the ``Retry-After`` of a shed or timed-out
-    callback). ``limiter`` is the per-provider token bucket (keyed by provider).
-    """
+class DlrPool(Actor[DlrMessage]):
+    """The bounded receipt queue, its workers and the scaler; see the module docstring."""
 
     name = "dlr_ingress"
+    uses_tasks = True
 
     def __init__(
         self,
         *,
         sink: ReceiptSink,
-        limiter: RateLimiter,
-        dlr_parsers: Mapping[str, Parser],
-        bounce_parsers: Mapping[str, Parser],
-        max_body_bytes: int,
         queue_capacity: int,
         workers_min: int,
         workers_max: int,
         scale_up_depth: int,
         scale_up_after_s: float,
         scale_down_after_s: float,
-        ack_timeout_s: float,
         batch_max: int,
-        retry_after_s: float,
-        public_base_url: str | None = None,
-        prefix: str = "/webhooks",
-        detector: CallbackObserver | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        if min(max_body_bytes, queue_capacity, workers_min, batch_max) < 1:
-            raise ValueError(
-                "max_body_bytes, queue_capacity, workers_min and batch_max must be >= 1"
-            )
-        if workers_max < workers_min:
-            raise ValueError(f"workers_max ({workers_max}) must be >= workers_min ({workers_min})")
-        if not 1 <= scale_up_depth <= queue_capacity:
-            raise ValueError(f"scale_up_depth must be in 1..queue_capacity ({queue_capacity})")
-        for knob, value in (
-            ("scale_up_after_s", scale_up_after_s),
-            ("scale_down_after_s", scale_down_after_s),
-            ("ack_timeout_s", ack_timeout_s),
-            ("retry_after_s", retry_after_s),
-        ):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{knob} must be > 0, got {value!r}")
         self.sink = sink
-        self.limiter = limiter
-        self.parsers: dict[WebhookKind, dict[str, Parser]] = {
-            WebhookKind.DLR: dict(dlr_parsers),
-            WebhookKind.BOUNCES: dict(bounce_parsers),
-        }
-        self.max_body_bytes = max_body_bytes
         self.queue_capacity = queue_capacity
         self.workers_min = workers_min
         self.workers_max = workers_max
         self.scale_up_depth = scale_up_depth
         self.scale_up_after_s = scale_up_after_s
         self.scale_down_after_s = scale_down_after_s
-        self.ack_timeout_s = ack_timeout_s
         self.batch_max = batch_max
-        self.retry_after_s = retry_after_s
-        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
-        self.prefix = prefix.rstrip("/")
-        self.detector = detector
         self._metrics = _dlr_metrics(registry) if registry is not None else None
-
+        self.states = StateLog(self.name, PoolState.IDLE, log)
         self._jobs: deque[QueuedCallback] = deque()
         self._depth = 0
         self._max_depth = 0
         self._workers: list[_Worker] = []
-        self._idle: list[_Worker] = []  # parked workers; the last one parked is woken first
+        self._idle: list[_Worker] = []  # the last one parked is given work first
         self._numbered = 0
-        self._nursery: trio.Nursery | None = None
         self._above_since: float | None = None  # when the depth reached scale_up_depth
-        self._above_changed = trio.Event()
-        self._counts = {
-            "callbacks": 0, "accepted": 0, "applied": 0, "shed": 0, "rate_limited": 0,
-            "refused": 0, "started": 0, "stopped": 0,
-        }  # fmt: skip
+        self._counts = dict.fromkeys(("applied", "shed", "started", "stopped"), 0)
 
-    # -- running -------------------------------------------------------------------------
+    # -- the actor's life ------------------------------------------------------------------
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start ``workers_min`` workers and the scaler; ``started()`` once they run."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for _ in range(self.workers_min):
-                    self._spawn(counted=False)
-                nursery.start_soon(self._scaler)
-                task_status.started()
-        finally:
-            self._nursery = None
-            # The nursery is gone: nobody will apply what is left. Every waiting
-            # request answers 503 now (its provider retries); nothing is dropped silently.
-            while self._jobs:
-                self._jobs.popleft().settle(Outcome.FAILED)
-            self._set_depth(0)
+    async def init(self) -> None:
+        for _ in range(self.workers_min):
+            self._spawn(counted=False)
 
-    def child_spec(self, *, shutdown_s: float, restart: Restart | None = None) -> ChildSpec:
-        """A supervisor child running :meth:`run`."""
-        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
+    async def terminate(self, reason: BaseException | None) -> None:
+        # The incarnation's tasks are gone: nobody will apply what is left. Every
+        # waiting request answers 503 now (its provider retries); nothing is dropped
+        # silently. (Batches in flight settled themselves FAILED when cancelled.)
+        while self._jobs:
+            self._jobs.popleft().settle(Outcome.FAILED)
+        self._set_depth(0)
+        self._workers.clear()
+        self._idle.clear()
+        if self._metrics is not None:
+            self._metrics.workers.set(0)
+        self.states.enter(PoolState.STOPPED, "stopped" if reason is None else repr(reason))
 
-    @property
-    def running(self) -> bool:
-        return self._nursery is not None
-
-    def statistics(self) -> DlrIngressStatistics:
+    def statistics(self) -> DlrPoolStatistics:
         counts = self._counts
-        return DlrIngressStatistics(
+        return DlrPoolStatistics(
+            state=self.states.state,
             workers=len(self._workers),
             busy_workers=sum(1 for w in self._workers if w.busy),
             queue_depth=self._depth,
             queue_capacity=self.queue_capacity,
             max_queue_depth=self._max_depth,
-            callbacks=counts["callbacks"],
-            accepted=counts["accepted"],
             applied_receipts=counts["applied"],
             shed=counts["shed"],
-            rate_limited=counts["rate_limited"],
-            refused=counts["refused"],
             started_workers=counts["started"],
             stopped_workers=counts["stopped"],
         )
 
+    async def handle(self, message: DlrMessage) -> object:
+        match message:
+            case Deliver(job=job):
+                if job.outcome is Outcome.ABANDONED:
+                    return None  # its request stopped waiting before it got here
+                size = len(job.receipts)
+                if self._depth + size > self.queue_capacity:
+                    self._counts["shed"] += 1
+                    job.settle(Outcome.SHED)
+                    return None
+                self._jobs.append(job)
+                self._set_depth(self._depth + size)
+                self._dispatch()
+            case BatchDone(worker=worker, applied=applied):
+                if worker not in self._workers:
+                    return None  # an earlier incarnation's worker
+                worker.busy = False
+                if applied:
+                    self._counts["applied"] += applied
+                    if self._metrics is not None:
+                        self._metrics.applied.inc(applied)
+                batch = self._take_batch()
+                if batch:
+                    self._run(worker, batch)
+                else:
+                    self._park(worker)
+            case ScaleUp(since=since):
+                if self._above_since != since:
+                    return None  # the depth fell back meanwhile (and maybe rose again)
+                if len(self._workers) < self.workers_max:
+                    self._spawn(counted=True)
+                    log.info("dlr: queue depth %d held; worker %d started (%d running)",
+                             self._depth, self._numbered, len(self._workers))  # fmt: skip
+                now = trio.current_time()
+                self._above_since = now
+                self.send_after(self.scale_up_after_s, ScaleUp(now))
+            case IdleCheck(worker=worker):
+                worker.watched = False
+                if worker not in self._idle:
+                    return None  # busy again, or gone
+                due = worker.idle_since + self.scale_down_after_s - trio.current_time()
+                if due > 0:
+                    self._watch(worker, due)
+                elif len(self._workers) > self.workers_min:
+                    self._stop(worker)
+                else:
+                    self._watch(worker, self.scale_down_after_s)
+        self._update_state()
+        return None
+
     # -- the queue -------------------------------------------------------------------------
-
-    def offer(self, provider: str, receipts: Sequence[Receipt]) -> QueuedCallback | None:
-        """Queue ``receipts`` as one job, or None when they do not all fit (shed)."""
-        if self._nursery is None:
-            raise RuntimeError("the DLR ingress is not running")
-        if self._depth + len(receipts) > self.queue_capacity:
-            return None
-        job = QueuedCallback(provider, receipts)
-        self._jobs.append(job)
-        self._set_depth(self._depth + len(receipts))
-        if self._idle:
-            worker = self._idle.pop()
-            worker.wake.set()
-        return job
-
-    async def deliver(self, provider: str, receipts: Sequence[Receipt]) -> Outcome | None:
-        """Queue ``receipts`` and wait for them: APPLIED, FAILED, ABANDONED (ack timeout),
-        or None when the queue could not take them. What the webhook does after parsing."""
-        job = self.offer(provider, receipts)
-        if job is None:
-            return None
-        with trio.move_on_after(self.ack_timeout_s):
-            await job.done.wait()
-        if job.outcome is Outcome.PENDING:
-            job.outcome = Outcome.ABANDONED  # still queued: the workers skip it
-        return job.outcome
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -434,8 +483,9 @@ class DlrIngress:
             self._metrics.depth.set(depth)
         if depth >= self.scale_up_depth:
             if self._above_since is None:
-                self._above_since = trio.current_time()
-                self._above_changed.set()
+                now = trio.current_time()
+                self._above_since = now
+                self.send_after(self.scale_up_after_s, ScaleUp(now))
         else:
             self._above_since = None
 
@@ -460,10 +510,17 @@ class DlrIngress:
             self._set_depth(depth)
         return batch
 
+    def _update_state(self) -> None:
+        if self._above_since is not None:
+            self.states.enter(PoolState.BACKLOGGED, f"queue depth {self._depth}")
+        elif self._jobs or any(w.busy for w in self._workers):
+            self.states.enter(PoolState.BUSY, "batches running")
+        else:
+            self.states.enter(PoolState.IDLE, "queue empty")
+
     # -- workers ---------------------------------------------------------------------------
 
     def _spawn(self, *, counted: bool) -> None:
-        assert self._nursery is not None  # only called while run() holds the nursery
         self._numbered += 1
         worker = _Worker(self._numbered)
         self._workers.append(worker)
@@ -471,51 +528,43 @@ class DlrIngress:
             self._counts["started"] += 1
         if self._metrics is not None:
             self._metrics.workers.set(len(self._workers))
-        self._nursery.start_soon(self._work, worker)
+        self._park(worker)
 
-    async def _work(self, worker: _Worker) -> None:
-        try:
-            while True:
-                batch = self._take_batch()
-                if batch:
-                    worker.busy = True
-                    try:
-                        await self._apply(batch)
-                    finally:
-                        worker.busy = False
-                    continue
-                if not await self._park(worker):
-                    return
-        finally:
-            self._workers.remove(worker)
-            if worker in self._idle:
-                self._idle.remove(worker)
-            if self._metrics is not None:
-                self._metrics.workers.set(len(self._workers))
-            # Pass the baton: work queued for this worker goes to another one.
-            if self._jobs and self._idle:
-                self._idle.pop().wake.set()
+    def _park(self, worker: _Worker) -> None:
+        worker.idle_since = trio.current_time()
+        self._idle.append(worker)
+        if not worker.watched:
+            self._watch(worker, self.scale_down_after_s)
+        self._dispatch()
 
-    async def _park(self, worker: _Worker) -> bool:
-        """Wait for work; False when idle for ``scale_down_after_s`` and above the minimum."""
-        while True:
-            worker.wake = trio.Event()
-            self._idle.append(worker)
-            with trio.move_on_after(self.scale_down_after_s):
-                await worker.wake.wait()
-            if worker.wake.is_set():  # offer() popped it from the idle stack
-                return True
-            self._idle.remove(worker)
-            if self._jobs:  # work arrived for someone else; look again
-                return True
-            if len(self._workers) > self.workers_min:
-                self._counts["stopped"] += 1
-                log.info("dlr: idle worker %d stops (%d left)", worker.number,
-                         len(self._workers) - 1)  # fmt: skip
-                return False
+    def _watch(self, worker: _Worker, delay_s: float) -> None:
+        worker.watched = True
+        self.send_after(delay_s, IdleCheck(worker))
 
-    async def _apply(self, batch: list[QueuedCallback]) -> None:
+    def _dispatch(self) -> None:
+        """Give queued work to idle workers, the last one parked first."""
+        while self._idle and self._jobs:
+            batch = self._take_batch()
+            if not batch:
+                return
+            self._run(self._idle.pop(), batch)
+
+    def _run(self, worker: _Worker, batch: list[QueuedCallback]) -> None:
+        worker.busy = True
+        self.start_soon(self._apply, worker, batch)
+
+    def _stop(self, worker: _Worker) -> None:
+        self._idle.remove(worker)
+        self._workers.remove(worker)
+        self._counts["stopped"] += 1
+        if self._metrics is not None:
+            self._metrics.workers.set(len(self._workers))
+        log.info("dlr: idle worker %d stops (%d left)", worker.number, len(self._workers))
+
+    async def _apply(self, worker: _Worker, batch: list[QueuedCallback]) -> None:
+        """A worker's batch: one sink call; settle every job, then report back."""
         receipts = [receipt for job in batch for receipt in job.receipts]
+        applied = 0
         try:
             await self.sink.apply(receipts)
         except Exception:
@@ -524,32 +573,156 @@ class DlrIngress:
             for job in batch:
                 job.settle(Outcome.FAILED)
         else:
-            self._counts["applied"] += len(receipts)
-            if self._metrics is not None:
-                self._metrics.applied.inc(len(receipts))
+            applied = len(receipts)
             for job in batch:
                 job.settle(Outcome.APPLIED)
         finally:  # cancelled mid-apply: the callbacks answer 503, the providers retry
             for job in batch:
                 job.settle(Outcome.FAILED)
+        await self.ref.tell(BatchDone(worker, applied))
 
-    async def _scaler(self) -> None:
-        """One more worker each time the depth held at/above ``scale_up_depth`` for
-        ``scale_up_after_s`` (measured from when it got there, then from the last start)."""
-        while True:
-            since = self._above_since
-            if since is None:
-                self._above_changed = trio.Event()
-                await self._above_changed.wait()
-                continue
-            await trio.sleep_until(since + self.scale_up_after_s)
-            if self._above_since != since:
-                continue  # the depth fell back meanwhile (and maybe rose again)
-            if len(self._workers) < self.workers_max:
-                self._spawn(counted=True)
-                log.info("dlr: queue depth %d held; worker %d started (%d running)",
-                         self._depth, self._numbered, len(self._workers))  # fmt: skip
-            self._above_since = trio.current_time()
+
+def dlr_pool_child(
+    *,
+    sink: ReceiptSink,
+    queue_capacity: int,
+    workers_min: int,
+    workers_max: int,
+    scale_up_depth: int,
+    scale_up_after_s: float,
+    scale_down_after_s: float,
+    batch_max: int,
+    shutdown_s: float,
+    restart: Restart | None = None,
+    registry: CollectorRegistry | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[ChildSpec, ActorRef[DlrMessage]]:
+    """The pool's child spec (id ``dlr_ingress``) and its ref; every number checked now.
+
+    The mailbox holds ``queue_capacity`` callbacks (each has at least one receipt,
+    so a full mailbox means the queue could not take them either) and is ``wait``
+    (see the module docstring).
+    """
+    if min(queue_capacity, workers_min, batch_max) < 1:
+        raise ValueError("queue_capacity, workers_min and batch_max must be >= 1")
+    if workers_max < workers_min:
+        raise ValueError(f"workers_max ({workers_max}) must be >= workers_min ({workers_min})")
+    if not 1 <= scale_up_depth <= queue_capacity:
+        raise ValueError(f"scale_up_depth must be in 1..queue_capacity ({queue_capacity})")
+    _positive("scale_up_after_s", scale_up_after_s)
+    _positive("scale_down_after_s", scale_down_after_s)
+    factory = partial(
+        DlrPool, sink=sink, queue_capacity=queue_capacity, workers_min=workers_min,
+        workers_max=workers_max, scale_up_depth=scale_up_depth,
+        scale_up_after_s=scale_up_after_s, scale_down_after_s=scale_down_after_s,
+        batch_max=batch_max, registry=registry,
+    )  # fmt: skip
+    return actor_child(
+        DlrPool.name, factory, capacity=queue_capacity, overflow=Overflow.WAIT,
+        restart=restart, shutdown_s=shutdown_s, metrics=metrics,
+    )  # fmt: skip
+
+
+def _positive(knob: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{knob} must be > 0, got {value!r}")
+
+
+# -- the front ---------------------------------------------------------------------------
+
+
+class DlrIngress:
+    """The webhook ASGI app: checks, parses, and offers each callback to the pool.
+
+    Serve it (mount it) and run the pool (:func:`dlr_pool_child`) under a
+    supervisor; requests that arrive while no incarnation of the pool runs get
+    503 ``not_ready``.
+
+    Every number comes from the caller (``[dlr]`` in the config):
+    ``max_body_bytes``, ``queue_capacity`` (receipts: a bigger callback is 413),
+    ``ack_timeout_s`` and ``retry_after_s`` (the ``Retry-After`` of a shed or
+    timed-out callback). ``limiter`` is the per-provider token bucket (keyed by
+    provider).
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: ActorRef[DlrMessage],
+        limiter: RateLimiter,
+        dlr_parsers: Mapping[str, Parser],
+        bounce_parsers: Mapping[str, Parser],
+        max_body_bytes: int,
+        queue_capacity: int,
+        ack_timeout_s: float,
+        retry_after_s: float,
+        public_base_url: str | None = None,
+        prefix: str = "/webhooks",
+        detector: CallbackObserver | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if min(max_body_bytes, queue_capacity) < 1:
+            raise ValueError("max_body_bytes and queue_capacity must be >= 1")
+        _positive("ack_timeout_s", ack_timeout_s)
+        _positive("retry_after_s", retry_after_s)
+        self.pool = pool
+        self.limiter = limiter
+        self.parsers: dict[WebhookKind, dict[str, Parser]] = {
+            WebhookKind.DLR: dict(dlr_parsers),
+            WebhookKind.BOUNCES: dict(bounce_parsers),
+        }
+        self.max_body_bytes = max_body_bytes
+        self.queue_capacity = queue_capacity
+        self.ack_timeout_s = ack_timeout_s
+        self.retry_after_s = retry_after_s
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        self.prefix = prefix.rstrip("/")
+        self.detector = detector
+        self._metrics = _dlr_metrics(registry) if registry is not None else None
+        self._counts = dict.fromkeys(
+            ("callbacks", "accepted", "shed", "rate_limited", "refused"), 0
+        )
+
+    @property
+    def running(self) -> bool:
+        """Whether an incarnation of the pool runs now."""
+        return self.pool.statistics() is not None
+
+    def statistics(self) -> DlrIngressStatistics:
+        counts = self._counts
+        return DlrIngressStatistics(
+            callbacks=counts["callbacks"],
+            accepted=counts["accepted"],
+            shed=counts["shed"],
+            rate_limited=counts["rate_limited"],
+            refused=counts["refused"],
+        )
+
+    def offer(self, provider: str, receipts: Sequence[Receipt]) -> QueuedCallback | None:
+        """Offer ``receipts`` to the pool as one job; None when its mailbox is full (shed)."""
+        if not self.running:
+            raise RuntimeError("the DLR pool is not running")
+        job = QueuedCallback(provider, receipts)
+        try:
+            self.pool.tell_nowait(Deliver(job))
+        except MailboxFull:
+            return None
+        return job
+
+    async def deliver(self, provider: str, receipts: Sequence[Receipt]) -> Outcome:
+        """Offer ``receipts`` and wait for them: APPLIED, FAILED, SHED (the pool could not
+        take them) or ABANDONED (ack timeout). What the webhook does after parsing."""
+        try:
+            job = self.offer(provider, receipts)
+        except ActorStopped:  # removed for good between the check and the offer
+            return Outcome.FAILED
+        if job is None:
+            return Outcome.SHED
+        with trio.move_on_after(self.ack_timeout_s):
+            await job.done.wait()
+        if job.outcome is Outcome.PENDING:
+            job.outcome = Outcome.ABANDONED  # still queued: the pool skips it
+        return job.outcome
 
     # -- ASGI ------------------------------------------------------------------------------
 
@@ -651,7 +824,7 @@ class DlrIngress:
             return
         if not self.running:
             await self._refuse(
-                send, provider, 503, "not_ready", "the DLR ingress is not running",
+                send, provider, 503, "not_ready", "the DLR pool is not running",
                 extra_headers=[_retry_after(self.retry_after_s)],
             )  # fmt: skip
             return
@@ -661,7 +834,7 @@ class DlrIngress:
             await send_json(send, 200, msgspec.json.encode(_Accepted(accepted=len(receipts))))
             return
         retry = [_retry_after(self.retry_after_s)]
-        if outcome is None:
+        if outcome is Outcome.SHED:
             self._counts["shed"] += 1
             if self._metrics is not None:
                 self._metrics.shed.labels(provider).inc()

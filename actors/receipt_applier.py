@@ -15,7 +15,7 @@ from providers.channel import DeliveryState, Receipt
 from providers.db.dispatches import apply_receipts_async
 
 if TYPE_CHECKING:
-    from actors.bounce_tracker import BounceTracker
+    from actors.bounce_tracker import BounceFeed
     from providers.db.pool import DbPool
 
 __all__ = ["ReceiptApplier"]
@@ -28,7 +28,7 @@ class ReceiptApplier:
     server goes on trying; only the bounce tracker hears of it.
     """
 
-    def __init__(self, db: DbPool, tracker: BounceTracker | None, *, db_units: int) -> None:
+    def __init__(self, db: DbPool, tracker: BounceFeed | None, *, db_units: int) -> None:
         self.db = db
         self.tracker = tracker
         # However many DLR workers run, receipts hold at most this many pooled

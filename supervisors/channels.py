@@ -43,21 +43,36 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 
 from actors.bounce_tracker import ROW as BOUNCE_ROW
-from actors.bounce_tracker import BounceTracker, DbBlockStore
+from actors.bounce_tracker import (
+    BounceBoard,
+    BounceFeed,
+    BounceRules,
+    BounceTracker,
+    DbBlockStore,
+    bounce_tracker_child,
+)
 from actors.counted_sends import CountedSends
 from actors.dispatch_commands import DispatchCommands
 from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
 from actors.dlr_ingress import ROW as DLR_ROW
-from actors.dlr_ingress import DlrIngress
+from actors.dlr_ingress import DlrIngress, dlr_pool_child
 from actors.failover import ROW as SMS_ROW
 from actors.failover import Failover, Route
 from actors.push_feedback import ROW as FEEDBACK_ROW
-from actors.push_feedback import PushFeedback, StaleSweep
+from actors.push_feedback import (
+    FeedbackHistory,
+    FeedbackMessage,
+    PushFeedback,
+    SweepMessage,
+    push_feedback_child,
+    stale_sweep_child,
+)
 from actors.receipt_applier import ReceiptApplier
 from actors.templates import ROW as TEMPLATE_ROW
 from actors.templates import TemplateRegistry
 from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs, located
 from config.catalog import alert_name, module_path, row_override
+from engine.actor import ActorRef, Overflow
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
 from engine.detectors import (
@@ -115,7 +130,8 @@ CHANNEL_MODULES: Final = frozenset(
 def channel_profiles(config: TriageConfig) -> list[tuple[str, str]]:
     """Profiles the channels need, as (section, name): the tree refuses to start without."""
     p = config.providers
-    needed = [("mailboxes", "dispatcher"), ("supervisors", "providers")]
+    needed = [("mailboxes", "dispatcher"), ("mailboxes", "bounces"), ("mailboxes", "push_feedback")]
+    needed.append(("supervisors", "providers"))
     needed += [("guards", getattr(p, vendor).guard) for vendor in _VENDORS]
     needed.append(("rate_limits", config.dlr.rate_limit))
     out: list[tuple[str, str]] = []
@@ -167,9 +183,9 @@ class Channels:
     api: DispatchApi
     commands: DispatchCommands
     templates: TemplateRegistry
-    tracker: BounceTracker
-    feedback: PushFeedback
-    sweep: StaleSweep
+    tracker: BounceFeed
+    feedback: ActorRef[FeedbackMessage]
+    sweep: ActorRef[SweepMessage]
     sources: list[FeedbackSource] = field(default_factory=list)
     specs: list[ChildSpec] = field(default_factory=list)
     mounts: dict[str, ASGIFramework] = field(default_factory=dict)
@@ -355,8 +371,7 @@ def build_channels(
     # Row 3: the bounce tracker counts every accepted email and every bounce.
     bounce_cfg = _row_config(config, catalog, BOUNCE_ROW)
     bounces = config.bounces
-    tracker = BounceTracker(
-        store=DbBlockStore(backbone.pool.asyncpg_pool),
+    rules = BounceRules.of(
         **engine_kwargs(bounce_cfg),
         disable_after_s=bounces.disable_after_s,
         ceiling_ratio=bounces.ceiling_ratio,
@@ -364,6 +379,16 @@ def build_channels(
         max_keys=bounces.max_keys,
         evaluate_interval_s=config.daemon.detector_tick_s,
         reload_interval_s=bounces.reload_interval_s,
+    )
+    tracker_mailbox = config.mailboxes["bounces"]
+    tracker_spec, tracker = bounce_tracker_child(
+        rules,
+        store=DbBlockStore(backbone.pool.asyncpg_pool),
+        board=BounceBoard(rules.throttle_rate_per_s),
+        capacity=tracker_mailbox.capacity,
+        overflow=Overflow(tracker_mailbox.overflow),
+        shutdown_s=shutdown_s,
+        deadlines=runtime.deadlines,
         detector=_detector(config, catalog, runtime, detectors, BOUNCE_ROW, RatioDetector),
         events=runtime.events,
         metrics=runtime.metrics,
@@ -488,8 +513,21 @@ def build_channels(
     def twilio_parser(url: str, headers: Mapping[str, str], body: bytes) -> list[Receipt]:
         return [parse_twilio_receipt(url, headers, body, auth_token=token)]
 
-    ingress = DlrIngress(
+    pool_spec, pool = dlr_pool_child(
         sink=sink,
+        queue_capacity=dlr.queue_capacity,
+        workers_min=dlr.workers_min,
+        workers_max=dlr.workers_max,
+        scale_up_depth=dlr.scale_up_depth,
+        scale_up_after_s=dlr.scale_up_after_s,
+        scale_down_after_s=dlr.scale_down_after_s,
+        batch_max=dlr.batch_max,
+        shutdown_s=shutdown_s,
+        registry=registry,
+        metrics=runtime.metrics,
+    )
+    ingress = DlrIngress(
+        pool=pool,
         limiter=RateLimiter(
             "dlr", **engine_kwargs(config.rate_limits[dlr.rate_limit]), metrics=runtime.metrics
         ),
@@ -497,13 +535,7 @@ def build_channels(
         bounce_parsers={"smtp": bounce_parser(endpoints.smtp_bounce_secret, provider="smtp")},
         max_body_bytes=dlr.max_body_bytes,
         queue_capacity=dlr.queue_capacity,
-        workers_min=dlr.workers_min,
-        workers_max=dlr.workers_max,
-        scale_up_depth=dlr.scale_up_depth,
-        scale_up_after_s=dlr.scale_up_after_s,
-        scale_down_after_s=dlr.scale_down_after_s,
         ack_timeout_s=dlr.ack_timeout_s,
-        batch_max=dlr.batch_max,
         retry_after_s=dlr.retry_after_s,
         public_base_url=dlr.callback_base_url,
         detector=_detector(
@@ -536,7 +568,8 @@ def build_channels(
         count: int = await backbone.pool.run_unit(outstanding_async, ChannelName.PUSH.value)
         return count
 
-    feedback = PushFeedback(
+    push_mailbox = config.mailboxes["push_feedback"]
+    feedback_spec, feedback = push_feedback_child(
         sources=sources,
         sink=sink,
         outstanding=outstanding,
@@ -545,11 +578,14 @@ def build_channels(
         stall_after_s=pf.stall_after_s,
         watchdog_interval_s=pf.watchdog_interval_s,
         severity=catalog.row(FEEDBACK_ROW).severity,
-        detector=_detector(
-            config, catalog, runtime, detectors, FEEDBACK_ROW, AgeOfNewestDetector
-        ),
+        history=FeedbackHistory(),
+        capacity=push_mailbox.capacity,
+        overflow=Overflow(push_mailbox.overflow),
+        shutdown_s=shutdown_s,
+        detector=_detector(config, catalog, runtime, detectors, FEEDBACK_ROW, AgeOfNewestDetector),
         events=runtime.events,
         registry=registry,
+        metrics=runtime.metrics,
         clock=runtime.clock,
     )
 
@@ -557,12 +593,16 @@ def build_channels(
         marked = await backbone.pool.run_unit(mark_stale_unknown_async, channel, older_than_s, limit)
         return len(marked)
 
-    sweep = StaleSweep(
+    sweep_spec, sweep = stale_sweep_child(
         sweeper=sweeper,
         stale_after_s=pf.stale_after_s,
         sweep_interval_s=pf.sweep_interval_s,
         sweep_limit=pf.sweep_batch,
+        capacity=push_mailbox.capacity,
+        overflow=Overflow(push_mailbox.overflow),
+        shutdown_s=shutdown_s,
         registry=registry,
+        metrics=runtime.metrics,
     )
 
     api = DispatchApi(
@@ -588,10 +628,10 @@ def build_channels(
     )
     specs = [
         *service.child_specs(),
-        tracker.child_spec(shutdown_s=shutdown_s),
-        ingress.child_spec(shutdown_s=shutdown_s),
-        feedback.child_spec(shutdown_s=shutdown_s),
-        sweep.child_spec(shutdown_s=shutdown_s),
+        tracker_spec,
+        pool_spec,
+        feedback_spec,
+        sweep_spec,
         commands.child_spec(shutdown_s=shutdown_s),
     ]
     return Channels(

@@ -309,12 +309,13 @@ async def _drive(rig: Rig, ctx: ChaosContext, timing: _Timing) -> Outcome:
     )
 
     statuses = Counter((sent.accepted[i] == str(control), r["status"]) for i, r in rows.items())
+    stats = tracker.ref.statistics()  # None only while the tracker restarts
     if early:
         notes.append(f"{detector} fired {len(early)}x before the trigger")
     notes.append(
         f"bounced tenant: {timing.warm} warm + {sent_after_trigger} after the trigger"
-        f" (fraction {BOUNCE_FRACTION}); tracker sent={tracker.stats.sent}"
-        f" hard bounces={tracker.stats.hard_bounces} DSNs posted={smtp.bounces_sent}"
+        f" (fraction {BOUNCE_FRACTION}); tracker sent={getattr(stats, 'sent', None)}"
+        f" hard bounces={getattr(stats, 'hard_bounces', None)} DSNs posted={smtp.bounces_sent}"
         f" statuses={dict(smtp.bounce_statuses)}"
     )
     page_s = None if throttled_at is None else round(throttled_at - trigger_at, 3)

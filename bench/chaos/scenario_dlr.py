@@ -52,7 +52,7 @@ from http import HTTPStatus
 import httpx
 import trio
 
-from actors.dlr_ingress import DlrIngress
+from actors.dlr_ingress import DlrIngress, DlrPoolStatistics, PoolState
 from bench.chaos.channels_rig import Rig, open_rig
 from bench.chaos.harness import ChaosContext, Outcome, Scenario
 from config.catalog import alert_name
@@ -132,15 +132,27 @@ def _ingress(rig: Rig) -> DlrIngress:
     return channels.ingress
 
 
-async def _sampler(rig: Rig, watch: _Watch) -> None:
+_NO_POOL = DlrPoolStatistics(
+    state=PoolState.STOPPED, workers=0, busy_workers=0, queue_depth=0, queue_capacity=0,
+    max_queue_depth=0, applied_receipts=0, shed=0, started_workers=0, stopped_workers=0,
+)  # fmt: skip
+
+
+def _pool(ingress: DlrIngress) -> DlrPoolStatistics:
+    """The pool's numbers now (an empty record while it restarts)."""
+    stats = ingress.pool.statistics()
+    return stats if isinstance(stats, DlrPoolStatistics) else _NO_POOL
+
+
+async def _sampler(rig: Rig, watch: _Watch, scale_up_depth: int) -> None:
     ingress = _ingress(rig)
     while not watch.stopping:
-        stats = ingress.statistics()
+        stats = _pool(ingress)
         watch.workers[stats.workers] += 1
         watch.max_workers = max(watch.max_workers, stats.workers)
         watch.max_depth = max(watch.max_depth, stats.max_queue_depth, stats.queue_depth)
         now = trio.current_time()
-        if stats.queue_depth >= ingress.scale_up_depth:
+        if stats.queue_depth >= scale_up_depth:
             watch.above_since = now if watch.above_since is None else watch.above_since
             watch.longest_above_s = max(watch.longest_above_s, now - watch.above_since)
         else:
@@ -219,7 +231,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         await _to_bystander(rig)
         async with trio.open_nursery() as load:
             load.start_soon(_sender, rig, watch, timing.send_every_s)
-            load.start_soon(_sampler, rig, watch)
+            load.start_soon(_sampler, rig, watch, dlr.scale_up_depth)
             await trio.sleep(timing.baseline_s)
             fired_early = rig.fired_at(name) is not None
             before = ingress.statistics()
@@ -244,7 +256,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
             # After: the pool back at its minimum (idle workers stop).
             with trio.move_on_after(timing.recover_max_s):
                 while True:
-                    if ingress.statistics().workers <= dlr.workers_min:
+                    if _pool(ingress).workers <= dlr.workers_min:
                         break
                     await trio.sleep(SAMPLE_S)
             recovered_s = trio.current_time() - flood_end
@@ -256,6 +268,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         rows = await rig.settle(frozenset({"delivered"}), timeout_s=timing.settle_s)
         rig.count_receipts()
         after = ingress.statistics()
+        pool = _pool(ingress)
         refused = _refused(rig, FLOODED)
         refused_bystander = _refused(rig, BYSTANDER)
         providers = Counter(str(r["provider"]) for r in rows.values())
@@ -274,18 +287,18 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         and not {"rate_limited", "queue_full"} & set(refused_bystander)
         and providers[BYSTANDER] >= TO_BYSTANDER
     )
-    bounded = max(watch.max_depth, after.max_queue_depth) <= dlr.queue_capacity
+    bounded = max(watch.max_depth, pool.max_queue_depth) <= dlr.queue_capacity
     # The pool stays within its bounds, grows whenever the queue held at the scale-up
     # depth for scale_up_after_s (as sampled; with the chaos limits the rate limit may
     # keep it below: the exact scaling rule is unit-tested on the MockClock), and ends
     # at its minimum.
-    max_depth = max(watch.max_depth, after.max_queue_depth)
+    max_depth = max(watch.max_depth, pool.max_queue_depth)
     pool_ok = (
         min(watch.workers) >= dlr.workers_min
         and watch.max_workers <= dlr.workers_max
-        and after.workers == dlr.workers_min
-        and (after.started_workers > 0 or watch.longest_above_s < dlr.scale_up_after_s)
-        and after.stopped_workers == after.started_workers
+        and pool.workers == dlr.workers_min
+        and (pool.started_workers > 0 or watch.longest_above_s < dlr.scale_up_after_s)
+        and pool.stopped_workers == pool.started_workers
     )
     alive = (
         watch.livez_during_flood[200] > 0
@@ -314,8 +327,8 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
         " that start a worker);"
         f" workers {min(watch.workers)}..{watch.max_workers}"
         f" (bounds {dlr.workers_min}..{dlr.workers_max}),"
-        f" started={after.started_workers} stopped={after.stopped_workers},"
-        f" {after.workers} at the end ({recovered_s:.1f}s after the flood)"
+        f" started={pool.started_workers} stopped={pool.stopped_workers},"
+        f" {pool.workers} at the end ({recovered_s:.1f}s after the flood)"
     )
     notes.append(
         f"during the flood: /livez {dict(watch.livez_during_flood)},"

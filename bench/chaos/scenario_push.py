@@ -40,21 +40,34 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import trio
 
-from actors.push_feedback import FeedbackStallAlert
+from actors.push_feedback import FeedbackStallAlert, FeedbackStatistics, SweepStatistics
 from bench.chaos.channels_rig import Rig, open_rig
 from bench.chaos.harness import ChaosContext, Outcome, Scenario
 from config.catalog import alert_name
+from engine.actor import ActorRef
 from engine.events import ActorRestarted, DetectorCleared, DetectorFired
 
 __all__ = ["ROW", "SCENARIO", "run_scenario"]
+
+S = TypeVar("S")
 
 ROW = 2
 TEMPLATE = "push_reminder"
 FINAL = frozenset({"delivered", "unknown"})
 CHILD = "push_feedback"  # the supervised child the watchdog restarts
+
+
+async def _statistics(ref: ActorRef[Any], kind: type[S], wait_s: float) -> S:
+    """The actor's statistics, waiting up to ``wait_s`` for an incarnation (a restart)."""
+    with trio.fail_after(wait_s):
+        while (stats := ref.statistics()) is None:  # noqa: ASYNC110  # polls the ref
+            await trio.sleep(0.01)
+    assert isinstance(stats, kind)
+    return stats
 
 # Load shape (not detection tuning: windows and thresholds come from the config).
 PACE_S = 0.1  # one push every PACE_S, platforms in turn
@@ -187,7 +200,9 @@ async def _drive(
         flowing = await _wait_for(
             lambda: _all_in(rig, warm, frozenset({"delivered"})), timing.flow_max_s
         )
-        applied_before = feedback.stats.applied
+        applied_before = (
+            await _statistics(feedback, FeedbackStatistics, timing.refresh_max_s)
+        ).applied
 
         # 2. the trigger: every feedback session so far hangs; pushes go on.
         load.phase = "stall"
@@ -245,11 +260,13 @@ async def _drive(
     others_delivered = all(
         rows.get(i, {}).get("status") == "delivered" for i in load.sent if i not in stale
     )
+    fed = await _statistics(feedback, FeedbackStatistics, timing.refresh_max_s)
+    swept = await _statistics(sweep, SweepStatistics, timing.refresh_max_s)
     mitigated = (
         flowing
         and refreshed
         and stalled_delivered
-        and feedback.stats.resets >= 1
+        and fed.resets >= 1
         and withheld_swept
         and others_delivered
     )
@@ -263,14 +280,14 @@ async def _drive(
     notes.append(
         f"pushes accepted={len(load.sent)} refused={dict(load.refused)}"
         f" final={dict(statuses)} feedback applied before trigger={applied_before}"
-        f" total={feedback.stats.applied}"
+        f" total={fed.applied}"
     )
     if refreshed:
         alert = alerts()[0]
         notes.append(
             f"watchdog restart {refreshed_at - trigger_at:.2f}s after the trigger"
             f" (silent {alert.silent_s:.2f}s, {alert.outstanding} waiting);"
-            f" refreshes={feedback.stats.refreshes} resets={feedback.stats.resets}"
+            f" refreshes={fed.refreshes} resets={fed.resets}"
             f" restarts={len(restarts())} stalled pulls fcm={fcm.stalled_pulls}"
             f" apns={apns.stalled_pulls}"
         )
@@ -284,7 +301,7 @@ async def _drive(
     )
     notes.append(
         f"APNs feedback withheld for {len(withheld)} pushes: swept={withheld_swept}"
-        f" (unknown={len(stale)} reasons={dict(stale_reasons)} sweep marked={sweep.marked})"
+        f" (unknown={len(stale)} reasons={dict(stale_reasons)} sweep marked={swept.marked})"
     )
     notes.append(
         f"emulator duplicates fcm={fcm.duplicates()} apns={apns.duplicates()}"

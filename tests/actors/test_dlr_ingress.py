@@ -17,9 +17,17 @@ import trio.testing
 from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, ConnectionState, HTTPScope
 from prometheus_client import CollectorRegistry
 
-from actors.dlr_ingress import DlrIngress, Outcome, Parser
+from actors.dlr_ingress import (
+    DlrIngress,
+    DlrPoolStatistics,
+    Outcome,
+    Parser,
+    PoolState,
+    dlr_pool_child,
+)
 from engine.detectors import SpikeOverBaselineDetector
 from engine.ratelimit import RateLimiter
+from engine.supervisor import ChildSpec, Supervisor
 from providers.channel import DeliveryState, Receipt
 from providers.receipts import BadSignature, MalformedReceipt, header
 from supervisors.http import HealthApp, HttpServer
@@ -102,7 +110,14 @@ class Observer:
         self.observed += count
 
 
+_POOL_KNOBS = frozenset({
+    "queue_capacity", "workers_min", "workers_max", "scale_up_depth", "scale_up_after_s",
+    "scale_down_after_s", "batch_max", "registry",
+})  # fmt: skip
+
+
 def make_ingress(sink: Sink, **overrides: Any) -> DlrIngress:
+    """The front and its pool's child spec (``ingress.spec``, not running yet)."""
     settings: dict[str, Any] = {
         "limiter": RateLimiter("dlr_callbacks", rate_per_s=1000.0, burst=1000, max_keys=16),
         "dlr_parsers": {"acme": make_parser("acme"), "zeta": make_parser("zeta")},
@@ -119,7 +134,27 @@ def make_ingress(sink: Sink, **overrides: Any) -> DlrIngress:
         "retry_after_s": 3.0,
     }
     settings.update(overrides)
-    return DlrIngress(sink=sink, **settings)
+    pool = {k: v for k, v in settings.items() if k in _POOL_KNOBS}
+    front = {k: v for k, v in settings.items() if k not in _POOL_KNOBS or k == "queue_capacity"}
+    spec, ref = dlr_pool_child(sink=sink, shutdown_s=1.0, **pool)
+    ingress = DlrIngress(pool=ref, registry=settings.get("registry"), **front)
+    SPECS[ingress] = spec
+    return ingress
+
+
+SPECS: dict[DlrIngress, ChildSpec] = {}
+
+
+def pool_stats(ingress: DlrIngress) -> DlrPoolStatistics:
+    stats = ingress.pool.statistics()
+    assert isinstance(stats, DlrPoolStatistics)
+    return stats
+
+
+async def start_pool(nursery: trio.Nursery, ingress: DlrIngress) -> Supervisor:
+    sup = Supervisor("dlr", [SPECS[ingress]])
+    await nursery.start(sup.run)
+    return sup
 
 
 def asgi(app: Any) -> httpx.ASGITransport:
@@ -130,7 +165,7 @@ def asgi(app: Any) -> httpx.ASGITransport:
 @asynccontextmanager
 async def running(ingress: DlrIngress) -> AsyncIterator[httpx.AsyncClient]:
     async with trio.open_nursery() as nursery:
-        await nursery.start(ingress.run)
+        await start_pool(nursery, ingress)
         transport = asgi(ingress)
         async with httpx.AsyncClient(transport=transport, base_url="http://triage") as client:
             yield client
@@ -152,6 +187,8 @@ async def test_a_signed_callback_is_applied_then_answered_200() -> None:
         bounced = await client.post(
             "/webhooks/bounces/mailer", content=bounce, headers=bounce_headers
         )
+        await trio.testing.wait_all_tasks_blocked()  # the workers' reports handled
+        pool = pool_stats(ingress)
     assert (response.status_code, response.json()) == (200, {"accepted": 2})
     assert bounced.status_code == 200
     assert sink.refs == ["r1", "r2", "b1"]
@@ -161,8 +198,8 @@ async def test_a_signed_callback_is_applied_then_answered_200() -> None:
     assert sample("triage_dlr_callbacks_total", {"provider": "acme"}) == 1
     assert sample("triage_dlr_callbacks_total", {"provider": "mailer"}) == 1
     assert sample("triage_dlr_receipts_applied_total") == 3
-    stats = ingress.statistics()
-    assert (stats.accepted, stats.applied_receipts, stats.queue_depth) == (2, 3, 0)
+    assert (ingress.statistics().accepted, pool.applied_receipts, pool.queue_depth) == (2, 3, 0)
+    assert pool.state is PoolState.IDLE
 
 
 # -- typed refusals that change nothing ------------------------------------------------
@@ -218,12 +255,13 @@ async def test_bad_callbacks_get_a_typed_4xx_and_change_nothing(
     async with running(ingress) as client:
         response = await client.post(path, content=content, headers=headers)
         await trio.testing.wait_all_tasks_blocked()
+        pool = pool_stats(ingress)
     assert response.status_code == status
     assert response.json()["error"] == code
     assert response.json()["message"]
     assert sink.calls == 0 and sink.batches == []
-    stats = ingress.statistics()
-    assert (stats.queue_depth, stats.max_queue_depth, stats.accepted) == (0, 0, 0)
+    assert (pool.queue_depth, pool.max_queue_depth, ingress.statistics().accepted) == (0, 0, 0)
+    assert ingress.statistics().refused == 1
 
 
 async def test_other_methods_are_405() -> None:
@@ -282,7 +320,7 @@ async def test_an_endless_body_is_refused_at_the_cap_without_reading_on() -> Non
     sink = Sink()
     ingress = make_ingress(sink)
     async with trio.open_nursery() as nursery:
-        await nursery.start(ingress.run)
+        await start_pool(nursery, ingress)
         status, body, read = await drive(
             ingress, scope_for("/webhooks/dlr/acme", [(b"host", b"dlr.example")]), b"x" * 512
         )
@@ -380,23 +418,24 @@ async def test_a_flood_over_the_queue_bound_is_shed_with_429() -> None:
             for i in range(40):
                 flood.start_soon(post, f"r{i}")
             await trio.testing.wait_all_tasks_blocked()
-            stats = ingress.statistics()
-            # The queue filled to its bound before the worker took one receipt; every
+            stats = pool_stats(ingress)
+            # One batch in the worker's hands, the queue filled to its bound; every
             # callback past the bound was refused at once, none is waiting for room.
-            assert (stats.max_queue_depth, stats.queue_depth, stats.busy_workers) == (10, 9, 1)
-            assert stats.shed == 30
+            assert (stats.max_queue_depth, stats.queue_depth, stats.busy_workers) == (10, 10, 1)
+            assert ingress.statistics().shed == 29
+            assert stats.state is PoolState.BACKLOGGED
             sink.hold.set()
+        stats = pool_stats(ingress)
     statuses = sorted(r.status_code for r in answers.values())
-    assert statuses == [200] * 10 + [429] * 30
+    assert statuses == [200] * 11 + [429] * 29
     shed = [ref for ref, r in answers.items() if r.status_code == 429]
     assert all(answers[ref].json()["error"] == "queue_full" for ref in shed)
     assert all(answers[ref].headers["retry-after"] == "3" for ref in shed)
     # 2xx exactly for what was applied, never for what was shed.
     assert sorted(sink.refs) == sorted(ref for ref, r in answers.items() if r.status_code == 200)
-    stats = ingress.statistics()
     assert stats.max_queue_depth == 10 == stats.queue_capacity
-    assert stats.queue_depth == 0
-    assert registry.get_sample_value("triage_dlr_shed_total", {"provider": "acme"}) == 30
+    assert (stats.queue_depth, stats.applied_receipts) == (0, 11)
+    assert registry.get_sample_value("triage_dlr_shed_total", {"provider": "acme"}) == 29
     assert registry.get_sample_value("triage_dlr_callbacks_total", {"provider": "acme"}) == 40
 
 
@@ -419,16 +458,16 @@ async def test_an_ack_timeout_is_503_and_a_queued_job_is_skipped(
             await trio.testing.wait_all_tasks_blocked()
             nursery.start_soon(post, "queued")
         assert trio.current_time() - start == 5.0
-        assert ingress.statistics().queue_depth == 1  # abandoned, still counted until skipped
+        assert pool_stats(ingress).queue_depth == 1  # abandoned, still counted until skipped
         sink.hold.set()
         await trio.testing.wait_all_tasks_blocked()
+        assert pool_stats(ingress).queue_depth == 0
     assert [answers[r].status_code for r in ("taken", "queued")] == [503, 503]
     assert answers["queued"].json()["error"] == "ack_timeout"
     assert answers["queued"].headers["retry-after"] == "3"
     # The batch already in the sink's hands was applied (the provider's retry applies it
     # again: the sink is idempotent); the one still queued was skipped.
     assert sink.refs == ["taken"]
-    assert ingress.statistics().queue_depth == 0
 
 
 async def test_a_failing_sink_answers_503_so_the_provider_retries() -> None:
@@ -451,7 +490,7 @@ async def test_stopping_the_ingress_answers_waiting_callbacks_503() -> None:
     ingress = make_ingress(sink, workers_min=1, workers_max=1, batch_max=1)
     outcomes: list[Outcome | None] = []
     async with trio.open_nursery() as outer, trio.open_nursery() as inner:
-        await inner.start(ingress.run)
+        await start_pool(inner, ingress)
 
         async def deliver(ref: str) -> None:
             outcomes.append(
@@ -464,10 +503,12 @@ async def test_stopping_the_ingress_answers_waiting_callbacks_503() -> None:
         outer.start_soon(deliver, "a")
         outer.start_soon(deliver, "b")
         await trio.testing.wait_all_tasks_blocked()
+        assert (pool_stats(ingress).busy_workers, pool_stats(ingress).queue_depth) == (1, 1)
         inner.cancel_scope.cancel()
+    # Both answered at once (not at the ack timeout): one taken, one still queued.
     assert outcomes == [Outcome.FAILED, Outcome.FAILED]
     assert sink.batches == []
-    assert not ingress.running and ingress.statistics().queue_depth == 0
+    assert not ingress.running and ingress.pool.statistics() is None
 
 
 # -- worker scaling ----------------------------------------------------------------------
@@ -489,37 +530,37 @@ async def test_workers_scale_up_under_backlog_and_down_when_idle(
     )  # fmt: skip
 
     def workers() -> int:
-        count = ingress.statistics().workers
+        count = pool_stats(ingress).workers
         assert registry.get_sample_value("triage_dlr_workers") == count
         return count
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(ingress.run)
+        await start_pool(nursery, ingress)
         t0 = trio.current_time()
         jobs = [ingress.offer("acme", receipt(f"r{i}")) for i in range(8)]
         assert all(job is not None for job in jobs)
         await trio.testing.wait_all_tasks_blocked()
-        assert (workers(), ingress.statistics().queue_depth) == (1, 7)
+        assert (workers(), pool_stats(ingress).queue_depth) == (1, 7)
 
         await trio.sleep_until(t0 + 1.999)
         assert workers() == 1
         await trio.sleep_until(t0 + 2.0)
         await trio.testing.wait_all_tasks_blocked()
-        assert (workers(), ingress.statistics().queue_depth) == (2, 6)
+        assert (workers(), pool_stats(ingress).queue_depth) == (2, 6)
         await trio.sleep_until(t0 + 3.999)
         assert workers() == 2
         await trio.sleep_until(t0 + 4.0)
         await trio.testing.wait_all_tasks_blocked()
-        assert (workers(), ingress.statistics().queue_depth) == (3, 5)
+        assert (workers(), pool_stats(ingress).queue_depth) == (3, 5)
         await trio.sleep_until(t0 + 30.0)
         assert workers() == 3  # workers_max: the backlog holds, no fourth worker
-        assert ingress.statistics().started_workers == 2
+        assert pool_stats(ingress).started_workers == 2
 
         sink.hold.set()
         await trio.testing.wait_all_tasks_blocked()
         released = trio.current_time()
         assert sorted(sink.refs) == sorted(f"r{i}" for i in range(8))
-        assert ingress.statistics().queue_depth == 0
+        assert pool_stats(ingress).queue_depth == 0
         # Idle from `released`: the extra workers stop after scale_down_after_s, all but one.
         await trio.sleep_until(released + 9.999)
         assert workers() == 3
@@ -528,7 +569,7 @@ async def test_workers_scale_up_under_backlog_and_down_when_idle(
         assert workers() == 1
         await trio.sleep_until(released + 100.0)
         assert workers() == 1  # never below workers_min
-        assert ingress.statistics().stopped_workers == 2
+        assert pool_stats(ingress).stopped_workers == 2
         nursery.cancel_scope.cancel()
 
 
@@ -542,7 +583,7 @@ async def test_a_backlog_that_drains_in_time_starts_no_worker(
         scale_up_after_s=2.0, ack_timeout_s=1000.0,
     )  # fmt: skip
     async with trio.open_nursery() as nursery:
-        await nursery.start(ingress.run)
+        await start_pool(nursery, ingress)
         t0 = trio.current_time()
         for i in range(4):
             ingress.offer("acme", receipt(f"r{i}"))
@@ -554,10 +595,10 @@ async def test_a_backlog_that_drains_in_time_starts_no_worker(
         for i in range(4, 8):  # a new backlog: its own 2 s start now
             ingress.offer("acme", receipt(f"r{i}"))
         await trio.sleep_until(t0 + 3.8)
-        assert ingress.statistics().workers == 1
+        assert pool_stats(ingress).workers == 1
         await trio.sleep_until(t0 + 3.9)
         await trio.testing.wait_all_tasks_blocked()
-        assert ingress.statistics().workers == 2
+        assert pool_stats(ingress).workers == 2
         sink.hold.set()
         nursery.cancel_scope.cancel()
 
@@ -603,7 +644,7 @@ async def test_served_for_real_mounted_under_webhooks_with_the_public_url() -> N
     app = HealthApp(readiness=Ready(), registry=CollectorRegistry(), mounts={"/webhooks/": ingress})
     server = HttpServer(app, host="127.0.0.1", port=0, graceful_timeout_s=2.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(ingress.run)
+        await start_pool(nursery, ingress)
         await nursery.start(server.run)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
             content, headers = signed("r1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -13,19 +14,23 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from actors.push_feedback import (
+    FeedbackHistory,
     FeedbackStallAlert,
-    FeedbackStalled,
-    PushFeedback,
-    StaleSweep,
-    child_specs,
+    FeedbackState,
+    FeedbackStatistics,
+    Sweep,
+    SweepStatistics,
+    push_feedback_child,
+    stale_sweep_child,
 )
+from engine.actor import Overflow
 from engine.clock import Clock
 from engine.detectors import AgeOfNewestDetector
 from engine.errors import ConfigError, ProviderUnavailable
 from engine.events import ActorCrashed, ActorRestarted, Event, EventBus
 from engine.metrics import Metrics
 from engine.runtime import Runtime
-from engine.supervisor import Supervisor
+from engine.supervisor import ChildSpec, Supervisor
 from providers.bridge import run
 from providers.channel import DeliveryState, Receipt
 from providers.db import DAEMON_ROLE, migrate
@@ -95,9 +100,30 @@ class Outstanding:
         return self.count
 
 
+@dataclass
+class World:
+    spec: ChildSpec
+    ref: Any
+    source: FakeSource
+    sink: FakeSink
+    probe: Outstanding
+    log: list[tuple[str, Any]]
+    runtime: Runtime
+    registry: CollectorRegistry
+
+    def stats(self) -> FeedbackStatistics:
+        stats = self.ref.statistics()
+        assert isinstance(stats, FeedbackStatistics)
+        return stats
+
+
 def _world(
-    outstanding: int, pending: Sequence[Receipt] = (), **knobs: Any
-) -> tuple[PushFeedback, FakeSource, FakeSink, Outstanding, list[tuple[str, Any]], Runtime]:
+    outstanding: int,
+    pending: Sequence[Receipt] = (),
+    *,
+    detector: AgeOfNewestDetector | None = None,
+    **knobs: Any,
+) -> World:
     log: list[tuple[str, Any]] = []
     source, sink, probe = FakeSource(log, pending), FakeSink(log), Outstanding(outstanding)
     registry = CollectorRegistry()
@@ -107,11 +133,13 @@ def _world(
         poll_interval_s=1.0, batch_size=2, stall_after_s=600.0, watchdog_interval_s=60.0
     )
     fields.update(knobs)
-    feedback = PushFeedback(
-        sources=[source], sink=sink, outstanding=probe, events=runtime.events, registry=registry,
-        clock=runtime.clock, **fields,
+    spec, ref = push_feedback_child(
+        sources=[source], sink=sink, outstanding=probe, history=FeedbackHistory(),
+        severity="ticket", capacity=16, overflow=Overflow.WAIT, shutdown_s=1.0,
+        detector=detector, events=runtime.events, registry=registry, clock=runtime.clock,
+        **fields,
     )  # fmt: skip
-    return feedback, source, sink, probe, log, runtime
+    return World(spec, ref, source, sink, probe, log, runtime, registry)
 
 
 def _events(runtime: Runtime) -> list[Event]:
@@ -122,17 +150,17 @@ def _events(runtime: Runtime) -> list[Event]:
 
 async def test_stall_forces_a_restart_with_a_fresh_session(autojump_clock: trio.abc.Clock) -> None:
     t0 = trio.current_time()
-    feedback, source, _, probe, log, runtime = _world(
-        outstanding=3, pending=[_receipt("d1", WALL - 5), _receipt("d2", WALL - 2), _receipt("d3")]
-    )
     detector = AgeOfNewestDetector("row2", metric="triage_push_feedback_last_timestamp_seconds",
                                    threshold=600.0)  # fmt: skip
-    feedback.detector = detector
+    w = _world(
+        outstanding=3,
+        pending=[_receipt("d1", WALL - 5), _receipt("d2", WALL - 2), _receipt("d3")],
+        detector=detector,
+    )
+    source, log, runtime, registry = w.source, w.log, w.runtime, w.registry
     seen = _events(runtime)
     source.after_reset = [_receipt("d4", WALL + 590)]
-    sup = Supervisor("push", child_specs(feedback), max_restarts=3, period_s=60.0, runtime=runtime)
-    registry = runtime.metrics.registry if runtime.metrics is not None else None
-    assert registry is not None
+    sup = Supervisor("push", [w.spec], max_restarts=3, period_s=60.0, runtime=runtime)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         await trio.sleep(1)
@@ -140,6 +168,7 @@ async def test_stall_forces_a_restart_with_a_fresh_session(autojump_clock: trio.
         assert log == [("apply", ["d1", "d2"]), ("apply", ["d3"]), ("ack", ["d1", "d2", "d3"])]
         # The newest feedback: d3 says no occurred_at, so the wall clock when it came.
         assert registry.get_sample_value("triage_push_feedback_last_timestamp_seconds") == WALL + t0
+        assert w.stats().state is FeedbackState.WAITING  # the round after found nothing
         await trio.sleep(598.5)  # t0 + 599.5
         assert source.resets == 0 and not detector.evaluate().firing
         await trio.sleep(0.6)  # t0 + 600.1: the watchdog restarted it
@@ -148,6 +177,7 @@ async def test_stall_forces_a_restart_with_a_fresh_session(autojump_clock: trio.
         assert source.resets == 1
         await trio.sleep(0.2)  # t0 + 1200.1: stalled again (the fresh session brought d4 only)
         assert source.resets == 2
+        stats = w.stats()  # the numbers span the incarnations
         nursery.cancel_scope.cancel()
 
     stalls = [e for e in seen if isinstance(e, FeedbackStallAlert)]
@@ -162,7 +192,7 @@ async def test_stall_forces_a_restart_with_a_fresh_session(autojump_clock: trio.
         (600.0, "push_feedback"),
         (1200.0, "push_feedback"),
     ]
-    assert all("FeedbackStalled" in e.error for e in crashes)  # typed, not a bare group
+    assert all("FeedbackStalled(" in e.error for e in crashes)  # the typed error is reported
     restarts = [e for e in seen if isinstance(e, ActorRestarted)]
     assert [(e.at - t0, e.child) for e in restarts] == [
         (600.0, "push_feedback"),
@@ -172,50 +202,55 @@ async def test_stall_forces_a_restart_with_a_fresh_session(autojump_clock: trio.
         ("reset", t0 + 600.0),
         ("reset", t0 + 1200.0),
     ]
-    assert ("ack", ["d4"]) in log and feedback.stats.refreshes == 2
+    assert ("ack", ["d4"]) in log
+    assert (stats.starts, stats.resets, stats.refreshes, stats.applied, stats.acked) == (
+        3, 2, 2, 4, 4,
+    )  # fmt: skip
+    assert stats.last_feedback_wall == WALL + 590
     assert registry.get_sample_value("triage_push_feedback_refreshes_total") == 2.0
     assert registry.get_sample_value("triage_push_feedback_last_timestamp_seconds") == WALL + 590
-    assert probe.calls > 0
+    assert w.probe.calls > 0
 
 
 async def test_an_idle_system_is_not_stalled(autojump_clock: trio.abc.Clock) -> None:
     t0 = trio.current_time()
-    feedback, source, _, probe, _, runtime = _world(outstanding=0)
-    seen = _events(runtime)
-
     detector = AgeOfNewestDetector(
         "row2", metric="triage_push_feedback_last_timestamp_seconds", threshold=600.0,
         window_s=60.0,
     )  # fmt: skip
-    feedback.detector = detector
-
-    async def dispatches_go_out() -> None:
+    w = _world(outstanding=0, detector=detector)
+    seen = _events(w.runtime)
+    sup = Supervisor("push", [w.spec], max_restarts=3, period_s=60.0, runtime=w.runtime)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
         await trio.sleep(3630)  # an hour with nothing outstanding: no stall
-        assert feedback.stats.refreshes == 0 and probe.calls == 60
+        assert w.stats().refreshes == 0 and w.probe.calls == 60
         # Nothing waited for feedback, so none is overdue: the row-2 age counts from the
         # last idle check (t0 + 3600), not from the last feedback (never).
         assert detector.evaluate().value == 30.0 and not detector.firing
-        probe.count = 2  # the last idle check was at t0 + 3600
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(dispatches_go_out)
-        with pytest.raises(FeedbackStalled) as info:
-            await feedback.run()
-    assert trio.current_time() - t0 == 4200.0
-    assert (info.value.silent_s, info.value.outstanding) == (600.0, 2)
-    assert [e.at - t0 for e in seen if isinstance(e, FeedbackStallAlert)] == [4200.0]
-    assert source.resets == 0
+        w.probe.count = 2  # the last idle check was at t0 + 3600
+        await trio.sleep(600)  # t0 + 4230
+        nursery.cancel_scope.cancel()
+    assert [(e.at - t0, e.silent_s, e.outstanding) for e in seen
+            if isinstance(e, FeedbackStallAlert)] == [(4200.0, 600.0, 2)]  # fmt: skip
+    assert [e.at - t0 for e in seen if isinstance(e, ActorCrashed)] == [4200.0]
+    assert w.source.resets == 1  # the restart at t0 + 4200 opened a fresh session
 
 
 async def test_feedback_whose_apply_failed_is_not_acked(autojump_clock: trio.abc.Clock) -> None:
-    feedback, _, sink, _, log, _ = _world(outstanding=1, pending=[_receipt("d1")])
-    sink.fail = 1
+    w = _world(outstanding=1, pending=[_receipt("d1")])
+    w.sink.fail = 1
+    sup = Supervisor("push", [w.spec], runtime=w.runtime)
     async with trio.open_nursery() as nursery:
-        await nursery.start(feedback.run)
-        await trio.sleep(1.5)
+        await nursery.start(sup.run)
+        await trio.sleep(0.5)
+        assert w.stats().state is FeedbackState.DEGRADED
+        await trio.sleep(1.0)  # the next round, poll_interval_s later
+        stats = w.stats()
         nursery.cancel_scope.cancel()
-    assert log == [("apply failed", 1), ("apply", ["d1"]), ("ack", ["d1"])]
-    assert (feedback.stats.failures, feedback.stats.applied, feedback.stats.acked) == (1, 1, 1)
+    assert w.log == [("apply failed", 1), ("apply", ["d1"]), ("ack", ["d1"])]
+    assert (stats.failures, stats.applied, stats.acked, stats.received) == (1, 1, 1, 2)
+    assert stats.state is FeedbackState.WAITING
 
 
 def test_bad_knobs_are_refused_by_name() -> None:
@@ -223,6 +258,15 @@ def test_bad_knobs_are_refused_by_name() -> None:
         _world(outstanding=0, batch_size=0)
     with pytest.raises(ConfigError, match="stall_after_s"):
         _world(outstanding=0, stall_after_s=-1)
+    with pytest.raises(ConfigError, match="overflow must be 'wait'"):
+        stale_sweep_child(
+            sweeper=_never, stale_after_s=1.0, sweep_interval_s=1.0, sweep_limit=1,
+            capacity=1, overflow=Overflow.REJECT, shutdown_s=1.0,
+        )  # fmt: skip
+
+
+async def _never(channel: str, older_than_s: float, limit: int) -> int:
+    raise AssertionError("not called")  # pragma: no cover
 
 
 # -- the stale sweep -----------------------------------------------------------------------
@@ -240,14 +284,15 @@ async def test_sweep_cadence(autojump_clock: trio.abc.Clock) -> None:
         return marked
 
     registry = CollectorRegistry()
-    sweep = StaleSweep(
+    spec, ref = stale_sweep_child(
         sweeper=sweeper, stale_after_s=900.0, sweep_interval_s=30.0, sweep_limit=2,
-        registry=registry,
+        capacity=16, overflow=Overflow.WAIT, shutdown_s=1.0, registry=registry,
     )  # fmt: skip
     t0 = trio.current_time()
     async with trio.open_nursery() as nursery:
-        await nursery.start(sweep.run)
+        await nursery.start(Supervisor("sweep", [spec]).run)
         await trio.sleep(61)
+        stats = ref.statistics()
         nursery.cancel_scope.cancel()
     # A full batch (2 of 2) is followed at once by another call; then every 30 s.
     assert [(at - t0, ch, age, lim) for at, ch, age, lim in calls] == [
@@ -256,7 +301,7 @@ async def test_sweep_cadence(autojump_clock: trio.abc.Clock) -> None:
         (30.0, "push", 900.0, 2),
         (60.0, "push", 900.0, 2),
     ]
-    assert sweep.marked == 3
+    assert stats == SweepStatistics(sweeps=3, marked=3, failures=0)
     assert registry.get_sample_value("triage_push_stale_unknown_total") == 3.0
 
 
@@ -349,16 +394,30 @@ async def test_stale_sweep_marks_only_old_dispatched_rows(
                            service="postgres")  # fmt: skip
         return len(marked)
 
-    sweep = StaleSweep(sweeper=sweeper, stale_after_s=600.0, sweep_interval_s=30.0, sweep_limit=1)
-    assert await sweep.sweep() == 2
-    statuses = {name: (await run(_statuses, postgres_url))[ids[name]] for name, *_ in _SEED}
-    assert statuses == {
-        "old push 1": ("unknown", STALE_REASON),
-        "old push 2": ("unknown", STALE_REASON),
-        "fresh push": ("dispatched", None),
-        "old sms": ("dispatched", None),
-        "old delivered": ("delivered", None),
-        "queued push": ("queued", None),
-    }
-    assert await sweep.sweep() == 0  # nothing left: idempotent
-    assert sweep.marked == 2
+    spec, ref = stale_sweep_child(
+        sweeper=sweeper, stale_after_s=600.0, sweep_interval_s=3600.0, sweep_limit=1,
+        capacity=16, overflow=Overflow.WAIT, shutdown_s=1.0,
+    )  # fmt: skip
+
+    async def swept(count: int) -> SweepStatistics:
+        with trio.fail_after(10):
+            while (stats := ref.statistics()) is None or stats.sweeps < count:  # noqa: ASYNC110  # waits for the sweep task
+                await trio.sleep(0.01)
+        assert isinstance(stats, SweepStatistics)
+        return stats
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(Supervisor("sweep", [spec]).run)
+        assert (await swept(1)).marked == 2  # the sweep at start, one row per call
+        statuses = {name: (await run(_statuses, postgres_url))[ids[name]] for name, *_ in _SEED}
+        assert statuses == {
+            "old push 1": ("unknown", STALE_REASON),
+            "old push 2": ("unknown", STALE_REASON),
+            "fresh push": ("dispatched", None),
+            "old sms": ("dispatched", None),
+            "old delivered": ("delivered", None),
+            "queued push": ("queued", None),
+        }
+        await ref.tell(Sweep())
+        assert await swept(2) == SweepStatistics(sweeps=2, marked=2, failures=0)  # idempotent
+        nursery.cancel_scope.cancel()
