@@ -1,0 +1,247 @@
+"""Supervisor corner cases found by random crash schedules against supervisor.erl,
+each with exact virtual times on the autojump clock:
+
+1. a cancellation that arrives while a child is still starting (before its
+   ``started()``) cancels that child: the tree stops within the deadlines and
+   starts nothing more, and a parent never runs two incarnations of a nested
+   supervisor at once;
+2. running state belongs to an incarnation: an abandoned one that ends late
+   does not hide its successor from the shutdown;
+"""
+
+from __future__ import annotations
+
+import faulthandler
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from engine.clock import Chance
+from engine.events import EventBus
+from engine.runtime import Runtime
+from engine.supervisor import ChildSpec, Strategy, Supervisor
+
+from .supervision import Children
+
+WATCHDOG_S = 60.0  # real seconds; each test takes milliseconds
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    """A deadlock behind a shield (the first bug) is out of reach of any virtual
+    deadline, and a Trio run cannot unwind it: after WATCHDOG_S real seconds,
+    dump every stack and end the session (exit code 1) instead of hanging."""
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def runtime() -> Runtime:
+    return Runtime(chance=Chance(7), events=EventBus())
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+def states(sup: Supervisor) -> list[tuple[str, str]]:
+    return [(c.id, c.state) for c in sup.which_children()]
+
+
+# ---------------------------------------------------------------- 1. cancelled mid-start
+
+
+async def test_cancel_during_a_slow_first_start_stops_within_the_deadlines(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    sup = Supervisor(
+        "root",
+        [
+            kids.spec("a"),
+            kids.spec("slow", init_s=1000.0, shutdown_s=2.0, stop_s=5.0),
+            kids.spec("c"),
+        ],
+        runtime=runtime(),
+    )
+    with trio.fail_after(100.0):  # a regression fails instead of hanging
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(10.0):
+                await nursery.start(sup.run)
+    # Cancelled at 10 while slow was starting: slow is cancelled at once and takes
+    # 5 s; past its 2 s deadline the supervisor stops a (at 12); c never starts.
+    # (Before: slow finished its 1000 s start shielded, and only then was stopped.)
+    assert kids.log == [("start", "a", 0.0), ("stop", "a", 12.0), ("abort", "slow", 15.0)]
+    assert trio.current_time() == 15.0
+
+
+async def test_cancel_during_a_restarts_start_aborts_it_and_starts_no_more(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    sup = Supervisor(
+        "root", [kids.spec(n) for n in "abc"], strategy=Strategy.ONE_FOR_ALL, runtime=runtime()
+    )
+    with trio.fail_after(100.0):  # a regression fails instead of hanging
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await trio.sleep(1.0)
+            kids.clear()
+            kids.slow_next_start("b", 1000.0)
+            kids.crash("a")
+            await trio.sleep(4.0)
+            nursery.cancel_scope.cancel()
+    assert kids.log == [
+        ("crash", "a", 1.0),
+        ("stop", "c", 1.0),
+        ("stop", "b", 1.0),
+        ("start", "a", 1.0),
+        ("abort", "b", 5.0),  # the restart's handshake is cancelled with the supervisor
+        ("stop", "a", 5.0),
+    ]
+    assert trio.current_time() == 5.0
+    assert sup.count_children() == 0
+
+
+async def test_parent_stopping_a_nested_supervisor_mid_restart_runs_one_incarnation(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    rt = runtime()
+    inner = Supervisor("inner", [kids.spec("g")], shutdown_s=3.0, runtime=rt)
+    live = peak = 0
+
+    async def run_inner(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        try:
+            await inner.run(task_status=task_status)
+        finally:
+            live -= 1
+
+    outer = Supervisor(
+        "outer",
+        [kids.spec("x"), ChildSpec("inner", run_inner, shutdown_s=inner.shutdown_s)],
+        strategy=Strategy.ONE_FOR_ALL,
+        runtime=rt,
+    )
+    with trio.fail_after(100.0):  # a regression fails instead of hanging
+        async with trio.open_nursery() as nursery:
+            await nursery.start(outer.run)
+            await trio.sleep(1.0)
+            kids.clear()
+            kids.slow_next_start("g", 1000.0)
+            kids.crash("g")  # inner restarts g, whose start takes 1000 s
+            await trio.sleep(1.0)
+            kids.crash("x")  # outer (one for all) stops inner in the middle of that restart
+            await settle()
+            # inner stopped at once (g's start cancelled), so outer restarts it at once.
+            assert kids.log == [
+                ("crash", "g", 1.0),
+                ("crash", "x", 2.0),
+                ("abort", "g", 2.0),
+                ("start", "x", 2.0),
+                ("start", "g", 2.0),
+            ]
+            assert states(inner) == [("g", "running")]
+            await trio.sleep(8.0)
+            kids.clear()
+            nursery.cancel_scope.cancel()
+    assert kids.log == [("stop", "g", 10.0), ("stop", "x", 10.0)]
+    assert trio.current_time() == 10.0
+    assert peak == 1  # before: outer gave up on inner at 5 and ran a second inner beside it
+
+
+async def test_nested_supervisor_restarted_past_its_deadline_waits_for_its_last_incarnation(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    rt = runtime()
+    # g ignores its cancellation for 10 s: inner's own stop outlasts outer's 3 s wait.
+    inner = Supervisor(
+        "inner", [kids.spec("g", shutdown_s=1.0, stop_s=10.0)], shutdown_s=3.0, runtime=rt
+    )
+    outer = Supervisor(
+        "outer", [kids.spec("x"), inner.child_spec()], strategy=Strategy.ONE_FOR_ALL, runtime=rt
+    )
+    with trio.fail_after(100.0):  # a regression fails instead of hanging
+        async with trio.open_nursery() as nursery:
+            await nursery.start(outer.run)
+            await trio.sleep(1.0)
+            kids.clear()
+            kids.crash("x")
+            await trio.sleep(20.0)
+            # outer abandons inner at 4 and restarts x; the new inner starts g only once
+            # the old one has ended (g's cleanup, at 11): never two g at once.
+            assert kids.log == [
+                ("crash", "x", 1.0),
+                ("start", "x", 4.0),
+                ("stop", "g", 11.0),
+                ("start", "g", 11.0),
+            ]
+            assert states(inner) == [("g", "running")]
+            nursery.cancel_scope.cancel()
+
+
+async def test_start_child_cancelled_mid_start_stops_it_within_its_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    sup = Supervisor("tenants", [kids.spec("static")], runtime=runtime())
+    with trio.fail_after(100.0):  # a regression fails instead of hanging
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            with trio.move_on_after(5.0):
+                await sup.start_child(kids.spec("t1", init_s=1000.0, shutdown_s=2.0, stop_s=3.0))
+            # Cancelled at 5: t1 is cancelled and given its 2 s, then forgotten.
+            assert trio.current_time() == 7.0
+            assert states(sup) == [("static", "running")]
+            await trio.sleep(10.0)
+            assert kids.log == [("start", "static", 0.0), ("abort", "t1", 8.0)]
+            nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- 2. incarnations
+
+
+async def test_abandoned_incarnation_ending_late_does_not_hide_its_successor(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    sup = Supervisor(
+        "root",
+        [kids.spec("a"), kids.spec("b", shutdown_s=1.0, stop_s=10.0)],
+        strategy=Strategy.ONE_FOR_ALL,
+        runtime=runtime(),
+    )
+    returned: list[float] = []
+    scope = trio.CancelScope()
+
+    async def supervise(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await sup.run(task_status=task_status)
+        returned.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervise)
+        await trio.sleep(1.0)
+        kids.clear()
+        kids.crash("a")  # b ignores its cancellation past its 1 s deadline: abandoned at 2
+        await trio.sleep(19.0)
+        scope.cancel()
+        await trio.sleep(100.0)
+        if not returned:  # the old code never cancels the new b: release it, then fail
+            kids.exit("b")
+    assert kids.log == [
+        ("crash", "a", 1.0),
+        ("start", "a", 2.0),
+        ("start", "b", 2.0),
+        ("stop", "b", 11.0),  # the abandoned incarnation ends
+        ("stop", "a", 21.0),  # the new b was cancelled at 20, abandoned after 1 s
+        ("stop", "b", 30.0),
+    ]
+    assert returned == [30.0]
