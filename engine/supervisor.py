@@ -5,7 +5,11 @@ next starts, and only then reports itself started. When a child exits it
 decides, exactly as an OTP supervisor does:
 
 * **restart type** — ``PERMANENT`` children are always restarted, ``TRANSIENT``
-  ones only after a crash, ``TEMPORARY`` ones never;
+  ones only after a crash, ``TEMPORARY`` ones never. Under ``ONE_FOR_ALL`` and
+  ``REST_FOR_ONE`` a static transient child that ends without a crash keeps its
+  spec (OTP's child with no pid; state ``EXITED``) and the next restart of its
+  group starts it again; where nothing could (``ONE_FOR_ONE``, dynamic
+  children) it is removed;
 * **strategy** — ``ONE_FOR_ONE`` restarts the child alone; ``ONE_FOR_ALL`` stops
   every other child (reverse order) and restarts them all (in order);
   ``REST_FOR_ONE`` does the same for the children started after it. Temporary
@@ -96,6 +100,7 @@ class ChildState(enum.Enum):
     RUNNING = "running"
     RESTARTING = "restarting"  # waiting out a backoff or a breaker's open interval
     STOPPING = "stopping"
+    EXITED = "exited"  # a transient child that ended without a crash: no incarnation, spec kept
 
 
 class BreakerLike(Protocol):
@@ -563,10 +568,18 @@ class Supervisor:
                 )
             )
         restart = child.spec.restart
-        if restart is Restart.TEMPORARY or (
-            restart is Restart.TRANSIENT and report.exit is not Exit.CRASH
-        ):
+        if restart is Restart.TEMPORARY:
             self._remove(child)
+            return None
+        if restart is Restart.TRANSIENT and report.exit is not Exit.CRASH:
+            # OTP keeps the spec of a child with no process, and its group's
+            # next restart starts it again. Where no group restart can (one
+            # for one, dynamic children as in simple_one_for_one) it is
+            # removed, so its on_removed runs (an actor's mailbox refuses).
+            if child.dynamic or self.strategy is Strategy.ONE_FOR_ONE:
+                self._remove(child)
+            else:
+                child.state = ChildState.EXITED
             return None
         if not self._count_restart(now):
             return await self._escalate(now)

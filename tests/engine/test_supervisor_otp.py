@@ -7,6 +7,8 @@ each with exact virtual times on the autojump clock:
    supervisor at once;
 2. running state belongs to an incarnation: an abandoned one that ends late
    does not hide its successor from the shutdown;
+3. a transient child that exited normally keeps its spec under one_for_all and
+   rest_for_one and restarts with its group (counted in the intensity again);
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import pytest
 import trio
 
 from engine.clock import Chance
+from engine.errors import RestartIntensityExceeded
 from engine.events import EventBus
 from engine.runtime import Runtime
-from engine.supervisor import ChildSpec, Strategy, Supervisor
+from engine.supervisor import ChildSpec, Restart, Strategy, Supervisor
 
 from .supervision import Children
 
@@ -245,3 +248,69 @@ async def test_abandoned_incarnation_ending_late_does_not_hide_its_successor(
         ("stop", "b", 30.0),
     ]
     assert returned == [30.0]
+
+
+# ---------------------------------------------------------------- 3. transient kept
+
+
+async def test_one_for_all_restarts_a_transient_child_that_exited_normally(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    sup = Supervisor(
+        "root",
+        [kids.spec("a"), kids.spec("t", Restart.TRANSIENT), kids.spec("c")],
+        strategy=Strategy.ONE_FOR_ALL,
+        runtime=runtime(),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        kids.clear()
+        await trio.sleep(1.0)
+        kids.exit("t")
+        await settle()
+        assert states(sup) == [("a", "running"), ("t", "exited"), ("c", "running")]
+        await trio.sleep(1.0)
+        kids.crash("c")
+        await settle()
+        assert kids.log == [
+            ("exit", "t", 1.0),
+            ("crash", "c", 2.0),
+            ("stop", "a", 2.0),  # t has nothing to stop
+            ("start", "a", 2.0),
+            ("start", "t", 2.0),  # its spec was kept: it comes back with its group
+            ("start", "c", 2.0),
+        ]
+        assert states(sup) == [("a", "running"), ("t", "running"), ("c", "running")]
+        kids.clear()
+        nursery.cancel_scope.cancel()
+    assert kids.events("stop") == ["c", "t", "a"]
+
+
+async def test_rest_for_one_counts_the_restarted_transient_childs_next_crash(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    sup = Supervisor(
+        "root",
+        [kids.spec("a"), kids.spec("t", Restart.TRANSIENT), kids.spec("c")],
+        strategy=Strategy.REST_FOR_ONE,
+        max_restarts=1,
+        period_s=10.0,
+        runtime=runtime(),
+    )
+    with pytest.RaisesGroup(RestartIntensityExceeded, flatten_subgroups=True):
+        with trio.fail_after(100.0):  # a regression fails instead of hanging
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sup.run)
+                kids.clear()
+                await trio.sleep_until(1.0)
+                kids.exit("t")  # not a restart
+                await trio.sleep_until(2.0)
+                kids.crash("a")  # restart 1: a, t, c
+                await trio.sleep_until(3.0)
+                kids.crash("t")  # restart 2 within 10 s: more than 1, escalate
+                await settle()
+    assert trio.current_time() == 3.0
+    assert kids.events("start") == ["a", "t", "c"]
+    assert kids.log[-3:] == [("crash", "t", 3.0), ("stop", "c", 3.0), ("stop", "a", 3.0)]
