@@ -17,7 +17,10 @@ decides, exactly as an OTP supervisor does:
 * **intensity** — every restart decision is counted per supervisor; a restart
   that makes more than ``max_restarts`` within ``period_s`` seconds (the OTP
   rule, bounds inclusive) stops all children and raises
-  :class:`RestartIntensityExceeded` to the parent, which sees a crashed child;
+  :class:`RestartIntensityExceeded` to the parent. The parent takes that as
+  OTP's exit reason ``shutdown``, not as a crash: it restarts a permanent
+  supervisor child (a counted restart) and neither restarts nor counts a
+  transient or temporary one;
 * **backoff** — a restart waits ``min(backoff_max_s, backoff_min_s * 2**n)``
   scaled by a random factor in ``[1, 1 + backoff_random_factor]`` (from the
   runtime's seedable :class:`Chance`), where ``n`` counts the child's restarts
@@ -28,7 +31,8 @@ decides, exactly as an OTP supervisor does:
 
 Exit kinds are three distinct things: a *normal* return, a *crash* (any
 ``Exception``, exception groups included) and a *shutdown* (the supervisor
-cancelled the child). ``trio.Cancelled`` is never a crash.
+cancelled the child, or the child is a supervisor that gave up).
+``trio.Cancelled`` is never a crash.
 
 Each start of a child is an *incarnation* with its own cancel scope; running
 state belongs to the incarnation, so an old one abandoned past its deadline
@@ -88,7 +92,8 @@ class Strategy(enum.Enum):
 
 
 class Exit(enum.Enum):
-    """How a child's incarnation ended."""
+    """How a child's incarnation ended. ``SHUTDOWN`` is OTP's exit reason
+    ``shutdown``: cancelled by its supervisor, or a supervisor child that gave up."""
 
     NORMAL = "normal"
     CRASH = "crash"
@@ -509,7 +514,7 @@ class Supervisor:
                     raise  # nobody waits on this start any more: the supervisor sees it
                 inc.error = exc  # a failed start belongs to whoever started the child
                 return
-            exit, error = Exit.CRASH, exc
+            exit, error = _exit_of(exc), exc
         finally:
             inc.running = False
             if inc.done is not None:
@@ -688,3 +693,14 @@ class Supervisor:
         metrics = self.runtime.metrics
         if metrics is not None:
             metrics.supervisor_children.labels(self.name).set(len(self._children))
+
+
+def _exit_of(error: Exception) -> Exit:
+    """How a child that raised ``error`` after its start ended: a supervisor that
+    gave up (:class:`RestartIntensityExceeded`, alone or as every leaf of a group)
+    exits with OTP's ``shutdown``; anything else is a crash."""
+    if isinstance(error, RestartIntensityExceeded):
+        return Exit.SHUTDOWN
+    if isinstance(error, ExceptionGroup) and error.split(RestartIntensityExceeded)[1] is None:
+        return Exit.SHUTDOWN
+    return Exit.CRASH

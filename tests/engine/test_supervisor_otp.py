@@ -9,6 +9,8 @@ each with exact virtual times on the autojump clock:
    does not hide its successor from the shutdown;
 3. a transient child that exited normally keeps its spec under one_for_all and
    rest_for_one and restarts with its group (counted in the intensity again);
+4. a supervisor that gives up exits like OTP's ``shutdown``: a transient parent
+   child is not restarted and no restart is counted for it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import trio
 
 from engine.clock import Chance
 from engine.errors import RestartIntensityExceeded
-from engine.events import EventBus
+from engine.events import ActorRestarted, EventBus
 from engine.runtime import Runtime
 from engine.supervisor import ChildSpec, Restart, Strategy, Supervisor
 
@@ -314,3 +316,97 @@ async def test_rest_for_one_counts_the_restarted_transient_childs_next_crash(
     assert trio.current_time() == 3.0
     assert kids.events("start") == ["a", "t", "c"]
     assert kids.log[-3:] == [("crash", "t", 3.0), ("stop", "c", 3.0), ("stop", "a", 3.0)]
+
+
+# ---------------------------------------------------------------- 4. giving up is shutdown
+
+
+def nested(kids: Children, rt: Runtime, restart: Restart, strategy: Strategy) -> Supervisor:
+    inner = Supervisor("inner", [kids.spec("leaf")], max_restarts=0, runtime=rt)
+    return Supervisor(
+        "outer",
+        [inner.child_spec(restart), kids.spec("x")],
+        strategy=strategy,
+        max_restarts=1,
+        period_s=60.0,
+        runtime=rt,
+    )
+
+
+async def test_a_transient_supervisor_that_gives_up_is_neither_restarted_nor_counted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    rt = runtime()
+    restarted: list[str] = []
+    rt.events.on(ActorRestarted, lambda e: restarted.append(e.child))  # type: ignore[attr-defined]  # ActorRestarted has child
+    outer = nested(kids, rt, Restart.TRANSIENT, Strategy.ONE_FOR_ONE)
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(RestartIntensityExceeded, check=lambda e: e.supervisor == "outer"),
+        flatten_subgroups=True,
+    ):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(outer.run)
+            kids.clear()
+            await trio.sleep_until(1.0)
+            kids.crash("leaf")  # inner gives up: OTP's shutdown, not a crash
+            await settle()
+            assert states(outer) == [("x", "running")]
+            await trio.sleep_until(2.0)
+            kids.crash("x")  # outer's first counted restart
+            await settle()
+            assert restarted == ["x"]
+            await trio.sleep_until(3.0)
+            kids.crash("x")  # the second: more than 1 within 60 s
+            await settle()
+    # Before: inner's exit was a crash, restarted (leaf at 1) and counted, so
+    # outer escalated at the first crash of x, at 2.
+    assert trio.current_time() == 3.0
+    assert kids.events("start") == ["x"]
+
+
+async def test_a_permanent_supervisor_that_gives_up_is_restarted_and_counted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    rt = runtime()
+    outer = nested(kids, rt, Restart.PERMANENT, Strategy.ONE_FOR_ONE)
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(RestartIntensityExceeded, check=lambda e: e.supervisor == "outer"),
+        flatten_subgroups=True,
+    ):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(outer.run)
+            kids.clear()
+            await trio.sleep_until(1.0)
+            kids.crash("leaf")  # restart 1 of outer: inner again, leaf fresh
+            await settle()
+            assert kids.log == [("crash", "leaf", 1.0), ("start", "leaf", 1.0)]
+            await trio.sleep_until(2.0)
+            kids.crash("leaf")  # restart 2: outer escalates
+            await settle()
+    assert trio.current_time() == 2.0
+
+
+async def test_a_transient_supervisor_that_gave_up_restarts_with_its_group(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kids = Children()
+    outer = nested(kids, runtime(), Restart.TRANSIENT, Strategy.ONE_FOR_ALL)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outer.run)
+        kids.clear()
+        await trio.sleep_until(1.0)
+        kids.crash("leaf")
+        await settle()
+        assert states(outer) == [("inner", "exited"), ("x", "running")]
+        await trio.sleep_until(2.0)
+        kids.crash("x")
+        await settle()
+        assert kids.log == [
+            ("crash", "leaf", 1.0),
+            ("crash", "x", 2.0),
+            ("start", "leaf", 2.0),
+            ("start", "x", 2.0),
+        ]
+        nursery.cancel_scope.cancel()
