@@ -5,7 +5,11 @@ next starts, and only then reports itself started. When a child exits it
 decides, exactly as an OTP supervisor does:
 
 * **restart type** — ``PERMANENT`` children are always restarted, ``TRANSIENT``
-  ones only after a crash, ``TEMPORARY`` ones never;
+  ones only after a crash, ``TEMPORARY`` ones never. Under ``ONE_FOR_ALL`` and
+  ``REST_FOR_ONE`` a static transient child that ends without a crash keeps its
+  spec (OTP's child with no pid; state ``EXITED``) and the next restart of its
+  group starts it again; where nothing could (``ONE_FOR_ONE``, dynamic
+  children) it is removed;
 * **strategy** — ``ONE_FOR_ONE`` restarts the child alone; ``ONE_FOR_ALL`` stops
   every other child (reverse order) and restarts them all (in order);
   ``REST_FOR_ONE`` does the same for the children started after it. Temporary
@@ -13,7 +17,10 @@ decides, exactly as an OTP supervisor does:
 * **intensity** — every restart decision is counted per supervisor; a restart
   that makes more than ``max_restarts`` within ``period_s`` seconds (the OTP
   rule, bounds inclusive) stops all children and raises
-  :class:`RestartIntensityExceeded` to the parent, which sees a crashed child;
+  :class:`RestartIntensityExceeded` to the parent. The parent takes that as
+  OTP's exit reason ``shutdown``, not as a crash: it restarts a permanent
+  supervisor child (a counted restart) and neither restarts nor counts a
+  transient or temporary one;
 * **backoff** — a restart waits ``min(backoff_max_s, backoff_min_s * 2**n)``
   scaled by a random factor in ``[1, 1 + backoff_random_factor]`` (from the
   runtime's seedable :class:`Chance`), where ``n`` counts the child's restarts
@@ -24,7 +31,16 @@ decides, exactly as an OTP supervisor does:
 
 Exit kinds are three distinct things: a *normal* return, a *crash* (any
 ``Exception``, exception groups included) and a *shutdown* (the supervisor
-cancelled the child). ``trio.Cancelled`` is never a crash.
+cancelled the child, or the child is a supervisor that gave up).
+``trio.Cancelled`` is never a crash.
+
+Each start of a child is an *incarnation* with its own cancel scope; running
+state belongs to the incarnation, so an old one abandoned past its deadline
+that ends late never touches its successor. A cancellation of the supervisor
+that arrives while a child is still starting (before its ``started()``)
+cancels that child too; nothing starts after the supervisor was cancelled. A
+supervisor object runs one incarnation at a time: a restart of it waits until
+the previous one has ended.
 
 Children are stopped in reverse start order, each by cancelling its own scope
 and waiting at most its ``shutdown_s``. Children added at run time with
@@ -41,7 +57,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 import trio
@@ -76,7 +92,8 @@ class Strategy(enum.Enum):
 
 
 class Exit(enum.Enum):
-    """How a child's incarnation ended."""
+    """How a child's incarnation ended. ``SHUTDOWN`` is OTP's exit reason
+    ``shutdown``: cancelled by its supervisor, or a supervisor child that gave up."""
 
     NORMAL = "normal"
     CRASH = "crash"
@@ -88,6 +105,7 @@ class ChildState(enum.Enum):
     RUNNING = "running"
     RESTARTING = "restarting"  # waiting out a backoff or a breaker's open interval
     STOPPING = "stopping"
+    EXITED = "exited"  # a transient child that ended without a crash: no incarnation, spec kept
 
 
 class BreakerLike(Protocol):
@@ -150,29 +168,43 @@ class ChildInfo(msgspec.Struct, frozen=True):
     dynamic: bool
 
 
-class _Status:
-    """A task_status proxy that remembers whether ``started()`` was called."""
+class _Incarnation:
+    """One start of a child: its own cancel scope, its start handshake and its end.
 
-    __slots__ = ("real", "started_flag")
+    It is also the ``task_status`` handed to the child's ``start``. Running
+    state lives here and not on :class:`_Child`: when an incarnation abandoned
+    past its deadline finally ends, it marks only itself ended, never the
+    incarnation that replaced it.
+    """
 
-    def __init__(self, real: trio.TaskStatus[Any]) -> None:
-        self.real = real
-        self.started_flag = False
+    __slots__ = ("done", "error", "number", "orphaned", "ready", "running", "scope", "started_flag")
+
+    def __init__(self, number: int, *, shield: bool, handshake: bool) -> None:
+        self.number = number
+        self.scope = trio.CancelScope(shield=shield)
+        self.running = True
+        self.done: trio.Event | None = None  # created by whoever waits for the end
+        # Set by started(), or by the end of an incarnation that never started.
+        self.ready: trio.Event | None = trio.Event() if handshake else None
+        self.started_flag = not handshake
+        self.error: Exception | None = None  # a failed start, for whoever waits on it
+        self.orphaned = False  # nobody waits on the start any more: a failure propagates
 
     def started(self, value: object = None) -> None:
+        if self.started_flag:
+            raise RuntimeError("started() called twice")
         self.started_flag = True
-        self.real.started(value)
+        if self.ready is not None:
+            self.ready.set()
 
 
 class _Child:
     __slots__ = (
-        "done",
+        "current",
         "dynamic",
         "failures",
         "incarnation",
         "restarts",
-        "running",
-        "scope",
         "spec",
         "started_at",
         "state",
@@ -183,10 +215,8 @@ class _Child:
         self.spec = spec
         self.dynamic = dynamic
         self.state = ChildState.STARTING
-        self.scope: trio.CancelScope | None = None
+        self.current: _Incarnation | None = None
         self.incarnation = 0
-        self.running = False
-        self.done: trio.Event | None = None
         self.failures = 0  # restarts since the child last ran backoff_reset_s
         self.restarts = 0
         self.started_at = 0.0
@@ -263,6 +293,7 @@ class Supervisor:
             math.inf
         )
         self._tokens = 0
+        self._live: trio.Event | None = None  # set when the running incarnation has ended
 
     # ------------------------------------------------------------------ public API
 
@@ -284,7 +315,20 @@ class Supervisor:
         child = self._admit(spec)
         try:
             await self._spawn(child, wait_ready=True)
-        except BaseException:
+        except BaseException as exc:
+            # Cancelled while it started: _spawn cancelled it; it gets its
+            # shutdown deadline to end before we forget it.
+            inc = child.current
+            if inc is not None and inc.running:
+                deadline = trio.current_time() + spec.shutdown_s
+                with trio.CancelScope(shield=True, deadline=deadline):
+                    await self._stop(child)
+                inc.orphaned = inc.running  # a start failing later reaches the supervisor
+                if inc.error is not None:
+                    self._remove(child)
+                    raise BaseExceptionGroup(
+                        f"child {spec.id!r} failed to start while cancelled", [inc.error, exc]
+                    ) from None
             self._remove(child)
             raise
 
@@ -307,6 +351,18 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the children in order, report started, supervise until cancelled or escalation."""
+        # One incarnation of this supervisor at a time: a parent that abandoned
+        # the previous one past its deadline restarts us only once it has ended.
+        while self._live is not None:
+            await self._live.wait()
+        live = self._live = trio.Event()
+        try:
+            await self._run(task_status)
+        finally:
+            self._live = None
+            live.set()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         self._children = {}
         self._restart_times.clear()
         escalation: RestartIntensityExceeded | None = None
@@ -328,8 +384,8 @@ class Supervisor:
                 # Past our own deadline, children not yet reached are cancelled
                 # without waiting: they are shielded, so the nursery alone would not.
                 for child in list(self._children.values()):
-                    if child.scope is not None:
-                        child.scope.cancel()
+                    if child.current is not None:
+                        child.current.scope.cancel()
                     self._remove(child)
                 nursery.cancel_scope.cancel()
                 self._nursery = None
@@ -380,24 +436,59 @@ class Supervisor:
                 child.spec.on_removed()
             self._set_gauge()
 
+    def _launch(self, child: _Child, *, handshake: bool) -> _Incarnation:
+        nursery = self._nursery_for(child)
+        child.incarnation += 1
+        # Static children are shielded from cancellation coming from outside the
+        # supervisor: when it is cancelled, it stops them itself, one by one in
+        # reverse order. Dynamic children take the outer cancellation together.
+        inc = child.current = _Incarnation(
+            child.incarnation, shield=not child.dynamic, handshake=handshake
+        )
+        nursery.start_soon(self._child_main, child, inc)
+        return inc
+
     async def _spawn(self, child: _Child, *, wait_ready: bool) -> None:
+        """Start a new incarnation of ``child`` and return once it is ready.
+
+        The incarnation runs in the supervisor's nursery from the start; only
+        the wait for its ``started()`` happens here. A cancellation of that wait
+        (the supervisor being stopped mid-start) cancels the incarnation as
+        well, so a handshake never outlives the cancellation; the caller then
+        stops it within its deadline like any other child.
+        """
         if child.spec.ready_on_spawn and not wait_ready:
             self._spawn_soon(child)
             return
-        nursery = self._nursery_for(child)
-        child.incarnation += 1
         child.state = ChildState.STARTING
-        await nursery.start(self._child_main, child, child.incarnation)
+        inc = self._launch(child, handshake=True)
+        assert inc.ready is not None
+        try:
+            await inc.ready.wait()
+        except trio.Cancelled as cancelled:
+            if inc.error is not None:
+                # It failed just before the cancellation reached us: keep both.
+                raise BaseExceptionGroup(
+                    f"child {child.spec.id!r} failed to start while cancelled",
+                    [inc.error, cancelled],
+                ) from None
+            if not inc.started_flag:
+                inc.scope.cancel()
+                # start_child waits for a dynamic child's end itself.
+                inc.orphaned = not child.dynamic
+            raise
+        if inc.error is not None:
+            raise inc.error
+        if not inc.started_flag:
+            raise RuntimeError(f"child {child.spec.id!r} was stopped before started()")
         if child.state is ChildState.STARTING:
             child.state = ChildState.RUNNING
         child.started_at = trio.current_time()
 
     def _spawn_soon(self, child: _Child) -> None:
-        nursery = self._nursery_for(child)
-        child.incarnation += 1
         child.state = ChildState.RUNNING
         child.started_at = trio.current_time()
-        nursery.start_soon(self._child_main, child, child.incarnation)
+        self._launch(child, handshake=False)
 
     def _nursery_for(self, child: _Child) -> trio.Nursery:
         nursery = self._dynamic_nursery if child.dynamic else self._nursery
@@ -405,53 +496,46 @@ class Supervisor:
             raise RuntimeError(f"supervisor {self.name!r} is not running")
         return nursery
 
-    async def _child_main(
-        self,
-        child: _Child,
-        incarnation: int,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        ignored = task_status is trio.TASK_STATUS_IGNORED
-        status = None if ignored else _Status(task_status)
-        # Static children are shielded from cancellation coming from outside the
-        # supervisor: when it is cancelled, it stops them itself, one by one in
-        # reverse order. Dynamic children take the outer cancellation together.
-        scope = child.scope = trio.CancelScope(shield=not child.dynamic)
-        child.running = True
+    async def _child_main(self, child: _Child, inc: _Incarnation) -> None:
         exit, error = Exit.NORMAL, None
         try:
-            with scope:
-                if status is None:
+            with inc.scope:
+                if inc.ready is None:
                     await child.spec.start()
                 else:
-                    await child.spec.start(task_status=status)
-                    if not status.started_flag:
+                    await child.spec.start(task_status=inc)
+                    if not inc.started_flag:
                         raise RuntimeError(f"child {child.spec.id!r} returned before started()")
-            if scope.cancelled_caught:
+            if inc.scope.cancelled_caught:
                 exit = Exit.SHUTDOWN
         except Exception as exc:
-            if status is not None and not status.started_flag:
-                raise  # a failed start belongs to whoever started the child
-            exit, error = Exit.CRASH, exc
+            if not inc.started_flag:
+                if inc.orphaned:
+                    raise  # nobody waits on this start any more: the supervisor sees it
+                inc.error = exc  # a failed start belongs to whoever started the child
+                return
+            exit, error = _exit_of(exc), exc
         finally:
-            child.running = False
-            if child.done is not None:
-                child.done.set()
-        if status is None or status.started_flag:
-            self._reports_send.send_nowait(_Report(child, incarnation, exit, error))
+            inc.running = False
+            if inc.done is not None:
+                inc.done.set()
+            if inc.ready is not None:
+                inc.ready.set()
+        if inc.started_flag:
+            self._reports_send.send_nowait(_Report(child, inc.number, exit, error))
 
     async def _stop(self, child: _Child) -> None:
         """Cancel one child and wait for it, at most its shutdown deadline."""
         child.state = ChildState.STOPPING
         child.token = 0
-        if not child.running:
+        inc = child.current
+        if inc is None or not inc.running:
             return
-        done = child.done = trio.Event()
-        if child.scope is not None:
-            child.scope.cancel()
+        if inc.done is None:
+            inc.done = trio.Event()
+        inc.scope.cancel()
         with trio.move_on_after(child.spec.shutdown_s):
-            await done.wait()
-        child.done = None
+            await inc.done.wait()
 
     async def _stop_all(self) -> None:
         dynamic = [c for c in self._children.values() if c.dynamic]
@@ -489,10 +573,18 @@ class Supervisor:
                 )
             )
         restart = child.spec.restart
-        if restart is Restart.TEMPORARY or (
-            restart is Restart.TRANSIENT and report.exit is not Exit.CRASH
-        ):
+        if restart is Restart.TEMPORARY:
             self._remove(child)
+            return None
+        if restart is Restart.TRANSIENT and report.exit is not Exit.CRASH:
+            # OTP keeps the spec of a child with no process, and its group's
+            # next restart starts it again. Where no group restart can (one
+            # for one, dynamic children as in simple_one_for_one) it is
+            # removed, so its on_removed runs (an actor's mailbox refuses).
+            if child.dynamic or self.strategy is Strategy.ONE_FOR_ONE:
+                self._remove(child)
+            else:
+                child.state = ChildState.EXITED
             return None
         if not self._count_restart(now):
             return await self._escalate(now)
@@ -601,3 +693,14 @@ class Supervisor:
         metrics = self.runtime.metrics
         if metrics is not None:
             metrics.supervisor_children.labels(self.name).set(len(self._children))
+
+
+def _exit_of(error: Exception) -> Exit:
+    """How a child that raised ``error`` after its start ended: a supervisor that
+    gave up (:class:`RestartIntensityExceeded`, alone or as every leaf of a group)
+    exits with OTP's ``shutdown``; anything else is a crash."""
+    if isinstance(error, RestartIntensityExceeded):
+        return Exit.SHUTDOWN
+    if isinstance(error, ExceptionGroup) and error.split(RestartIntensityExceeded)[1] is None:
+        return Exit.SHUTDOWN
+    return Exit.CRASH

@@ -135,8 +135,11 @@ async def test_restart_types(autojump_clock: trio.abc.Clock) -> None:
         kids.crash("temp")  # temporary: never
         await settle()
         assert kids.events("start") == ["perm", "trans"]
-        assert [c.id for c in sup.which_children()] == ["perm"]
+        # One for one: nothing could start trans again, so it is removed like temp.
+        assert [(c.id, c.state) for c in sup.which_children()] == [("perm", "running")]
+        kids.clear()
         nursery.cancel_scope.cancel()
+    assert kids.events("stop") == ["perm"]
 
 
 async def test_one_for_all_does_not_restart_a_stopped_temporary_sibling(

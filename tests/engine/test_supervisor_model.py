@@ -4,6 +4,11 @@ supervisor would, and escalates exactly when its intensity is exceeded.
 The reference model below is written from OTP's documented rules, independently
 of engine/supervisor.py: restart types, the three strategies, and add_restart's
 "keep restarts within [now - period, now], terminate when more than max".
+
+A transient child that exits normally follows supervisor.erl's do_restart: its
+spec stays (the child has no pid), so a later one_for_all / rest_for_one restart
+of its group starts it again. Under one_for_one nothing can, and the engine
+removes it; the model does the same.
 """
 
 from __future__ import annotations
@@ -29,39 +34,47 @@ class Model:
     strategy: Strategy
     max_restarts: int
     period_s: float
-    alive: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # children with a spec, in start order
+    alive: list[str] = field(default_factory=list)  # the running ones, in start order
     restarts: list[float] = field(default_factory=list)
     log: list[tuple[str, str]] = field(default_factory=list)
     escalated_at: int | None = None
 
     def start(self) -> None:
+        self.kept = list(self.ids)
         self.alive = list(self.ids)
         self.log = [("start", i) for i in self.ids]
 
     def exit(self, step: int, now: float, child: str, crashed: bool) -> None:
         self.log.append(("crash" if crashed else "exit", child))
         kind = self.restart[child]
-        if kind is Restart.TEMPORARY or (kind is Restart.TRANSIENT and not crashed):
-            self.alive.remove(child)
+        self.alive.remove(child)
+        if kind is Restart.TEMPORARY:
+            self.kept.remove(child)
             return
+        if kind is Restart.TRANSIENT and not crashed:
+            if self.strategy is Strategy.ONE_FOR_ONE:
+                self.kept.remove(child)
+            return  # otherwise the spec stays: its group's next restart starts it
         self.restarts = [t for t in self.restarts if t >= now - self.period_s] + [now]
         if len(self.restarts) > self.max_restarts:
             self.escalated_at = step
-            others = [c for c in self.alive if c != child]
-            self.log += [("stop", c) for c in reversed(others)]
+            self.log += [("stop", c) for c in reversed(self.alive)]
             return
         if self.strategy is Strategy.ONE_FOR_ONE:
             group = [child]
         elif self.strategy is Strategy.ONE_FOR_ALL:
-            group = list(self.alive)
+            group = list(self.kept)
         else:
-            group = self.alive[self.alive.index(child) :]
+            group = self.kept[self.kept.index(child) :]
         for sibling in reversed(group):
-            if sibling != child:
+            if sibling in self.alive:
                 self.log.append(("stop", sibling))
                 if self.restart[sibling] is Restart.TEMPORARY:
-                    self.alive.remove(sibling)
-        self.log += [("start", c) for c in group if c in self.alive]
+                    self.kept.remove(sibling)
+        started = [c for c in group if c in self.kept]
+        self.log += [("start", c) for c in started]
+        self.alive = [c for c in self.kept if c in self.alive or c in started]
 
 
 restart_types = st.sampled_from(list(Restart))
