@@ -267,17 +267,25 @@ async def _run_actor(
     initialised = not overrides_init
     try:
         if actor.uses_tasks or type(actor).timers is not Actor.timers:
-            async with trio.open_nursery() as nursery:
-                actor._nursery = nursery
-                if overrides_init:
-                    await actor.init()
-                    initialised = True
-                pending: set[int] = set()
-                for i, timer in enumerate(actor.timers()):
-                    nursery.start_soon(_tick, ref, timer, i, pending)
-                task_status.started()
-                await _loop(actor, receive, batch_max, pending)
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    actor._nursery = nursery
+                    if overrides_init:
+                        await actor.init()
+                        initialised = True
+                    pending: set[int] = set()
+                    for i, timer in enumerate(actor.timers()):
+                        nursery.start_soon(_tick, ref, timer, i, pending)
+                    task_status.started()
+                    await _loop(actor, receive, batch_max, pending)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The nursery is the actor's own business: its supervisor sees the one
+                # error that ended the incarnation (FeedbackStalled), not a group of one.
+                lone = _lone(group)
+                if lone is None:
+                    raise
+                raise lone from None
         else:
             if overrides_init:
                 await actor.init()
@@ -295,6 +303,16 @@ async def _run_actor(
         if initialised and type(actor).terminate is not Actor.terminate:
             with trio.move_on_after(shutdown_s, shield=True):
                 await actor.terminate(reason)
+
+
+def _lone(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The single non-group error inside ``group`` (nested groups of one), else None."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return None
 
 
 class _Tick:

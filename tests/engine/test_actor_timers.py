@@ -180,3 +180,20 @@ def test_state_log_logs_each_change_once(caplog: pytest.LogCaptureFixture) -> No
         (logging.WARNING, "relay: running -> blocked (breaker open)"),
     ]
     assert (states.state, states.since) == (Phase.BLOCKED, 2.0)
+
+
+class Crashes(Clocked):
+    """Crashes on its first tick: the error leaves its own nursery unwrapped."""
+
+    async def handle(self, message: Msg) -> object:
+        if isinstance(message, Tick):
+            raise LookupError("tick refused")
+        return await super().handle(message)
+
+
+async def test_a_crash_inside_the_actors_nursery_reaches_the_supervisor_unwrapped(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    spec, _ = actor_child("crashes", Crashes, capacity=8, shutdown_s=1.0)
+    with pytest.raises(LookupError, match="tick refused"):
+        await spec.start()
