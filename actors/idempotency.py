@@ -44,8 +44,8 @@ counters ``triage_idempotency_cache_hit_ratio_numerator_total`` /
 ``_denominator_total``. Without Redis every lookup is a miss: the detector
 fires, and the store runs on the database alone, correctly.
 
-**Warm-up** (the row's ``warm_cache`` mitigation): :meth:`run` is the store's
-background task; it reloads each known tenant's newest live keys
+**Warm-up** (the row's ``warm_cache`` mitigation): the :class:`CacheWarmer`
+actor (:func:`warmer_child`) reloads each known tenant's newest live keys
 (``warm_batch`` per tenant) from the database into Redis with ``SET NX`` in one
 pipeline, whenever the detector fires and whenever Redis answers again after a
 failure. Keys keep the shorter of the cache TTL and their own remaining life.
@@ -57,22 +57,28 @@ idempotency keys: the caller must not treat it as a duplicate of the first.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeVar, TypeVarTuple
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, TypeVarTuple
 
+import msgspec
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
 from config.catalog import Catalog, alert_name, row_detector
 from config.schema import DetectorConfig, TriageConfig, engine_kwargs
+from engine.actor import Actor, ActorRef, Overflow, actor_child
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
 from engine.detectors import RatioDetector, make_detector
-from engine.errors import CircuitOpen, TriageError
+from engine.errors import ActorStopped, CircuitOpen, TriageError
 from engine.metrics import families
+from engine.statelog import StateLog
 from providers.db.idempotency import claim_key, recent_keys
 from providers.db.idempotency import complete_key as db_complete_key
 from providers.redis_cache import CachedKey, RedisCache
@@ -81,16 +87,24 @@ if TYPE_CHECKING:
     import asyncpg
 
     from engine.runtime import Runtime
+    from engine.supervisor import ChildSpec, Restart
 
 __all__ = [
     "DETECTOR_OVERRIDE",
     "ROW",
+    "WARM",
+    "CacheWarmer",
     "Claim",
     "IdempotencyConflict",
-    "IdempotencyStats",
+    "IdempotencyStatistics",
     "IdempotencyStore",
     "Lookup",
+    "Warm",
+    "WarmerMessage",
+    "WarmerState",
+    "WarmerStatistics",
     "detector_config",
+    "warmer_child",
 ]
 
 log = logging.getLogger("triage.idempotency")
@@ -140,8 +154,22 @@ class Lookup:
     reachable: bool
 
 
+class IdempotencyStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """The store's numbers (:meth:`IdempotencyStore.statistics`), beside its Prometheus counters."""
+
+    hits: int
+    misses: int
+    db_fallbacks: int
+    cache_errors: int
+    bulkhead_full: int
+    conflicts: int
+    warmups: int
+    warmed: int
+    cache_available: bool
+
+
 @dataclass(slots=True)
-class IdempotencyStats:
+class _Counts:
     hits: int = 0
     misses: int = 0
     db_fallbacks: int = 0  # claims decided by the database while Redis was unavailable
@@ -235,12 +263,12 @@ class IdempotencyStore:
         self.warm_batch = warm_batch
         self.cache_timeout_s = cache_timeout_s
         self.max_tenants = max_tenants
-        self.stats = IdempotencyStats()
+        self._counts = _Counts()
         self._metrics = _store_metrics(registry) if registry is not None else None
         # Tenants seen, oldest first (a dict keeps insertion order): warm-up covers them.
         self._tenants: dict[str, None] = {}
         self._cache_down = False
-        self._warm_wanted = trio.Event()
+        self._warmer: ActorRef[WarmerMessage] | None = None
         self._unsubscribe = detector.on_fire(lambda _state: self.request_warm())
 
     @classmethod
@@ -292,6 +320,13 @@ class IdempotencyStore:
         """Detach from the detector (the store's hook)."""
         self._unsubscribe()
 
+    def statistics(self) -> IdempotencyStatistics:
+        """A frozen record of the store's counts."""
+        return IdempotencyStatistics(
+            **{f: getattr(self._counts, f) for f in _Counts.__slots__},
+            cache_available=self.cache_available,
+        )
+
     @property
     def cache_available(self) -> bool:
         """False while the last Redis call failed (or there is no Redis)."""
@@ -340,7 +375,7 @@ class IdempotencyStore:
             )
             return Lookup(tenant, key, duplicate=duplicate, reachable=True)
         if isinstance(cached, _Unavailable):
-            self.stats.db_fallbacks += 1
+            self._counts.db_fallbacks += 1
             if self._metrics is not None:
                 self._metrics.fallbacks.inc()
             return Lookup(tenant, key, duplicate=None, reachable=False)
@@ -390,15 +425,15 @@ class IdempotencyStore:
         source: Literal["cache", "database"],
     ) -> Claim:
         if stored_hash != request_hash:
-            self.stats.conflicts += 1
+            self._counts.conflicts += 1
             raise IdempotencyConflict(tenant, key)
         return Claim(first=False, response=response, source=source)
 
     def _observe(self, hit: bool) -> None:
         if hit:
-            self.stats.hits += 1
+            self._counts.hits += 1
         else:
-            self.stats.misses += 1
+            self._counts.misses += 1
         self.detector.observe(hit)
         if self._metrics is not None:
             self._metrics.lookups.inc()
@@ -438,7 +473,7 @@ class IdempotencyStore:
             return _UNAVAILABLE
         permit = self.bulkhead.try_acquire_nowait() if self.bulkhead is not None else None
         if self.bulkhead is not None and permit is None:
-            self.stats.bulkhead_full += 1
+            self._counts.bulkhead_full += 1
             return _UNAVAILABLE
         try:
             return await self._guarded(cache, fn, *args)
@@ -473,16 +508,23 @@ class IdempotencyStore:
         return result
 
     def _cache_failed(self) -> None:
-        self.stats.cache_errors += 1
+        self._counts.cache_errors += 1
         if not self._cache_down:
             self._cache_down = True
             log.warning("redis cache unavailable: idempotency falls open to the database")
 
     # -- warm-up -----------------------------------------------------------------------
 
+    def warm_with(self, warmer: ActorRef[WarmerMessage]) -> None:
+        """Send warm-up requests to ``warmer`` (the :class:`CacheWarmer` of this store)."""
+        self._warmer = warmer
+
     def request_warm(self) -> None:
-        """Ask :meth:`run` to warm the cache (idempotent until it starts)."""
-        self._warm_wanted.set()
+        """Ask the warmer for a warm-up; requests made while one is queued coalesce."""
+        if self._warmer is None:
+            return
+        with contextlib.suppress(ActorStopped):
+            self._warmer.tell_nowait(WARM)
 
     async def warm(self) -> int:
         """Load each known tenant's newest live keys into Redis; how many were added."""
@@ -501,8 +543,8 @@ class IdempotencyStore:
             reached = True
             added += result
         if reached:
-            self.stats.warmups += 1
-            self.stats.warmed += added
+            self._counts.warmups += 1
+            self._counts.warmed += added
             if self._metrics is not None:
                 self._metrics.warmed.inc(added)
         return added
@@ -512,17 +554,92 @@ class IdempotencyStore:
     ) -> int:
         return await cache.warm(tenant, entries)
 
-    async def run(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> NoReturn:
-        """The warm-up task: waits for a request, warms, repeats. Start it in a nursery."""
-        task_status.started()
-        while True:
-            await self._warm_wanted.wait()
-            self._warm_wanted = trio.Event()
-            try:
-                added = await self.warm()
-            except Exception as exc:  # the database is down: the next request tries again
-                log.warning("idempotency cache warm-up failed: %r", exc)
-            else:
+
+# -- the warm-up actor -------------------------------------------------------------------
+
+
+class Warm(msgspec.Struct, frozen=True, tag=True):
+    """Reload the known tenants' newest keys into Redis (the row's ``warm_cache``)."""
+
+
+WARM: Final = Warm()
+#: The warmer's messages.
+WarmerMessage = Warm
+
+
+class WarmerState(enum.Enum):
+    IDLE = "idle"
+    WARMING = "warming"
+    FAILED = "failed"  # the last warm-up could not read the database; the next request retries
+
+
+class WarmerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    state: str
+    runs: int
+    failures: int
+    last_added: int
+
+
+class CacheWarmer(Actor[WarmerMessage]):
+    """Row 7's mitigation as an actor: each :data:`WARM` it is told runs one warm-up.
+
+    The store tells it when the row's detector fires and when Redis answers again
+    after a failure. Its mailbox holds one message and drops the newest: requests
+    made while a warm-up is queued are the same request, and one made while a
+    warm-up runs queues exactly one more (so keys committed meanwhile are warmed
+    too). That capacity is the coalescing rule itself, not a tunable.
+
+    The store's claims stay direct calls: they are the accept path of every
+    dispatch (a lookup before its transaction, a settle after its commit), and a
+    mailbox hop there would serialise every request behind one task.
+    """
+
+    name = "idempotency"
+
+    def __init__(self, store: IdempotencyStore) -> None:
+        self.store = store
+        self.states = StateLog(
+            "idempotency warmer", WarmerState.IDLE, log, warn={WarmerState.FAILED}
+        )
+        self.runs = 0
+        self.failures = 0
+        self.last_added = 0
+
+    async def handle(self, message: WarmerMessage) -> None:
+        match message:
+            case Warm():
+                self.states.enter(WarmerState.WARMING, "warm-up requested")
+                try:
+                    added = await self.store.warm()
+                except Exception as exc:  # the database is down: the next request tries again
+                    self.failures += 1
+                    self.states.enter(WarmerState.FAILED, f"warm-up failed: {exc!r}")
+                    return
+                self.runs += 1
+                self.last_added = added
                 log.info("idempotency cache warmed: %d keys", added)
+                self.states.enter(WarmerState.IDLE, f"warmed {added} keys")
+
+    def statistics(self) -> WarmerStatistics:
+        return WarmerStatistics(
+            state=self.states.state.value,
+            runs=self.runs,
+            failures=self.failures,
+            last_added=self.last_added,
+        )
+
+
+def warmer_child(
+    store: IdempotencyStore, *, shutdown_s: float, restart: Restart | None = None
+) -> tuple[ChildSpec, ActorRef[WarmerMessage]]:
+    """The warmer's child spec and ref; ``store`` sends its warm-up requests there."""
+    spec, ref = actor_child(
+        CacheWarmer.name,
+        partial(CacheWarmer, store),
+        capacity=1,
+        overflow=Overflow.DROP_NEWEST,
+        restart=restart,
+        shutdown_s=shutdown_s,
+    )
+    store.warm_with(ref)
+    return spec, ref

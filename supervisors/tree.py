@@ -56,7 +56,7 @@ import msgspec
 from actors.alerts import ActiveAlerts, AlertEvent, AlertSink, EventForwarder, forward_events
 from actors.db_writer import DbWriter
 from actors.idempotency import ROW as IDEMPOTENCY_ROW
-from actors.idempotency import IdempotencyStore
+from actors.idempotency import IdempotencyStore, warmer_child
 from actors.inbox import InboxConsumer
 from actors.outbox_relay import OutboxRelay
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
@@ -415,16 +415,8 @@ def build_tree(
             runtime=runtime,
             detector=_row_detector(rows, detectors, IDEMPOTENCY_ROW, RatioDetector),
         )
-        backbone_specs += [
-            *actors.early,
-            ChildSpec(
-                id="idempotency",
-                start=store.run,
-                restart=Restart.PERMANENT,
-                shutdown_s=child_shutdown_s,
-            ),
-            *actors.late,
-        ]
+        warmer_spec, _ = warmer_child(store, shutdown_s=child_shutdown_s)
+        backbone_specs += [*actors.early, warmer_spec, *actors.late]
     channels: Channels | None = None
     if backbone is not None and endpoints is not None:
         channels = build_channels(

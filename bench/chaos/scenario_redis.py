@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import trio
 
-from actors.idempotency import IdempotencyStore
+from actors.idempotency import IdempotencyStore, warmer_child
 from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from engine.detectors import DetectorSet, DetectorState
 from engine.runtime import Runtime
@@ -193,14 +193,15 @@ async def _drive(
     detectors = DetectorSet([store.detector])
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
+            warmer, _ = warmer_child(store, shutdown_s=cfg.supervisors["default"].shutdown_s)
+            await nursery.start(warmer.start)
             await nursery.start(detectors.run, cfg.daemon.detector_tick_s)
             async with trio.open_nursery() as load:
                 for i in range(WORKERS):
                     load.start_soon(_worker, store, state, tenants, (cfg.daemon.seed or 0) + i)
 
                 await trio.sleep(timing.steady_s)
-                hits_before = store.stats.hits
+                hits_before = store.statistics().hits
                 # The trigger: the cache loses every key, then the server is gone.
                 await _flushall(cache_server.url)
                 state.flushed = True
@@ -222,7 +223,7 @@ async def _drive(
 
     stored = await run(_count_keys, admin_url)
     ledger = state.ledger
-    stats = store.stats
+    stats = store.statistics()
     detected = state.fired_at is not None and not state.fired_early
     detect_s = None if state.fired_at is None else round(state.fired_at - trigger_at, 3)
     failed_open = stats.db_fallbacks > 0 and state.repeats_refused_by_db > 0

@@ -21,6 +21,7 @@ from actors.idempotency import (
     IdempotencyConflict,
     IdempotencyStore,
     detector_config,
+    warmer_child,
 )
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
@@ -147,11 +148,11 @@ async def test_first_then_duplicate_then_conflict(
         replay = await store.claim(a, k, "h1")
         assert not replay.first and replay.response == {"dispatch": 42}
         if with_redis:
-            assert store.stats.hits == 5 and store.stats.misses == 0
-            assert store.stats.db_fallbacks == 0
+            assert store.statistics().hits == 5 and store.statistics().misses == 0
+            assert store.statistics().db_fallbacks == 0
         else:
-            assert store.stats.hits == 0 and store.stats.misses == 5
-            assert store.stats.db_fallbacks == 5
+            assert store.statistics().hits == 0 and store.statistics().misses == 5
+            assert store.statistics().db_fallbacks == 5
             assert not store.cache_available
         with pytest.raises(ValueError, match="UUID"):
             await store.claim("tenant-a", k, "h1")
@@ -198,14 +199,14 @@ async def test_a_flushed_cache_is_caught_by_the_database_and_repaired(
         for k in keys[:3]:
             claim = await store.claim(a, k, "h")
             assert not claim.first and claim.source == "database"
-        assert store.stats.misses == 3
+        assert store.statistics().misses == 3
         assert (await store.claim(a, keys[0], "h")).response == "done"  # repaired entry: a hit
-        assert store.stats.hits == 6
+        assert store.statistics().hits == 6
         # Warm-up puts the other two back, nothing is claimed twice.
         # (the module's database holds other tests' keys of this tenant too)
         added = await store.warm()
         assert added >= 2
-        assert store.stats.warmups == 1 and store.stats.warmed == added
+        assert store.statistics().warmups == 1 and store.statistics().warmed == added
         for k in keys:
             claim = await store.claim(a, k, "h")
             assert not claim.first and claim.source == "cache"
@@ -223,13 +224,13 @@ async def test_redis_down_fails_open_to_the_database_and_fires_the_detector(
         for k in keys:
             assert (await store.claim(a, k, "h")).first
             assert not (await store.claim(a, k, "h")).first  # refused by the unique key
-        assert store.stats.misses == 8 and store.stats.db_fallbacks == 8
+        assert store.statistics().misses == 8 and store.statistics().db_fallbacks == 8
         assert store.breaker.state.value != "closed"
         assert not store.cache_available
         state = store.detector.evaluate()
         assert state.firing and state.value == 0.0
         assert await store.warm() == 0  # nothing reachable to warm
-        assert store.stats.warmups == 0
+        assert store.statistics().warmups == 0
     finally:
         await close_store(store)
 
@@ -241,8 +242,9 @@ async def test_warm_task_runs_when_the_detector_fires(
     a, _ = tenants
     keys = [key() for _ in range(6)]
     try:
+        warmer, ref = warmer_child(store, shutdown_s=1.0)
         async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
+            await nursery.start(warmer.start)
             for k in keys:
                 await store.claim(a, k, "h")
             with redis.Redis.from_url(redis_url) as client:
@@ -253,9 +255,12 @@ async def test_warm_task_runs_when_the_detector_fires(
                 client.flushall()
             assert store.detector.evaluate().firing  # 6 hits / 12 < 0.9
             with trio.fail_after(5):
-                while store.stats.warmups == 0:  # noqa: ASYNC110 - bridged I/O, not an event
+                while store.statistics().warmups == 0:  # noqa: ASYNC110 - bridged I/O, not an event
                     await trio.sleep(0.01)
-            assert store.stats.warmed >= 6
+            assert store.statistics().warmed >= 6
+            warmed = ref.statistics()
+            assert (warmed.runs, warmed.failures, warmed.state) == (1, 0, "idle")
+            assert warmed.last_added == store.statistics().warmed
             nursery.cancel_scope.cancel()
         for k in keys:
             assert (await store.claim(a, k, "h")).source == "cache"
@@ -342,7 +347,7 @@ async def test_a_full_redis_bulkhead_falls_open_to_the_database(
         first = await store.claim(a, k, "h")
         again = await store.claim(a, k, "h")
         assert first.first and not again.first and again.source == "database"
-        assert store.stats.bulkhead_full >= 2
+        assert store.statistics().bulkhead_full >= 2
         bulkhead.release(held)
         assert (await store.claim(a, k, "h")).source in ("cache", "database")
     finally:
@@ -370,6 +375,6 @@ async def test_the_cache_hears_of_a_key_only_once_the_database_decided(
         assert hit.duplicate.source == "cache"
         with pytest.raises(IdempotencyConflict):
             await store.lookup(a, k, "other")
-        assert (store.stats.hits, store.stats.misses) == (3, 0)
+        assert (store.statistics().hits, store.statistics().misses) == (3, 0)
     finally:
         await close_store(store)
