@@ -78,7 +78,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,7 +85,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Final, TypeVar, TypeVarTuple
 
 import msgspec
-import trio
 
 from config.schema import MailboxConfig, SpoolConfig
 from engine.actor import Actor, ActorRef, Overflow, Timer, actor_child
@@ -385,12 +383,11 @@ class DbWriter(Actor[DbWriterMessage]):
         self.gateway = gateway
         self.probe_interval_s = probe_interval_s
         self.states = StateLog("db writer", WriterState.IDLE, log, warn={WriterState.WAITING})
-        self._wake_at: float | None = None  # the half-open pass already scheduled
 
     async def init(self) -> None:
         """Open the spool (records a previous process left are replayed at once)."""
         await self.gateway.spool.open()
-        self._again()
+        self.tell_self(REPLAY)
 
     def timers(self) -> Sequence[Timer]:
         return [Timer(self.probe_interval_s, REPLAY)]
@@ -418,14 +415,14 @@ class DbWriter(Actor[DbWriterMessage]):
         gateway, breaker = self.gateway, self.gateway.primary_breaker
         if breaker.state in _CLOSED_DOOR:  # nothing gets through before half-open
             self.states.enter(WriterState.WAITING, f"breaker {breaker.name} {breaker.state.value}")
-            self._pass_at_half_open(breaker)
+            self.wake_at(breaker.half_open_at(), REPLAY, sooner_than_s=self.probe_interval_s)
             return
         if gateway.spool.count:
             try:
                 replayed = await gateway.replay_once()
             except (CircuitOpen, *_CONNECTION_ERRORS) as exc:  # the next tick retries
                 self.states.enter(WriterState.WAITING, f"replay failed: {exc}")
-                self._pass_at_half_open(breaker)
+                self.wake_at(breaker.half_open_at(), REPLAY, sooner_than_s=self.probe_interval_s)
                 return
             if replayed:
                 log.info(
@@ -433,7 +430,7 @@ class DbWriter(Actor[DbWriterMessage]):
                 )
             if gateway.spool.count:
                 self.states.enter(WriterState.REPLAYING, "records remain")
-                self._again()
+                self.tell_self(REPLAY)
             else:
                 self.states.enter(WriterState.IDLE, "spool replayed")
         elif breaker.state in _REFUSING:  # half-open: probe, so that it closes again
@@ -441,23 +438,9 @@ class DbWriter(Actor[DbWriterMessage]):
                 self.states.enter(WriterState.IDLE, "primary answered")
             else:
                 self.states.enter(WriterState.WAITING, "probe failed")
-                self._pass_at_half_open(breaker)
+                self.wake_at(breaker.half_open_at(), REPLAY, sooner_than_s=self.probe_interval_s)
         else:
             self.states.enter(WriterState.IDLE, "nothing spooled")
-
-    def _again(self) -> None:
-        with contextlib.suppress(MailboxFull):
-            self.ref.tell_nowait(REPLAY)
-
-    def _pass_at_half_open(self, breaker: Breaker) -> None:
-        """A pass when the breaker lets a probe through, if that comes before the next tick."""
-        half_open = breaker.half_open_at()
-        if half_open is None or not math.isfinite(half_open) or half_open == self._wake_at:
-            return
-        delay = max(0.0, half_open - trio.current_time())
-        if delay < self.probe_interval_s:
-            self._wake_at = half_open
-            self.send_after(delay, REPLAY)
 
 
 def db_writer_child(

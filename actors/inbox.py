@@ -54,24 +54,21 @@ advisory). Choose ``max_deliver`` x backoff longer than a tolerated outage.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import trio
 from prometheus_client import CollectorRegistry, Counter
 
 from config.catalog import Catalog, alert_name, row_detector
 from config.schema import DetectorConfig, InboxConfig, MailboxConfig, TriageConfig, engine_kwargs
-from engine.actor import Actor, ActorRef, Overflow, Timer, actor_child
+from engine.actor import Actor, ActorRef, Overflow, Timer, actor_child, ended_by_error
 from engine.breaker import Breaker, CircuitState
 from engine.detectors import CountInWindowDetector, make_detector
-from engine.errors import CircuitOpen, MailboxFull, ProviderError
+from engine.errors import CircuitOpen, ProviderError
 from engine.metrics import families
 from engine.statelog import StateLog
 from providers import jetstream, jetstream_consumer
@@ -260,7 +257,6 @@ class InboxConsumer(Actor[InboxMessage]):
             warn={InboxState.DEGRADED, InboxState.DISCONNECTED},
         )
         self.consumer: PullConsumer | None = None
-        self._wake_at: float | None = None  # the half-open fetch already scheduled
         self.turns = 0
         self.fetched = 0
         self.applied = 0
@@ -278,7 +274,7 @@ class InboxConsumer(Actor[InboxMessage]):
             jetstream_consumer.open_consumer, self.client, self.settings, service="nats"
         )
         self.states.enter(InboxState.CONSUMING, "started")
-        self._again()  # the first fetch at once, not a tick later
+        self.tell_self(FETCH)  # the first fetch at once, not a tick later
 
     def timers(self) -> Sequence[Timer]:
         return [Timer(self.config.fetch_timeout_s, FETCH)]
@@ -301,28 +297,15 @@ class InboxConsumer(Actor[InboxMessage]):
                 breaker = self.breaker
                 if breaker is not None and breaker.state in _REFUSING:
                     self.states.enter(InboxState.DEGRADED, "database breaker open: not fetching")
-                    self._fetch_at_half_open(breaker)
+                    self.wake_at(
+                        breaker.half_open_at(), FETCH, sooner_than_s=self.config.fetch_timeout_s
+                    )
                 elif await self._turn():
-                    self._again()
+                    self.tell_self(FETCH)
 
     async def terminate(self, reason: BaseException | None) -> None:
         # The supervisor logs a crash itself; here it is only named.
-        self.states.enter(InboxState.STOPPED, "crashed" if _crashed(reason) else "stopped")
-
-    def _again(self) -> None:
-        """Queue the next fetch (a full mailbox: the tick comes)."""
-        with contextlib.suppress(MailboxFull):
-            self.ref.tell_nowait(FETCH)
-
-    def _fetch_at_half_open(self, breaker: Breaker) -> None:
-        """Fetch when the breaker lets a probe through, if that comes before the next tick."""
-        half_open = breaker.half_open_at()
-        if half_open is None or not math.isfinite(half_open) or half_open == self._wake_at:
-            return
-        delay = max(0.0, half_open - trio.current_time())
-        if delay < self.config.fetch_timeout_s:
-            self._wake_at = half_open
-            self.send_after(delay, FETCH)
+        self.states.enter(InboxState.STOPPED, "crashed" if ended_by_error(reason) else "stopped")
 
     def settle_for(self, delivery: Delivery, decision: Settle) -> Settle:
         """The decision actually sent for ``delivery``: a hook for fault injection.
@@ -475,15 +458,6 @@ class InboxConsumer(Actor[InboxMessage]):
             subject=delivery.subject,
             headers=delivery.headers,
         )
-
-
-def _crashed(reason: BaseException | None) -> bool:
-    """Whether an incarnation ended by an error (not normally, not cancelled)."""
-    if reason is None or isinstance(reason, trio.Cancelled):
-        return False
-    if isinstance(reason, BaseExceptionGroup):
-        return reason.split(trio.Cancelled)[1] is not None
-    return True
 
 
 def inbox_child(

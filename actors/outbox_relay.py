@@ -71,7 +71,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -82,7 +81,7 @@ import nats.js.errors
 import trio
 
 from config.schema import MailboxConfig, RelayConfig
-from engine.actor import Actor, ActorRef, Overflow, Timer, actor_child
+from engine.actor import Actor, ActorRef, Overflow, Timer, actor_child, ended_by_error
 from engine.breaker import Breaker, CircuitState
 from engine.errors import (
     ActorStopped,
@@ -348,7 +347,6 @@ class OutboxRelay(Actor[RelayMessage]):
         )
         self.lag_s: float | None = None
         self.restart_sinks = tuple(restart_sinks)
-        self._wake_at: float | None = None  # the half-open poll already scheduled
         self.subjects = [s.strip() for s in config.subjects.split(",") if s.strip()]
         max_payload = int(client.nc.max_payload or 1024 * 1024)
         self._limits = _Limits(self.subjects, max_payload)
@@ -372,7 +370,7 @@ class OutboxRelay(Actor[RelayMessage]):
                 sink.observe()
         await self._check_stream()
         self.states.enter(RelayState.RELAYING, "started")
-        self._again()  # the first turn at once, not a tick later
+        self.tell_self(POLL)  # the first turn at once, not a tick later
 
     def timers(self) -> Sequence[Timer]:
         return [Timer(self.config.poll_interval_s, POLL)]
@@ -397,30 +395,15 @@ class OutboxRelay(Actor[RelayMessage]):
         match message:
             case Poll():
                 if await self._turn():
-                    self._again()
+                    self.tell_self(POLL)
                 elif self.states.state is RelayState.BLOCKED:
-                    self._poll_at_half_open()
+                    self.wake_at(
+                        self.breaker.half_open_at(), POLL, sooner_than_s=self.config.poll_interval_s
+                    )
 
     async def terminate(self, reason: BaseException | None) -> None:
         # The supervisor logs a crash itself; here it is only named.
-        self.states.enter(RelayState.STOPPED, "crashed" if _crashed(reason) else "stopped")
-
-    def _again(self) -> None:
-        """Queue a turn behind what is queued (a full mailbox already holds one)."""
-        with contextlib.suppress(MailboxFull):
-            self.ref.tell_nowait(POLL)
-
-    def _poll_at_half_open(self) -> None:
-        """Poll when the breaker lets a probe through, if that comes before the next tick."""
-        half_open = self.breaker.half_open_at()
-        if half_open is None or not math.isfinite(half_open) or half_open == self._wake_at:
-            return
-        delay = max(0.0, half_open - trio.current_time())
-        if delay < self.config.poll_interval_s:
-            self._wake_at = half_open
-            self.send_after(delay, POLL)
-
-    # -- one turn ----------------------------------------------------------------------
+        self.states.enter(RelayState.STOPPED, "crashed" if ended_by_error(reason) else "stopped")
 
     async def _turn(self) -> bool:
         """One turn; True if a full batch went out (poll again at once)."""
@@ -581,15 +564,6 @@ class OutboxRelay(Actor[RelayMessage]):
         if message not in self.memory.warnings:  # once, not again at every restart
             self.memory.warnings.append(message)
         log.warning("outbox relay: %s", message)
-
-
-def _crashed(reason: BaseException | None) -> bool:
-    """Whether an incarnation ended by an error (not normally, not cancelled)."""
-    if reason is None or isinstance(reason, trio.Cancelled):
-        return False
-    if isinstance(reason, BaseExceptionGroup):
-        return reason.split(trio.Cancelled)[1] is not None
-    return True
 
 
 def nudge(ref: ActorRef[RelayMessage]) -> None:

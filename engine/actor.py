@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .supervisor import BreakerLike, ChildSpec, Restart
 
-__all__ = ["Actor", "ActorRef", "Overflow", "Stop", "Timer", "actor_child"]
+__all__ = ["Actor", "ActorRef", "Overflow", "Stop", "Timer", "actor_child", "ended_by_error"]
 
 M = TypeVar("M")
 
@@ -122,6 +122,7 @@ class Actor(Generic[M]):
     uses_tasks: bool = False
     ref: ActorRef[M]
     _nursery: trio.Nursery | None = None
+    _woken_for: float | None = None  # the moment wake_at already scheduled
 
     async def init(self) -> None:
         """Prepare the actor's resources. Runs before the actor counts as started."""
@@ -152,6 +153,26 @@ class Actor(Generic[M]):
     def send_after(self, delay_s: float, message: M) -> None:
         """Tell this actor ``message`` in ``delay_s`` seconds (dropped if it stopped meanwhile)."""
         self.start_soon(_send_after, self.ref, delay_s, message)
+
+    def tell_self(self, message: M) -> bool:
+        """Queue ``message`` behind what is queued, never blocking; False when the mailbox
+        is full (something already queued, or the next timer tick, will wake it)."""
+        try:
+            self.ref.tell_nowait(message)
+        except MailboxFull:
+            return False
+        return True
+
+    def wake_at(self, at: float | None, message: M, *, sooner_than_s: float) -> None:
+        """Tell this actor ``message`` at Trio time ``at`` (a breaker's half-open moment),
+        once per moment, and only when it comes within ``sooner_than_s`` (else the
+        actor's own timer comes first). ``None`` or an infinite ``at``: nothing."""
+        if at is None or not math.isfinite(at) or at == self._woken_for:
+            return
+        delay = max(0.0, at - trio.current_time())
+        if delay < sooner_than_s:
+            self._woken_for = at
+            self.send_after(delay, message)
 
 
 async def _send_after(ref: ActorRef[Any], delay_s: float, message: object) -> None:
@@ -303,6 +324,16 @@ async def _run_actor(
         if initialised and type(actor).terminate is not Actor.terminate:
             with trio.move_on_after(shutdown_s, shield=True):
                 await actor.terminate(reason)
+
+
+def ended_by_error(reason: BaseException | None) -> bool:
+    """Whether an incarnation ended by an error: not normally, not by cancellation
+    (``reason`` as :meth:`Actor.terminate` gets it)."""
+    if reason is None or isinstance(reason, trio.Cancelled):
+        return False
+    if isinstance(reason, BaseExceptionGroup):
+        return reason.split(trio.Cancelled)[1] is not None
+    return True
 
 
 def _lone(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

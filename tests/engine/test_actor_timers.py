@@ -9,7 +9,7 @@ import msgspec
 import pytest
 import trio
 
-from engine.actor import Actor, Timer, actor_child
+from engine.actor import Actor, Timer, actor_child, ended_by_error
 from engine.errors import ActorError
 from engine.runtime import open_runtime
 from engine.statelog import StateLog
@@ -197,3 +197,55 @@ async def test_a_crash_inside_the_actors_nursery_reaches_the_supervisor_unwrappe
     spec, _ = actor_child("crashes", Crashes, capacity=8, shutdown_s=1.0)
     with pytest.raises(LookupError, match="tick refused"):
         await spec.start()
+
+
+class Waker(Actor[Msg]):
+    """Wakes itself at given moments; counts what came."""
+
+    name = "waker"
+    uses_tasks = True
+
+    def __init__(self) -> None:
+        self.later: list[tuple[int, float]] = []
+
+    def statistics(self) -> tuple[tuple[int, float], ...]:
+        return tuple(self.later)
+
+    async def handle(self, message: Msg) -> object:
+        match message:
+            case Work(seconds):  # wake at now + seconds, unless beyond 10 s
+                at = trio.current_time() + seconds
+                self.wake_at(at, Later(int(seconds)), sooner_than_s=10.0)
+                self.wake_at(at, Later(-1), sooner_than_s=10.0)  # the same moment: once
+            case Later(n):
+                self.later.append((n, trio.current_time()))
+            case Get():
+                assert self.tell_self(Later(0))
+                assert not self.tell_self(Later(99))  # capacity 1: Later(0) fills it
+        return None
+
+
+async def test_wake_at_once_per_moment_and_only_before_the_timer(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with open_runtime(seed=1) as rt:
+        spec, ref = actor_child("waker", Waker, capacity=1, shutdown_s=1.0)
+        sup = Supervisor("root", [spec], runtime=rt)
+        async with trio.open_nursery() as nursery:
+            t0 = trio.current_time()
+            await nursery.start(sup.run)
+            await ref.tell(Work(3.0))
+            await ref.tell(Work(30.0))  # later than its timer would come: not scheduled
+            await trio.sleep(40.0)
+            assert ref.statistics() == ((3, t0 + 3.0),)
+            await ref.tell(Later(7))
+            await ref.tell(Get())
+            await trio.sleep(1.0)
+            assert ref.statistics()[1:] == ((7, t0 + 40.0), (0, t0 + 40.0))
+            nursery.cancel_scope.cancel()
+
+
+def test_ended_by_error_tells_crashes_from_stops() -> None:
+    assert not ended_by_error(None)
+    assert ended_by_error(LookupError("x"))
+    assert ended_by_error(ExceptionGroup("g", [LookupError("x")]))
