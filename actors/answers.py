@@ -11,6 +11,8 @@ adopt it by passing its own rules first (``answer_for(exc, rules=(*MINE, *RULES)
     RequestRejected                 its own (the door's refusals: bad body, 413, 415 ...)
     MissingIdempotencyKey           400     missing_idempotency_key its field
     InvalidIdempotencyKey           400     invalid_idempotency_key its field
+    InvalidJson                     400     invalid_json
+    InvalidField                    400     invalid_field          its field
     InvalidRequest                  400     invalid_request        its field
     UnstorableValue                 400     invalid_field
     IdempotencyConflict             409     idempotency_conflict   Idempotency-Key
@@ -40,14 +42,14 @@ from typing import Final, Literal
 
 import msgspec
 
-from actors.dispatcher import (
-    CategoryDisabled,
+from actors.dispatch_request import (
+    InvalidField,
     InvalidIdempotencyKey,
+    InvalidJson,
     InvalidRequest,
     MissingIdempotencyKey,
-    Overloaded,
-    PhiRefused,
 )
+from actors.dispatcher import CategoryDisabled, Overloaded, PhiRefused
 from actors.idempotency import IdempotencyConflict
 from actors.templates import TemplateNotFound
 from engine.errors import LoadShed, RateLimitExceeded, TransientProviderError, TriageError
@@ -165,6 +167,8 @@ class Rule:
 RULES: Final[tuple[Rule, ...]] = (
     Rule(MissingIdempotencyKey, 400, "missing_idempotency_key", field="*"),
     Rule(InvalidIdempotencyKey, 400, "invalid_idempotency_key", field="*"),
+    Rule(InvalidJson, 400, "invalid_json"),
+    Rule(InvalidField, 400, "invalid_field", field="*"),
     Rule(InvalidRequest, 400, "invalid_request", field="*"),
     Rule(UnstorableValue, 400, "invalid_field"),
     Rule(IdempotencyConflict, 409, "idempotency_conflict", field=IDEMPOTENCY_HEADER),

@@ -9,12 +9,13 @@ A dispatch request comes in two ways and is answered the same way by both:
   the load), with the same JSON plus an ``"idempotency_key"`` field, or the
   NATS header ``Idempotency-Key``.
 
-This module holds what both share -- the wire structs and the one submit-and-answer
-step -- because the HTTP API (``supervisors/``) may import ``actors/`` but not the
-other way round. Both doors build the dispatcher's one request type
-(:class:`~actors.dispatcher.SubmitRequest`, via :func:`request_of`), check the key
-with the one rule (:func:`~actors.dispatcher.check_idempotency_key`, the length
-from ``[dispatch] max_key_chars``), get the one result type
+This module holds what both share -- the one submit-and-answer step -- because the
+HTTP API (``supervisors/``) may import ``actors/`` but not the other way round.
+Both doors make the dispatcher's one request type
+(:class:`~actors.dispatch_request.SubmitRequest`) with the one
+:class:`~actors.dispatch_request.RequestDecoder` (every field validated once, by
+decoding, with the ``[dispatch]`` limits; the key by the one rule,
+:func:`~actors.dispatch_request.check_idempotency_key`), get the one result type
 (:class:`~actors.dispatcher.SubmitResult`) and answer every error from the one
 table, :mod:`actors.answers`::
 
@@ -50,25 +51,22 @@ from __future__ import annotations
 
 import enum
 import logging
-import re
-import uuid
 from dataclasses import dataclass
-from typing import Annotated, Protocol, TypeVar
+from typing import Protocol
 
-import msgspec
 import nats.errors
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
-from actors.answers import IDEMPOTENCY_HEADER, Answer, RequestRejected, answer_for
-from actors.dispatcher import InvalidRequest, SubmitRequest, SubmitResult, check_idempotency_key
+from actors.answers import IDEMPOTENCY_HEADER, Answer, answer_for
+from actors.dispatch_request import InvalidRequest, RequestDecoder, SubmitRequest
+from actors.dispatcher import SubmitResult
 from engine.errors import ProviderError
 from engine.metrics import families
 from engine.supervisor import ChildSpec, Restart
 from providers import jetstream
 from providers.bridge import run
-from providers.channel import ChannelName
-from providers.db.dispatches import MAX_TEMPLATE_VERSION, DispatchStatus
+from providers.db.dispatches import DispatchStatus
 from providers.nats_commands import (
     Command,
     Reply,
@@ -82,52 +80,14 @@ from providers.nats_commands import (
 __all__ = [
     "CommandsState",
     "CommandsStats",
-    "DispatchBody",
-    "DispatchCommandBody",
     "DispatchCommands",
     "Submitter",
-    "decode_body",
-    "decode_command",
-    "request_of",
     "submit_and_answer",
 ]
 
 log = logging.getLogger("triage.dispatch_commands")
 
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-
-
-# -- the wire --------------------------------------------------------------------------
-
-
-class DispatchBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The JSON body of ``POST /v1/dispatches``. Unknown fields are refused."""
-
-    tenant_id: uuid.UUID
-    channel: ChannelName
-    template: NonEmpty
-    recipient: NonEmpty
-    template_version: Annotated[int, msgspec.Meta(ge=1, le=MAX_TEMPLATE_VERSION)] | None = None
-    data: dict[str, str] = msgspec.field(default_factory=dict)
-
-
-class DispatchCommandBody(DispatchBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The NATS command: the HTTP body plus the key (or the ``Idempotency-Key`` header)."""
-
-    idempotency_key: str | None = None
-
-
-def request_of(body: DispatchBody, idempotency_key: str) -> SubmitRequest:
-    """The dispatcher's one request type, from either door's body."""
-    return SubmitRequest(
-        idempotency_key=idempotency_key,
-        tenant_id=str(body.tenant_id),
-        channel=body.channel.value,
-        template=body.template,
-        recipient=body.recipient,
-        template_version=body.template_version,
-        data=dict(body.data),
-    )
+# -- the shared step --------------------------------------------------------------------
 
 
 class Submitter(Protocol):
@@ -136,51 +96,6 @@ class Submitter(Protocol):
     async def submit(self, request: SubmitRequest) -> SubmitResult:
         """Accept ``request`` or raise a typed error (see :mod:`actors.answers`)."""
         ...
-
-
-_HTTP_DECODER = msgspec.json.Decoder(DispatchBody)
-_NATS_DECODER = msgspec.json.Decoder(DispatchCommandBody)
-_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
-_NAMED = re.compile(r"field `(?P<name>[^`]+)`")
-
-
-def _field_of(message: str) -> str | None:
-    """The field msgspec's message names (``$.data[...]`` -> ``data[...]``), if any."""
-    at = _AT_PATH.search(message)
-    if at is not None:
-        path = at.group("path")
-        named = _NAMED.search(message)
-        if named is not None:  # a nested object missing or refusing a field
-            return f"{path}.{named.group('name')}" if path else named.group("name")
-        return path or None
-    named = _NAMED.search(message)
-    return named.group("name") if named is not None else None
-
-
-B = TypeVar("B", bound=DispatchBody)
-
-
-def _decode(decoder: msgspec.json.Decoder[B], data: bytes) -> B:
-    try:
-        return decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        raise RequestRejected("invalid_field", str(exc), field=_field_of(str(exc))) from exc
-    except msgspec.DecodeError as exc:
-        raise RequestRejected("invalid_json", f"the body is not JSON: {exc}") from exc
-
-
-def decode_body(data: bytes) -> DispatchBody:
-    """The typed HTTP body.
-
-    Raises :class:`RequestRejected` ``invalid_json`` (400) for bytes that are not
-    JSON and ``invalid_field`` (400, with ``field``) for JSON that fails validation.
-    """
-    return _decode(_HTTP_DECODER, data)
-
-
-def decode_command(data: bytes) -> DispatchCommandBody:
-    """The typed NATS command body (with ``idempotency_key``); errors as :func:`decode_body`."""
-    return _decode(_NATS_DECODER, data)
 
 
 async def submit_and_answer(
@@ -240,7 +155,8 @@ class DispatchCommands:
     per turn), ``poll_timeout_s`` (how long one fetch waits; also the pause after
     NATS was unreachable), ``pending_msgs_limit`` (the subscription's buffer),
     ``retry_after_s`` (``Retry-After`` for load shedding that names none),
-    ``unsubscribe_timeout_s`` (the shielded cleanup's deadline).
+    ``unsubscribe_timeout_s`` (the shielded cleanup's deadline); ``requests`` makes
+    the request of a command (the HTTP door's decoder).
     """
 
     name = "dispatch_commands"
@@ -258,7 +174,7 @@ class DispatchCommands:
         pending_msgs_limit: int,
         retry_after_s: float,
         unsubscribe_timeout_s: float,
-        max_key_length: int,
+        requests: RequestDecoder,
         registry: CollectorRegistry | None = None,
     ) -> None:
         if max_body_bytes < 1 or batch_max < 1 or pending_msgs_limit < 1:
@@ -275,7 +191,7 @@ class DispatchCommands:
         self.pending_msgs_limit = pending_msgs_limit
         self.retry_after_s = retry_after_s
         self.unsubscribe_timeout_s = unsubscribe_timeout_s
-        self.max_key_length = max_key_length
+        self.requests = requests
         self.state = CommandsState.STARTING
         self.stats = CommandsStats()
         self.subscription: Subscription | None = None
@@ -354,27 +270,12 @@ class DispatchCommands:
                 f"the command is {len(command.data)} bytes; at most {self.max_body_bytes}",
             )
         try:
-            body = decode_command(command.data)
-            key = self._key(command, body)
-        except (RequestRejected, InvalidRequest) as exc:
-            return answer_for(exc, retry_after_s=self.retry_after_s)
-        request = request_of(body, key)
-        return await submit_and_answer(self.submitter, request, retry_after_s=self.retry_after_s)
-
-    def _key(self, command: Command, body: DispatchCommandBody) -> str:
-        header = _header(command.headers, IDEMPOTENCY_HEADER)
-        field = body.idempotency_key
-        if header is not None and field is not None and header != field:
-            raise RequestRejected(
-                "invalid_idempotency_key",
-                f"the {IDEMPOTENCY_HEADER} header and the idempotency_key field differ",
-                field="idempotency_key",
+            request = self.requests.decode_command(
+                command.data, _header(command.headers, IDEMPOTENCY_HEADER)
             )
-        return check_idempotency_key(
-            field if field is not None else header,
-            max_length=self.max_key_length,
-            field=IDEMPOTENCY_HEADER,
-        )
+        except InvalidRequest as exc:
+            return answer_for(exc, retry_after_s=self.retry_after_s)
+        return await submit_and_answer(self.submitter, request, retry_after_s=self.retry_after_s)
 
     async def _answer_into(
         self, answers: list[Answer | None], index: int, command: Command

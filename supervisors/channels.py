@@ -468,14 +468,7 @@ def build_channels(
         backbone.pool,
         templates,
         dispatchers,
-        limits=DispatchLimits(
-            max_key_chars=dispatch.max_key_chars,
-            max_template_chars=dispatch.max_template_chars,
-            max_recipient_chars=dispatch.max_recipient_chars,
-            max_data_fields=dispatch.max_data_fields,
-            max_field_name_chars=dispatch.max_field_name_chars,
-            max_value_chars=dispatch.max_value_chars,
-        ),
+        limits=DispatchLimits.of(dispatch),
         key_ttl_s=config.idempotency.key_ttl_s,
         backlog_older_than_s=dispatch.requeue_after_s,
         backlog_batch=dispatch.backlog_batch,
@@ -610,7 +603,7 @@ def build_channels(
         max_body_bytes=dispatch.max_body_bytes,
         drain_max_bytes=dispatch.drain_max_bytes,
         retry_after_s=dispatch.retry_after_s,
-        max_key_length=dispatch.max_key_chars,
+        requests=service.requests,
     )
     commands = DispatchCommands(
         client=backbone.nats,
@@ -623,7 +616,7 @@ def build_channels(
         pending_msgs_limit=dispatch.nats_pending_limit,
         retry_after_s=dispatch.retry_after_s,
         unsubscribe_timeout_s=dispatch.nats_unsubscribe_timeout_s,
-        max_key_length=dispatch.max_key_chars,
+        requests=service.requests,
         registry=registry,
     )
     specs = [

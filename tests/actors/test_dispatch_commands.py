@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from actors.answers import STATUS_HEADER
 from actors.dispatch_commands import CommandsState, DispatchCommands
-from actors.dispatcher import SubmitRequest
+from actors.dispatch_request import DispatchLimits, RequestDecoder, SubmitRequest
 from config.schema import DispatchConfig
 from engine.errors import BulkheadFull
 from providers import jetstream
@@ -34,7 +34,7 @@ def command(**changes: Any) -> bytes:
         "tenant_id": TENANT,
         "channel": "push",
         "template": "visit_ready",
-        "recipient": "device-token-1",
+        "recipient": "fcm:device-token-1",
         "data": {"room": "7"},
         "idempotency_key": "key-1",
     }
@@ -60,7 +60,7 @@ async def serving(
             pending_msgs_limit=256,
             retry_after_s=2.0,
             unsubscribe_timeout_s=1.0,
-            max_key_length=DispatchConfig().max_key_chars,
+            requests=RequestDecoder(DispatchLimits.of(DispatchConfig())),
             registry=registry,
         )
         for client in clients[1:]
@@ -113,7 +113,7 @@ async def test_request_reply_accepts_then_replays(
         tenant_id=TENANT,
         channel=ChannelName.PUSH,
         template="visit_ready",
-        recipient="device-token-1",
+        recipient="fcm:device-token-1",
         data={"room": "7"},
     )
 
@@ -134,6 +134,9 @@ GARBAGE: Sequence[Any] = [
     pytest.param(
         command(data={"x": "y" * MAX_BODY}), None, 413, "payload_too_large", id="oversize"
     ),
+    pytest.param(command(recipient="device-token-1"), None, 400, "invalid_field", id="push-shape"),
+    pytest.param(command(template="a\x00"), None, 400, "invalid_field", id="nul-template"),
+    pytest.param(command(data={"9x": "v"}), None, 400, "invalid_field", id="bad-field-name"),
 ]
 
 
