@@ -19,7 +19,8 @@ one Failover per route     ``[channels]`` order (push: by token platform);
                            give_up_after_s``
 dispatchers + service      ``[dispatch]``, ``[mailboxes.dispatcher]``,
                            ``[supervisors.providers]``
-HTTP API, NATS commands    ``POST /v1/dispatches``; ``[dispatch] nats_subject``
+HTTP API, NATS commands    ``POST /v1/dispatches``; ``[dispatch] nats_subject``,
+                           ``[mailboxes.commands]``
 DLR ingress (row 13)       ``/webhooks/dlr/{ghasi,twilio}``,
                            ``/webhooks/bounces/smtp``; ``[dlr]``
 push feedback (row 2)      ``[push_feedback]``: FCM and APNs feedback sources,
@@ -52,7 +53,7 @@ from actors.bounce_tracker import (
     bounce_tracker_child,
 )
 from actors.counted_sends import CountedSends
-from actors.dispatch_commands import DispatchCommands
+from actors.dispatch_commands import CommandsMessage, dispatch_commands_child
 from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
 from actors.dlr_ingress import ROW as DLR_ROW
 from actors.dlr_ingress import DlrIngress, dlr_pool_child
@@ -131,6 +132,7 @@ def channel_profiles(config: TriageConfig) -> list[tuple[str, str]]:
     """Profiles the channels need, as (section, name): the tree refuses to start without."""
     p = config.providers
     needed = [("mailboxes", "dispatcher"), ("mailboxes", "bounces"), ("mailboxes", "push_feedback")]
+    needed.append(("mailboxes", "commands"))
     needed.append(("supervisors", "providers"))
     needed += [("guards", getattr(p, vendor).guard) for vendor in _VENDORS]
     needed.append(("rate_limits", config.dlr.rate_limit))
@@ -181,7 +183,7 @@ class Channels:
     failovers: dict[str, Failover]
     ingress: DlrIngress
     api: DispatchApi
-    commands: DispatchCommands
+    commands: ActorRef[CommandsMessage]
     templates: TemplateRegistry
     tracker: BounceFeed
     feedback: ActorRef[FeedbackMessage]
@@ -605,7 +607,11 @@ def build_channels(
         retry_after_s=dispatch.retry_after_s,
         requests=service.requests,
     )
-    commands = DispatchCommands(
+    commands_spec, commands = dispatch_commands_child(
+        mailbox=config.mailboxes["commands"],
+        shutdown_s=shutdown_s,
+        deadlines=runtime.deadlines,
+        metrics=runtime.metrics,
         client=backbone.nats,
         submitter=service,
         subject=dispatch.nats_subject,
@@ -625,7 +631,7 @@ def build_channels(
         pool_spec,
         feedback_spec,
         sweep_spec,
-        commands.child_spec(shutdown_s=shutdown_s),
+        commands_spec,
     ]
     return Channels(
         service=service,
