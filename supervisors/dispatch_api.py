@@ -4,7 +4,7 @@ Mounted by the daemon's :class:`~supervisors.http.HealthApp`
 (``mounts={"/v1/dispatches": api}``)::
 
     POST /v1/dispatches
-    Idempotency-Key: <1..max_key_length visible ASCII characters>
+    Idempotency-Key: <1..[dispatch] max_key_chars visible ASCII characters>
     Content-Type: application/json
     {"tenant_id": uuid, "channel": "sms"|"push"|"email", "template": str,
      "template_version": int|null, "recipient": str, "data": {str: str}}

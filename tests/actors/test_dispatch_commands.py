@@ -27,7 +27,7 @@ from actors.dispatch_commands import (
 from actors.dispatch_request import DispatchLimits, RequestDecoder, SubmitRequest
 from config.schema import DispatchConfig, MailboxConfig
 from engine.actor import ActorRef
-from engine.errors import BulkheadFull
+from engine.errors import BulkheadFull, ProviderUnavailable
 from providers import jetstream
 from providers.bridge import run
 from providers.channel import ChannelName
@@ -254,3 +254,32 @@ async def test_a_command_without_a_reply_subject_is_counted_and_dropped(
         assert actors[0].statistics().unanswerable == 1
     assert submitter.seen[0].idempotency_key == "k2"  # the dropped one never reached it
     assert after[0] == 202
+
+
+async def test_a_fetch_nats_refuses_pauses_then_serves_again(
+    nats_url: str, bridge: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused fetch: DISCONNECTED, and the next turn comes poll_timeout_s later
+    (send_after), not at once; the first fetch that works is SERVING again."""
+    from actors import dispatch_commands
+
+    real = dispatch_commands.next_commands
+    refusing = True
+
+    async def flaky(subscription: Any, batch_max: int, timeout_s: float) -> Any:
+        if refusing:
+            raise ProviderUnavailable("nats: unavailable (test)")
+        return await real(subscription, batch_max, timeout_s)
+
+    monkeypatch.setattr(dispatch_commands, "next_commands", flaky)
+    submitter = Submitter()
+    name = subject()
+    async with serving(nats_url, name, submitter) as (client, doors):
+        await trio.sleep(1.0)  # poll_timeout_s = 0.2: about five turns, not thousands
+        stats = doors[0].statistics()
+        assert stats.state is CommandsState.DISCONNECTED
+        assert 2 <= stats.turns <= 7, stats
+        refusing = False
+        answered = await request(client, name, command())
+        assert doors[0].statistics().state is CommandsState.SERVING
+    assert answered[0] == 202
