@@ -193,7 +193,8 @@ class RequestBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     recipient: str
     template_version: int | None = None
     data: dict[str, str] = msgspec.field(default_factory=dict)
-    idempotency_key: str | msgspec.UnsetType = msgspec.UNSET  # the NATS command's own key
+    #: The NATS command's own key (null: none, the header's); HTTP refuses it.
+    idempotency_key: str | msgspec.UnsetType | None = msgspec.UNSET
 
     def __post_init__(self) -> None:
         limits = type(self).limits
@@ -307,7 +308,7 @@ class RequestDecoder:
         (both present: they must agree)."""
         body = self.decode(data)
         own = body.idempotency_key
-        if own is msgspec.UNSET:
+        if own is msgspec.UNSET or own is None:
             key = self.check_key(header_key)
         else:
             if header_key is not None and header_key != own:
