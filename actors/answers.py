@@ -2,8 +2,10 @@
 
 Every ingress door answers from here -- ``POST /v1/dispatches``
 (:mod:`supervisors.dispatch_api`) and the NATS command subject
-(:class:`~actors.dispatch_commands.DispatchCommands`) today; the DLR ingress can
-adopt it by passing its own rules first (``answer_for(exc, rules=(*MINE, *RULES))``).
+(:class:`~actors.dispatch_commands.DispatchCommands`) -- and the DLR webhooks
+(:class:`~actors.dlr_ingress.DlrIngress`), which pass their own rules first
+(``ruling_for(exc, rules=(*DLR_RULES, *RULES))``) and write the ruling in their own
+body (it names the provider).
 
 :data:`RULES` is read top to bottom; the first rule whose type matches answers::
 
@@ -11,6 +13,8 @@ adopt it by passing its own rules first (``answer_for(exc, rules=(*MINE, *RULES)
     RequestRejected                 its own (the door's refusals: bad body, 413, 415 ...)
     MissingIdempotencyKey           400     missing_idempotency_key its field
     InvalidIdempotencyKey           400     invalid_idempotency_key its field
+    InvalidJson                     400     invalid_json
+    InvalidField                    400     invalid_field          its field
     InvalidRequest                  400     invalid_request        its field
     UnstorableValue                 400     invalid_field
     IdempotencyConflict             409     idempotency_conflict   Idempotency-Key
@@ -40,14 +44,14 @@ from typing import Final, Literal
 
 import msgspec
 
-from actors.dispatcher import (
-    CategoryDisabled,
+from actors.dispatch_request import (
+    InvalidField,
     InvalidIdempotencyKey,
+    InvalidJson,
     InvalidRequest,
     MissingIdempotencyKey,
-    Overloaded,
-    PhiRefused,
 )
+from actors.dispatcher import CategoryDisabled, Overloaded, PhiRefused
 from actors.idempotency import IdempotencyConflict
 from actors.templates import TemplateNotFound
 from engine.errors import LoadShed, RateLimitExceeded, TransientProviderError, TriageError
@@ -62,7 +66,9 @@ __all__ = [
     "ErrorBody",
     "RequestRejected",
     "Rule",
+    "Ruling",
     "answer_for",
+    "ruling_for",
 ]
 
 log = logging.getLogger("triage.answers")
@@ -165,6 +171,8 @@ class Rule:
 RULES: Final[tuple[Rule, ...]] = (
     Rule(MissingIdempotencyKey, 400, "missing_idempotency_key", field="*"),
     Rule(InvalidIdempotencyKey, 400, "invalid_idempotency_key", field="*"),
+    Rule(InvalidJson, 400, "invalid_json"),
+    Rule(InvalidField, 400, "invalid_field", field="*"),
     Rule(InvalidRequest, 400, "invalid_request", field="*"),
     Rule(UnstorableValue, 400, "invalid_field"),
     Rule(IdempotencyConflict, 409, "idempotency_conflict", field=IDEMPOTENCY_HEADER),
@@ -184,18 +192,36 @@ def _own_retry(exc: BaseException) -> float | None:
     return float(own) if isinstance(own, (int, float)) else None
 
 
-def answer_for(
-    exc: Exception, *, retry_after_s: float, rules: Sequence[Rule] = RULES
-) -> Answer:
-    """The typed answer for ``exc`` (the module's table); ``retry_after_s`` is the door's
-    ``Retry-After`` for load shedding that does not say when to come back."""
+@dataclass(frozen=True, slots=True)
+class Ruling:
+    """What the table says about one error: status, code, message, field, Retry-After.
+
+    A door that writes its own JSON body (the DLR ingress names the provider) reads
+    this; the dispatch doors take :func:`answer_for`, which encodes :class:`ErrorBody`.
+    """
+
+    status: int
+    code: str
+    message: str
+    field: str | None = None
+    retry_after_s: float | None = None
+
+    def answer(self) -> Answer:
+        return Answer.error(
+            self.status, self.code, self.message, field=self.field,
+            retry_after_s=self.retry_after_s,
+        )  # fmt: skip
+
+
+def ruling_for(exc: Exception, *, retry_after_s: float, rules: Sequence[Rule] = RULES) -> Ruling:
+    """The table's ruling on ``exc`` (``rules``, read top to bottom, then the
+    ``code`` / ``http_status`` extension point, else a logged 500); ``retry_after_s`` is
+    the door's ``Retry-After`` for load shedding that does not say when to come back."""
     if isinstance(exc, RequestRejected):
         wait = exc.retry_after_s
         if wait is None and exc.http_status in (429, 503):
             wait = retry_after_s
-        return Answer.error(
-            exc.http_status, exc.code, str(exc), field=exc.field, retry_after_s=wait
-        )
+        return Ruling(exc.http_status, exc.code, str(exc), exc.field, wait)
     for rule in rules:
         if isinstance(exc, rule.kind):
             field = rule.field
@@ -208,7 +234,7 @@ def answer_for(
             elif rule.retry == "own":
                 own = _own_retry(exc)
                 wait = own if own is not None else retry_after_s
-            return Answer.error(rule.status, rule.code, str(exc), field=field, retry_after_s=wait)
+            return Ruling(rule.status, rule.code, str(exc), field, wait)
     code = getattr(exc, "code", None)
     status = getattr(exc, "http_status", None)
     if isinstance(code, str) and isinstance(status, int) and 400 <= status <= 599:
@@ -216,12 +242,12 @@ def answer_for(
         wait = _own_retry(exc)
         if wait is None and status in (429, 503):
             wait = retry_after_s
-        return Answer.error(
-            status,
-            code,
-            str(exc),
-            field=own_field if isinstance(own_field, str) else None,
-            retry_after_s=wait,
-        )
-    log.error("dispatch: unexpected error from the submitter", exc_info=exc)
-    return Answer.error(500, "internal_error", f"internal error ({type(exc).__name__})")
+        field = own_field if isinstance(own_field, str) else None
+        return Ruling(status, code, str(exc), field, wait)
+    log.error("unexpected error answered 500", exc_info=exc)
+    return Ruling(500, "internal_error", f"internal error ({type(exc).__name__})")
+
+
+def answer_for(exc: Exception, *, retry_after_s: float, rules: Sequence[Rule] = RULES) -> Answer:
+    """The typed answer for ``exc``: :func:`ruling_for`, as :class:`ErrorBody` JSON."""
+    return ruling_for(exc, retry_after_s=retry_after_s, rules=rules).answer()

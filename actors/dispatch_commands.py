@@ -3,18 +3,19 @@
 A dispatch request comes in two ways and is answered the same way by both:
 
 * HTTP, ``POST /v1/dispatches`` (:mod:`supervisors.dispatch_api`), with the
-  ``Idempotency-Key`` header and a JSON :class:`DispatchBody`;
+  ``Idempotency-Key`` header and a JSON body;
 * NATS request/reply on a command subject (:class:`DispatchCommands`, default
   ``triage.commands.dispatch``, subscribed in a queue group so replicas share
   the load), with the same JSON plus an ``"idempotency_key"`` field, or the
   NATS header ``Idempotency-Key``.
 
-This module holds what both share -- the wire structs and the one submit-and-answer
-step -- because the HTTP API (``supervisors/``) may import ``actors/`` but not the
-other way round. Both doors build the dispatcher's one request type
-(:class:`~actors.dispatcher.SubmitRequest`, via :func:`request_of`), check the key
-with the one rule (:func:`~actors.dispatcher.check_idempotency_key`, the length
-from ``[dispatch] max_key_chars``), get the one result type
+This module holds what both share -- the one submit-and-answer step -- because the
+HTTP API (``supervisors/``) may import ``actors/`` but not the other way round.
+Both doors make the dispatcher's one request type
+(:class:`~actors.dispatch_request.SubmitRequest`) with the one
+:class:`~actors.dispatch_request.RequestDecoder` (every field validated once, by
+decoding, with the ``[dispatch]`` limits; the key by the one rule,
+:func:`~actors.dispatch_request.check_idempotency_key`), get the one result type
 (:class:`~actors.dispatcher.SubmitResult`) and answer every error from the one
 table, :mod:`actors.answers`::
 
@@ -39,36 +40,44 @@ are submitted concurrently. The subscription's buffer is bounded
 (``pending_msgs_limit``): past it nats-py drops messages (a slow consumer) and
 their requesters time out -- bounded, never an unbounded queue.
 
-State machine (logged on every transition)::
+An actor (:func:`dispatch_commands_child` builds its child spec and ref): each
+:class:`Fetch` it sends itself is one turn; a turn NATS refused sends the next one
+``poll_timeout_s`` later, so a NATS outage costs one fetch per pause, not a spin.
+
+State machine (:class:`~engine.statelog.StateLog`, one log line per change)::
 
     STARTING --subscribed--> SERVING
     SERVING --NATS unreachable--> DISCONNECTED --a fetch works--> SERVING
-    any --cancelled--> STOPPED
+    any --the incarnation ends--> STOPPED
+
+Counts (:class:`CommandsStatistics`, through ``ref.statistics()``) are this
+incarnation's; the Prometheus counters (``triage_dispatch_commands_*``) are the totals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import logging
-import re
-import uuid
-from dataclasses import dataclass
-from typing import Annotated, Protocol, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import nats.errors
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
-from actors.answers import IDEMPOTENCY_HEADER, Answer, RequestRejected, answer_for
-from actors.dispatcher import InvalidRequest, SubmitRequest, SubmitResult, check_idempotency_key
-from engine.errors import ProviderError
+from actors.answers import IDEMPOTENCY_HEADER, Answer, answer_for
+from actors.dispatch_request import InvalidRequest, RequestDecoder, SubmitRequest
+from actors.dispatcher import SubmitResult
+from engine.actor import Actor, ActorRef, Overflow, actor_child
+from engine.errors import MailboxFull, ProviderError
 from engine.metrics import families
-from engine.supervisor import ChildSpec, Restart
+from engine.statelog import StateLog
 from providers import jetstream
 from providers.bridge import run
-from providers.channel import ChannelName
-from providers.db.dispatches import MAX_TEMPLATE_VERSION, DispatchStatus
+from providers.db.dispatches import DispatchStatus
 from providers.nats_commands import (
     Command,
     Reply,
@@ -79,55 +88,27 @@ from providers.nats_commands import (
     unsubscribe,
 )
 
+if TYPE_CHECKING:
+    from config.schema import MailboxConfig
+    from engine.deadlines import Deadlines
+    from engine.metrics import Metrics
+    from engine.supervisor import ChildSpec, Restart
+
 __all__ = [
+    "FETCH",
+    "CommandsMessage",
     "CommandsState",
-    "CommandsStats",
-    "DispatchBody",
-    "DispatchCommandBody",
+    "CommandsStatistics",
     "DispatchCommands",
+    "Fetch",
     "Submitter",
-    "decode_body",
-    "decode_command",
-    "request_of",
+    "dispatch_commands_child",
     "submit_and_answer",
 ]
 
 log = logging.getLogger("triage.dispatch_commands")
 
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-
-
-# -- the wire --------------------------------------------------------------------------
-
-
-class DispatchBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The JSON body of ``POST /v1/dispatches``. Unknown fields are refused."""
-
-    tenant_id: uuid.UUID
-    channel: ChannelName
-    template: NonEmpty
-    recipient: NonEmpty
-    template_version: Annotated[int, msgspec.Meta(ge=1, le=MAX_TEMPLATE_VERSION)] | None = None
-    data: dict[str, str] = msgspec.field(default_factory=dict)
-
-
-class DispatchCommandBody(DispatchBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The NATS command: the HTTP body plus the key (or the ``Idempotency-Key`` header)."""
-
-    idempotency_key: str | None = None
-
-
-def request_of(body: DispatchBody, idempotency_key: str) -> SubmitRequest:
-    """The dispatcher's one request type, from either door's body."""
-    return SubmitRequest(
-        idempotency_key=idempotency_key,
-        tenant_id=str(body.tenant_id),
-        channel=body.channel.value,
-        template=body.template,
-        recipient=body.recipient,
-        template_version=body.template_version,
-        data=dict(body.data),
-    )
+# -- the shared step --------------------------------------------------------------------
 
 
 class Submitter(Protocol):
@@ -136,51 +117,6 @@ class Submitter(Protocol):
     async def submit(self, request: SubmitRequest) -> SubmitResult:
         """Accept ``request`` or raise a typed error (see :mod:`actors.answers`)."""
         ...
-
-
-_HTTP_DECODER = msgspec.json.Decoder(DispatchBody)
-_NATS_DECODER = msgspec.json.Decoder(DispatchCommandBody)
-_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
-_NAMED = re.compile(r"field `(?P<name>[^`]+)`")
-
-
-def _field_of(message: str) -> str | None:
-    """The field msgspec's message names (``$.data[...]`` -> ``data[...]``), if any."""
-    at = _AT_PATH.search(message)
-    if at is not None:
-        path = at.group("path")
-        named = _NAMED.search(message)
-        if named is not None:  # a nested object missing or refusing a field
-            return f"{path}.{named.group('name')}" if path else named.group("name")
-        return path or None
-    named = _NAMED.search(message)
-    return named.group("name") if named is not None else None
-
-
-B = TypeVar("B", bound=DispatchBody)
-
-
-def _decode(decoder: msgspec.json.Decoder[B], data: bytes) -> B:
-    try:
-        return decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        raise RequestRejected("invalid_field", str(exc), field=_field_of(str(exc))) from exc
-    except msgspec.DecodeError as exc:
-        raise RequestRejected("invalid_json", f"the body is not JSON: {exc}") from exc
-
-
-def decode_body(data: bytes) -> DispatchBody:
-    """The typed HTTP body.
-
-    Raises :class:`RequestRejected` ``invalid_json`` (400) for bytes that are not
-    JSON and ``invalid_field`` (400, with ``field``) for JSON that fails validation.
-    """
-    return _decode(_HTTP_DECODER, data)
-
-
-def decode_command(data: bytes) -> DispatchCommandBody:
-    """The typed NATS command body (with ``idempotency_key``); errors as :func:`decode_body`."""
-    return _decode(_NATS_DECODER, data)
 
 
 async def submit_and_answer(
@@ -205,6 +141,27 @@ class CommandsState(enum.Enum):
     STOPPED = "stopped"
 
 
+class Fetch(msgspec.Struct, frozen=True, tag=True):
+    """Run a turn: fetch a batch, answer every command, publish the replies."""
+
+
+FETCH = Fetch()
+
+#: The door's messages (one kind: everything it does is a turn).
+CommandsMessage = Fetch
+
+
+class CommandsStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`DispatchCommands.statistics` reports (this incarnation's counts)."""
+
+    state: CommandsState
+    turns: int
+    received: int
+    answered: int
+    rejected: int  # answered with a 4xx/5xx
+    unanswerable: int  # no reply subject: dropped
+
+
 class _CommandMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.answered = Counter(
@@ -224,26 +181,26 @@ def _command_metrics(registry: CollectorRegistry) -> _CommandMetrics:
     return families(registry, _CommandMetrics)
 
 
-@dataclass
-class CommandsStats:
-    received: int = 0
-    answered: int = 0
-    rejected: int = 0  # answered with a 4xx/5xx
-    unanswerable: int = 0  # no reply subject: dropped
+class DispatchCommands(Actor[CommandsMessage]):
+    """Serves the dispatch command subject, one turn per :class:`Fetch`.
 
-
-class DispatchCommands:
-    """Serves the dispatch command subject; run :meth:`run` under a supervisor.
+    Build it with :func:`dispatch_commands_child`. ``init`` subscribes (the SUB
+    reaches the server before the actor counts as started) and sends the first
+    :class:`Fetch`; a turn that reached NATS sends the next at once (a fetch is a
+    long poll of ``poll_timeout_s``); a turn NATS refused sends it
+    ``poll_timeout_s`` later (:meth:`~engine.actor.Actor.send_after`).
+    ``terminate`` unsubscribes, shielded, within ``unsubscribe_timeout_s``.
 
     Every number comes from the caller: ``max_body_bytes`` (a larger command is
     refused with 413), ``batch_max`` (requests taken, and submitted concurrently,
-    per turn), ``poll_timeout_s`` (how long one fetch waits; also the pause after
-    NATS was unreachable), ``pending_msgs_limit`` (the subscription's buffer),
-    ``retry_after_s`` (``Retry-After`` for load shedding that names none),
-    ``unsubscribe_timeout_s`` (the shielded cleanup's deadline).
+    per turn), ``poll_timeout_s``, ``pending_msgs_limit`` (the subscription's
+    buffer), ``retry_after_s`` (``Retry-After`` for load shedding that names none),
+    ``unsubscribe_timeout_s``; ``requests`` makes the request of a command (the
+    HTTP door's decoder).
     """
 
     name = "dispatch_commands"
+    uses_tasks = True  # send_after
 
     def __init__(
         self,
@@ -258,7 +215,7 @@ class DispatchCommands:
         pending_msgs_limit: int,
         retry_after_s: float,
         unsubscribe_timeout_s: float,
-        max_key_length: int,
+        requests: RequestDecoder,
         registry: CollectorRegistry | None = None,
     ) -> None:
         if max_body_bytes < 1 or batch_max < 1 or pending_msgs_limit < 1:
@@ -275,66 +232,92 @@ class DispatchCommands:
         self.pending_msgs_limit = pending_msgs_limit
         self.retry_after_s = retry_after_s
         self.unsubscribe_timeout_s = unsubscribe_timeout_s
-        self.max_key_length = max_key_length
-        self.state = CommandsState.STARTING
-        self.stats = CommandsStats()
+        self.requests = requests
+        self.states = StateLog(
+            "dispatch commands", CommandsState.STARTING, log, warn={CommandsState.DISCONNECTED}
+        )
         self.subscription: Subscription | None = None
+        self._turns = 0
+        self._received = 0
+        self._answered = 0
+        self._rejected = 0
+        self._unanswerable = 0
         self._metrics = _command_metrics(registry) if registry is not None else None
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Subscribe, signal started (the subscription is registered with the server), serve."""
-        try:
-            self.subscription = await run(
-                subscribe, self.client, self.subject, self.queue, self.pending_msgs_limit,
-                service="nats",
-            )  # fmt: skip
-            # The SUB must reach the server before callers are told we are ready.
-            await run(self.client.nc.flush, service="nats")
-            self._enter(CommandsState.SERVING, f"subscribed to {self.subject!r} ({self.queue})")
-            task_status.started()
-            while True:
-                await self.step()
-        finally:
-            subscription, self.subscription = self.subscription, None
-            if subscription is not None:
-                with trio.move_on_after(self.unsubscribe_timeout_s) as cleanup:
-                    cleanup.shield = True
-                    try:
-                        await run(unsubscribe, subscription, service="nats")
-                    except (ProviderError, nats.errors.Error) as exc:
-                        log.info("dispatch commands: unsubscribe failed: %s", exc)
-            self._enter(CommandsState.STOPPED, "stopped")
+    # -- the actor -----------------------------------------------------------------------
 
-    def child_spec(self, *, shutdown_s: float, restart: Restart | None = None) -> ChildSpec:
-        """A supervisor child running :meth:`run`."""
-        return ChildSpec.of(self, shutdown_s=shutdown_s, restart=restart)
+    async def init(self) -> None:
+        """Subscribe; the SUB must reach the server before callers are told we are ready."""
+        self.subscription = await run(
+            subscribe, self.client, self.subject, self.queue, self.pending_msgs_limit,
+            service="nats",
+        )  # fmt: skip
+        await run(self.client.nc.flush, service="nats")
+        self.states.enter(CommandsState.SERVING, f"subscribed to {self.subject!r} ({self.queue})")
+        self._again()
 
-    async def step(self) -> int:
-        """One turn: fetch a batch, answer every command, publish the replies. Returns the count."""
+    def statistics(self) -> CommandsStatistics:
+        return CommandsStatistics(
+            state=self.states.state,
+            turns=self._turns,
+            received=self._received,
+            answered=self._answered,
+            rejected=self._rejected,
+            unanswerable=self._unanswerable,
+        )
+
+    async def handle(self, message: CommandsMessage) -> None:
+        match message:
+            case Fetch():
+                if await self._turn():
+                    self._again()
+                else:  # NATS refused: the next turn after a pause, not at once
+                    self.send_after(self.poll_timeout_s, FETCH)
+
+    async def terminate(self, reason: BaseException | None) -> None:
+        subscription, self.subscription = self.subscription, None
+        if subscription is not None:
+            # Already shielded by the runtime; bounded here by its own deadline.
+            with trio.move_on_after(self.unsubscribe_timeout_s):
+                try:
+                    await run(unsubscribe, subscription, service="nats")
+                except (ProviderError, nats.errors.Error) as exc:
+                    log.info("dispatch commands: unsubscribe failed: %s", exc)
+        crashed = reason is not None and not isinstance(reason, trio.Cancelled)
+        self.states.enter(CommandsState.STOPPED, f"crashed: {reason!r}" if crashed else "stopped")
+
+    def _again(self) -> None:
+        """Queue the next turn (a full mailbox already holds one)."""
+        with contextlib.suppress(MailboxFull):
+            self.ref.tell_nowait(FETCH)
+
+    # -- one turn ------------------------------------------------------------------------
+
+    async def _turn(self) -> bool:
+        """Fetch a batch, answer every command, publish the replies. False if NATS refused."""
         subscription = self.subscription
-        if subscription is None:
-            raise RuntimeError("dispatch commands: step() before run() subscribed")
+        assert subscription is not None, "init subscribes"
+        self._turns += 1
         try:
             batch = await run(
                 next_commands, subscription, self.batch_max, self.poll_timeout_s, service="nats"
             )
         except ProviderError as exc:
-            self._enter(CommandsState.DISCONNECTED, str(exc))
-            await trio.sleep(self.poll_timeout_s)
-            return 0
-        self._enter(CommandsState.SERVING, "fetching")
+            self.states.enter(CommandsState.DISCONNECTED, str(exc))
+            return False
+        self.states.enter(CommandsState.SERVING, "fetching")
         if not batch:
-            return 0
-        self.stats.received += len(batch)
+            return True
+        self._received += len(batch)
         answers: list[Answer | None] = [None] * len(batch)
         async with trio.open_nursery() as nursery:
             for index, command in enumerate(batch):
                 if not command.reply:
-                    self._unanswerable(command)
+                    self._drop_unanswerable(command)
                     continue
                 nursery.start_soon(self._answer_into, answers, index, command)
         replies = [
-            self._reply(command, answer)
+            Reply(subject=command.reply, data=answer.body, headers=answer.nats_headers())
             for command, answer in zip(batch, answers, strict=True)
             if answer is not None
         ]
@@ -342,8 +325,9 @@ class DispatchCommands:
             try:
                 await run(publish_replies, self.client, replies, service="nats")
             except ProviderError as exc:  # the requesters time out; a retry with the key replays
-                self._enter(CommandsState.DISCONNECTED, f"replies not sent: {exc}")
-        return len(batch)
+                self.states.enter(CommandsState.DISCONNECTED, f"replies not sent: {exc}")
+                return False
+        return True
 
     async def answer(self, command: Command) -> Answer:
         """The answer to one command (validation, then the submitter); never raises."""
@@ -354,44 +338,26 @@ class DispatchCommands:
                 f"the command is {len(command.data)} bytes; at most {self.max_body_bytes}",
             )
         try:
-            body = decode_command(command.data)
-            key = self._key(command, body)
-        except (RequestRejected, InvalidRequest) as exc:
-            return answer_for(exc, retry_after_s=self.retry_after_s)
-        request = request_of(body, key)
-        return await submit_and_answer(self.submitter, request, retry_after_s=self.retry_after_s)
-
-    def _key(self, command: Command, body: DispatchCommandBody) -> str:
-        header = _header(command.headers, IDEMPOTENCY_HEADER)
-        field = body.idempotency_key
-        if header is not None and field is not None and header != field:
-            raise RequestRejected(
-                "invalid_idempotency_key",
-                f"the {IDEMPOTENCY_HEADER} header and the idempotency_key field differ",
-                field="idempotency_key",
+            request = self.requests.decode_command(
+                command.data, _header(command.headers, IDEMPOTENCY_HEADER)
             )
-        return check_idempotency_key(
-            field if field is not None else header,
-            max_length=self.max_key_length,
-            field=IDEMPOTENCY_HEADER,
-        )
+        except InvalidRequest as exc:
+            return answer_for(exc, retry_after_s=self.retry_after_s)
+        return await submit_and_answer(self.submitter, request, retry_after_s=self.retry_after_s)
 
     async def _answer_into(
         self, answers: list[Answer | None], index: int, command: Command
     ) -> None:
         answer = await self.answer(command)
         answers[index] = answer
-        self.stats.answered += 1
+        self._answered += 1
         if answer.status >= 400:
-            self.stats.rejected += 1
+            self._rejected += 1
         if self._metrics is not None:
             self._metrics.answered.labels(str(answer.status)).inc()
 
-    def _reply(self, command: Command, answer: Answer) -> Reply:
-        return Reply(subject=command.reply, data=answer.body, headers=answer.nats_headers())
-
-    def _unanswerable(self, command: Command) -> None:
-        self.stats.unanswerable += 1
+    def _drop_unanswerable(self, command: Command) -> None:
+        self._unanswerable += 1
         if self._metrics is not None:
             self._metrics.unanswerable.inc()
         log.warning(
@@ -399,12 +365,32 @@ class DispatchCommands:
             command.subject,
         )
 
-    def _enter(self, state: CommandsState, reason: str) -> None:
-        if state is self.state:
-            return
-        old, self.state = self.state, state
-        level = logging.WARNING if state is CommandsState.DISCONNECTED else logging.INFO
-        log.log(level, "dispatch commands: %s -> %s (%s)", old.value, state.value, reason)
+
+def dispatch_commands_child(
+    *,
+    mailbox: MailboxConfig,
+    shutdown_s: float,
+    restart: Restart | None = None,
+    deadlines: Deadlines | None = None,
+    metrics: Metrics | None = None,
+    actor: Callable[..., DispatchCommands] = DispatchCommands,
+    **settings: Any,
+) -> tuple[ChildSpec, ActorRef[CommandsMessage]]:
+    """The door's child spec (id ``dispatch_commands``) and ref, its mailbox from ``mailbox``.
+
+    ``settings`` are :class:`DispatchCommands`' keywords; ``actor`` makes each
+    incarnation from them (a subclass or a recording factory in tests).
+    """
+    return actor_child(
+        DispatchCommands.name,
+        functools.partial(actor, **settings),
+        capacity=mailbox.capacity,
+        overflow=Overflow(mailbox.overflow),
+        restart=restart,
+        shutdown_s=shutdown_s,
+        deadlines=deadlines,
+        metrics=metrics,
+    )
 
 
 def _header(headers: dict[str, str], name: str) -> str | None:

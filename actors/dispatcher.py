@@ -2,10 +2,10 @@
 
 :meth:`DispatchService.submit` takes one request through, in order:
 
-1. **validation** -- channel known; recipient shaped for it (E.164 for ``sms``,
-   ``fcm:<token>`` / ``apns:<token>`` for ``push``, an address for ``email``);
-   template name; ``data`` a ``dict[str, str]`` within the configured bounds.
-   Anything else raises :class:`InvalidRequest` naming the field; nothing is written.
+1. **validation** happened before: a :class:`SubmitRequest` is made by the
+   :class:`~actors.dispatch_request.RequestDecoder` (both doors and in-process
+   callers), which checked every field against the configured bounds. Here only
+   the channel is checked to be served.
 2. **idempotency, fast path** (when an :class:`~actors.idempotency.IdempotencyStore`
    with Redis is given): a ``GET`` of the key. A key already there names a
    committed dispatch and answers the duplicate at once (another body:
@@ -69,6 +69,15 @@ import msgspec
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
+from actors.dispatch_request import (
+    DispatchLimits,
+    InvalidIdempotencyKey,
+    InvalidRequest,
+    MissingIdempotencyKey,
+    RequestDecoder,
+    SubmitRequest,
+    check_idempotency_key,
+)
 from actors.failover import (
     AMBIGUOUS_REASON,
     EXHAUSTED_REASON,
@@ -80,14 +89,13 @@ from actors.failover import (
 from actors.idempotency import IdempotencyConflict, IdempotencyStore, Lookup
 from actors.templates import MissingField, TemplateNotFound, TemplateRegistry, TemplateRenderError
 from engine.detectors import CountInWindowDetector
-from engine.errors import LoadShed, ProviderError, Rejected, TriageError
+from engine.errors import LoadShed, ProviderError, TriageError
 from engine.metrics import families
 from engine.ratelimit import RateLimiter
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers.channel import ChannelName, Message
 from providers.db.categories import BlockState
 from providers.db.dispatches import (
-    MAX_TEMPLATE_VERSION,
     AcceptRequest,
     AcceptResult,
     DeadRecipient,
@@ -116,6 +124,7 @@ __all__ = [
     "MissingIdempotencyKey",
     "Overloaded",
     "PhiRefused",
+    "RequestDecoder",
     "SubmitRequest",
     "SubmitResult",
     "check_idempotency_key",
@@ -126,45 +135,6 @@ log = logging.getLogger("triage.dispatcher")
 DEFAULT_ROUTE = "default"
 
 # -- errors the ingress maps to answers ----------------------------------------------------
-
-
-class InvalidRequest(TriageError):
-    """A request field is malformed; nothing was written (answers: :mod:`actors.answers`)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-
-
-class MissingIdempotencyKey(InvalidRequest):
-    """The request carries no ``Idempotency-Key``."""
-
-    def __init__(self, field: str = "idempotency_key") -> None:
-        super().__init__(field, "the Idempotency-Key header is required")
-
-
-class InvalidIdempotencyKey(InvalidRequest):
-    """The ``Idempotency-Key`` is too long or not printable ASCII."""
-
-    def __init__(self, problem: str, field: str = "idempotency_key") -> None:
-        super().__init__(field, problem)
-
-
-def check_idempotency_key(
-    value: str | None, *, max_length: int, field: str = "idempotency_key"
-) -> str:
-    """The one rule for an ``Idempotency-Key``, at every door: 1..``max_length`` visible
-    ASCII characters or spaces, not starting or ending with a space (what a header
-    carries unmangled). :class:`MissingIdempotencyKey` / :class:`InvalidIdempotencyKey`
-    naming ``field`` (the doors: the header; the dispatcher: the request's field)."""
-    if value is None or value == "":
-        raise MissingIdempotencyKey(field)
-    if len(value) > max_length:
-        raise InvalidIdempotencyKey(f"{len(value)} characters long; at most {max_length}", field)
-    if _KEY.fullmatch(value) is None or value != value.strip():
-        raise InvalidIdempotencyKey("printable ASCII without leading or trailing spaces", field)
-    return value
 
 
 class CategoryDisabled(TriageError):
@@ -201,18 +171,6 @@ class Overloaded(LoadShed):
 # -- requests and results -------------------------------------------------------------------
 
 
-class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """The one dispatch request type, whichever door it came through (HTTP, NATS, tests)."""
-
-    tenant_id: str
-    idempotency_key: str
-    channel: str
-    recipient: str
-    template: str
-    template_version: int | None = None
-    data: dict[str, str] = msgspec.field(default_factory=dict)
-
-
 class SubmitResult(msgspec.Struct, frozen=True, kw_only=True):
     """The one result of a dispatch request, at every door: the dispatch and where it
     stands. ``replay``: an earlier request's dispatch (``status`` None when the cache
@@ -224,25 +182,6 @@ class SubmitResult(msgspec.Struct, frozen=True, kw_only=True):
     replay: bool = False
     reason: str | None = None
     deferred: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchLimits:
-    """Bounds on request fields (the ``[dispatch]`` config)."""
-
-    max_key_chars: int
-    max_template_chars: int
-    max_recipient_chars: int
-    max_data_fields: int
-    max_field_name_chars: int
-    max_value_chars: int
-
-
-_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
-_EMAIL = re.compile(r"[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+")
-_TEMPLATE = re.compile(r"[A-Za-z0-9_.\-]+")
-_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEY = re.compile(r"[\x20-\x7e]+")  # visible ASCII and the space (check_idempotency_key)
 
 
 # -- the channel dispatcher -----------------------------------------------------------------
@@ -592,7 +531,8 @@ class ServiceStats:
 class DispatchService:
     """What the ingress calls; owns nothing but its caches (see the module docstring).
 
-    Knobs: ``key_ttl_s`` (idempotency rows), ``limits``, ``phi_fields`` /
+    Knobs: ``key_ttl_s`` (idempotency rows), ``limits`` (its :attr:`requests`, the
+    decoder that makes every :class:`SubmitRequest`), ``phi_fields`` /
     ``phi_patterns`` (push PHI guard), ``backlog_older_than_s`` / ``backlog_batch`` /
     ``backlog_interval_s`` (the resume task), ``tenants`` (tenants whose backlog is
     resumed besides the ones seen, bounded by ``max_tenants``),
@@ -633,6 +573,8 @@ class DispatchService:
                 raise ValueError(f"two dispatchers for channel {dispatcher.channel}")
             self.dispatchers[dispatcher.channel] = dispatcher
         self.limits = limits
+        #: The request decoder of both doors (and of in-process callers), from ``limits``.
+        self.requests = RequestDecoder(limits)
         self.key_ttl_s = key_ttl_s
         self.backlog_older_than_s = backlog_older_than_s
         self.backlog_batch = backlog_batch
@@ -715,13 +657,8 @@ class DispatchService:
     # -- submit -------------------------------------------------------------------------------
 
     async def submit(self, request: SubmitRequest) -> SubmitResult:
-        """Validate, dedupe, render, guard, accept and hand off one dispatch (module doc)."""
-        try:
-            channel = self._validate(request)
-        except InvalidRequest:
-            self.stats.invalid += 1
-            self._count("?", "invalid")
-            raise
+        """Dedupe, render, guard, accept and hand off one validated dispatch (module doc)."""
+        channel = request.channel
         dispatcher = self.dispatchers.get(channel)
         if dispatcher is None:
             raise InvalidRequest("channel", f"{channel} is not served by this daemon")
@@ -729,7 +666,7 @@ class DispatchService:
             self.stats.overloaded += 1
             self._count(channel, "overloaded")
             raise Overloaded(str(channel), dispatcher.capacity)
-        tenant = str(uuid.UUID(request.tenant_id))
+        tenant = request.tenant_id  # canonical: the decoder made it
         self._remember(tenant)
         request_hash = _request_hash(request)
         dispatch_id = self.new_id()
@@ -887,65 +824,7 @@ class DispatchService:
             tenants.popitem(last=False)
         tenants[tenant] = None
 
-    # -- validation and the PHI guard ---------------------------------------------------------
-
-    def _validate(self, request: SubmitRequest) -> ChannelName:
-        limits = self.limits
-        try:
-            uuid.UUID(str(request.tenant_id))
-        except ValueError:
-            raise InvalidRequest("tenant_id", "not a UUID") from None
-        check_idempotency_key(request.idempotency_key, max_length=limits.max_key_chars)
-        try:
-            channel = ChannelName(request.channel)
-        except ValueError:
-            known = ", ".join(c.value for c in ChannelName)
-            raise InvalidRequest("channel", f"unknown channel (one of {known})") from None
-        recipient = request.recipient
-        if not isinstance(recipient, str) or len(recipient) > limits.max_recipient_chars:
-            raise InvalidRequest("recipient", f"at most {limits.max_recipient_chars} characters")
-        if "\x00" in recipient:  # PostgreSQL text cannot hold it
-            raise InvalidRequest("recipient", "a NUL character")
-        if channel is ChannelName.SMS and _E164.fullmatch(recipient) is None:
-            raise InvalidRequest("recipient", "not an E.164 number (+ and 7 to 15 digits)")
-        if channel is ChannelName.PUSH:
-            try:
-                push_platform(recipient)
-            except Rejected as exc:
-                raise InvalidRequest("recipient", str(exc)) from None
-        if channel is ChannelName.EMAIL and _EMAIL.fullmatch(recipient) is None:
-            raise InvalidRequest("recipient", "not an email address")
-        name = request.template
-        if not isinstance(name, str) or _TEMPLATE.fullmatch(name) is None:
-            raise InvalidRequest("template", "letters, digits, '_', '-', '.' only")
-        if len(name) > limits.max_template_chars:
-            raise InvalidRequest("template", f"at most {limits.max_template_chars} characters")
-        version = request.template_version
-        if version is not None and (
-            type(version) is not int or not 1 <= version <= MAX_TEMPLATE_VERSION
-        ):
-            raise InvalidRequest("template_version", f"a whole number 1..{MAX_TEMPLATE_VERSION}")
-        data = request.data
-        if not isinstance(data, dict):
-            raise InvalidRequest("data", "an object of strings")
-        if len(data) > limits.max_data_fields:
-            raise InvalidRequest("data", f"at most {limits.max_data_fields} fields")
-        for field_name, value in data.items():
-            if (
-                not isinstance(field_name, str)
-                or len(field_name) > limits.max_field_name_chars
-                or _FIELD.fullmatch(field_name) is None
-            ):
-                raise InvalidRequest("data", f"bad field name {str(field_name)[:40]!r}")
-            if not isinstance(value, str):
-                raise InvalidRequest(f"data.{field_name}", "must be a string")
-            if "\x00" in value:  # PostgreSQL's jsonb cannot hold it
-                raise InvalidRequest(f"data.{field_name}", "a NUL character")
-            if len(value) > limits.max_value_chars:
-                raise InvalidRequest(
-                    f"data.{field_name}", f"at most {limits.max_value_chars} characters"
-                )
-        return channel
+    # -- the PHI guard ---------------------------------------------------------
 
     def _phi_hit(self, request: SubmitRequest, body: str, subject: str | None) -> str | None:
         for name in request.data:

@@ -8,8 +8,11 @@ a pool of DLR workers::
     POST /webhooks/dlr/{provider}       a provider's delivery receipts
     POST /webhooks/bounces/{provider}   bounces (DSN or a provider's event webhook)
 
-A request goes through these steps, cheapest first; each refusal is typed JSON
-``{"error": code, "message": ...}`` and changes nothing (the sink sees nothing):
+A request goes through these steps, cheapest first; each refusal is a typed
+:class:`WebhookRefused`, answered from the one answer table (:data:`DLR_RULES`
+before :data:`actors.answers.RULES`: status, code, ``Retry-After``) as JSON
+``{"error": code, "message": ..., "provider"?: ...}``, and changes nothing (the sink
+sees nothing):
 
 =====================================  ====  ======================================
 wrong path / method                    404 / 405 (``Allow: POST``)
@@ -106,7 +109,7 @@ import enum
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol
@@ -116,8 +119,9 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from actors.answers import RULES, Rule, ruling_for
 from engine.actor import Actor, ActorRef, Overflow, actor_child
-from engine.errors import ActorStopped, MailboxFull, RateLimitExceeded
+from engine.errors import ActorStopped, MailboxFull, RateLimitExceeded, TriageError
 from engine.metrics import families
 from engine.ratelimit import RateLimiter
 from engine.statelog import StateLog
@@ -141,6 +145,7 @@ if TYPE_CHECKING:
 
 ROW: Final = 13  # the catalog row this actor owns: DLR callback flood
 __all__ = [
+    "DLR_RULES",
     "UNKNOWN_PROVIDER",
     "BatchDone",
     "BodyTooLarge",
@@ -160,6 +165,7 @@ __all__ = [
     "ReceiptSink",
     "ScaleUp",
     "WebhookKind",
+    "WebhookRefused",
     "declared_length",
     "dlr_pool_child",
     "header_value",
@@ -210,8 +216,104 @@ class Outcome(enum.Enum):
     ABANDONED = "abandoned"  # the request stopped waiting (ack timeout); skipped if still queued
 
 
-def _retry_after(seconds: float) -> tuple[bytes, bytes]:
-    return (b"retry-after", str(max(1, math.ceil(seconds))).encode())
+# -- the refusals and their answers ------------------------------------------------------
+
+
+class WebhookRefused(TriageError):
+    """A callback the front refused before (or instead of) applying its receipts.
+
+    ``provider`` is the one the answer names (None: named nowhere in the body).
+    Answered by :data:`DLR_RULES`, read before the shared :data:`~actors.answers.RULES`.
+    """
+
+    def __init__(self, message: str, *, provider: str | None = None) -> None:
+        super().__init__(message)
+        self.provider = provider
+
+
+class NoWebhook(WebhookRefused):
+    """Nothing is served at the path (404 ``not_found``)."""
+
+
+class MethodNotAllowed(WebhookRefused):
+    """Only POST is (405 ``method_not_allowed``, ``Allow: POST``)."""
+
+
+class UnknownProvider(WebhookRefused):
+    """No parser for the path's provider (404 ``unknown_provider``)."""
+
+
+class InvalidContentLength(WebhookRefused):
+    """``Content-Length`` is not a number (400 ``invalid_content_length``)."""
+
+
+class PayloadTooLarge(WebhookRefused):
+    """The body is over ``max_body_bytes`` (413 ``payload_too_large``)."""
+
+
+class CallbackRateLimited(WebhookRefused):
+    """The provider's token bucket is empty (429 ``rate_limited``, its own Retry-After)."""
+
+    def __init__(self, provider: str, retry_after_s: float) -> None:
+        super().__init__(f"too many callbacks from {provider!r}; retry later", provider=provider)
+        self.retry_after_s = retry_after_s
+
+
+class BadCallbackSignature(WebhookRefused):
+    """The signature is missing or wrong (401 ``bad_signature``)."""
+
+
+class MalformedCallback(WebhookRefused):
+    """The parser could not read the body (400 ``malformed_receipt``)."""
+
+
+class ParserFailed(WebhookRefused):
+    """The parser itself broke (500 ``internal_error``; logged)."""
+
+
+class TooManyReceipts(WebhookRefused):
+    """More receipts in one callback than the queue holds (413 ``too_many_receipts``)."""
+
+
+class NotReady(WebhookRefused):
+    """No incarnation of the pool runs (503 ``not_ready``)."""
+
+
+class QueueFull(WebhookRefused):
+    """The pool could not take the receipts: shed (429 ``queue_full``)."""
+
+
+class AckTimeout(WebhookRefused):
+    """Not applied within ``ack_timeout_s`` (503 ``ack_timeout``)."""
+
+
+class SinkFailed(WebhookRefused):
+    """The sink failed, or the pool stopped, on the receipts (503 ``sink_failed``)."""
+
+
+class Disconnected(WebhookRefused):
+    """The provider went away while sending the body: counted, nobody to answer."""
+
+
+#: The webhooks' rows of the one answer table (:mod:`actors.answers`), read first:
+#: status, code, and Retry-After (``own``: the bucket's wait; ``door``: ``retry_after_s``).
+DLR_RULES: Final[tuple[Rule, ...]] = (
+    Rule(NoWebhook, 404, "not_found"),
+    Rule(MethodNotAllowed, 405, "method_not_allowed"),
+    Rule(UnknownProvider, 404, "unknown_provider"),
+    Rule(InvalidContentLength, 400, "invalid_content_length"),
+    Rule(PayloadTooLarge, 413, "payload_too_large"),
+    Rule(CallbackRateLimited, 429, "rate_limited", retry="own"),
+    Rule(BadCallbackSignature, 401, "bad_signature"),
+    Rule(MalformedCallback, 400, "malformed_receipt"),
+    Rule(ParserFailed, 500, "internal_error"),
+    Rule(TooManyReceipts, 413, "too_many_receipts"),
+    Rule(NotReady, 503, "not_ready", retry="door"),
+    Rule(QueueFull, 429, "queue_full", retry="door"),
+    Rule(AckTimeout, 503, "ack_timeout", retry="door"),
+    Rule(SinkFailed, 503, "sink_failed", retry="door"),
+)
+_ANSWERS: Final = (*DLR_RULES, *RULES)
 
 
 class _Refusal(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -746,113 +848,86 @@ class DlrIngress:
     async def _http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        try:
+            accepted = await self._receive(scope, receive)
+        except Disconnected as exc:  # nobody to answer
+            self._refused(exc.provider, "disconnected")
+            return
+        except WebhookRefused as exc:
+            await self._refuse(send, exc)
+            return
+        self._counts["accepted"] += 1
+        await send_json(send, 200, msgspec.json.encode(_Accepted(accepted=accepted)))
+
+    async def _receive(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> int:
+        """Check, read, parse and deliver one callback: the receipts applied.
+
+        Every refusal is raised, typed; :meth:`_refuse` answers it from the table.
+        """
         route = self._route(scope["path"])
         if route is None:
-            await self._refuse(send, None, 404, "not_found", f"no webhook at {scope['path']!r}")
-            return
+            raise NoWebhook(f"no webhook at {scope['path']!r}")
         if scope["method"] != "POST":
-            await self._refuse(
-                send, None, 405, "method_not_allowed",
-                f"{scope['method']} is not allowed; use POST",
-                extra_headers=[(b"allow", b"POST")],
-            )  # fmt: skip
-            return
+            raise MethodNotAllowed(f"{scope['method']} is not allowed; use POST")
         kind, provider = route
         parser = self.parsers[kind].get(provider)
         self._count_callback(provider if parser is not None else UNKNOWN_PROVIDER)
         if parser is None:
-            await self._refuse(
-                send, UNKNOWN_PROVIDER, 404, "unknown_provider",
-                f"no {kind.value} webhook for provider {provider[:64]!r}", named=False,
-            )  # fmt: skip
-            return
+            raise UnknownProvider(f"no {kind.value} webhook for provider {provider[:64]!r}")
         try:
             declared = declared_length(scope)
         except ValueError as exc:
-            await self._refuse(send, provider, 400, "invalid_content_length", str(exc))
-            return
+            raise InvalidContentLength(str(exc), provider=provider) from exc
         if declared is not None and declared > self.max_body_bytes:
-            message = str(BodyTooLarge(self.max_body_bytes, declared=declared))
-            await self._refuse(send, provider, 413, "payload_too_large", message)
-            return
+            too_large = BodyTooLarge(self.max_body_bytes, declared=declared)
+            raise PayloadTooLarge(str(too_large), provider=provider)
         try:
             self.limiter.acquire_or_raise(provider)
         except RateLimitExceeded as exc:
             self._counts["rate_limited"] += 1
-            await self._refuse(
-                send, provider, 429, "rate_limited",
-                f"too many callbacks from {provider!r}; retry later",
-                extra_headers=[_retry_after(exc.retry_after_s)], reason="rate_limited",
-            )  # fmt: skip
-            return
+            raise CallbackRateLimited(provider, exc.retry_after_s) from exc
         try:
             body = await read_body(receive, max_bytes=self.max_body_bytes)
         except BodyTooLarge as exc:
-            await self._refuse(send, provider, 413, "payload_too_large", str(exc))
-            return
-        except ClientDisconnected:
-            self._refused(provider, "disconnected")
-            return
+            raise PayloadTooLarge(str(exc), provider=provider) from exc
+        except ClientDisconnected as exc:
+            raise Disconnected(str(exc), provider=provider) from exc
         try:
             receipts = list(parser(self._url(scope), request_headers(scope), body))
         except BadSignature as exc:
-            await self._refuse(send, provider, 401, "bad_signature", str(exc))
-            return
+            raise BadCallbackSignature(str(exc), provider=provider) from exc
         except ValueError as exc:  # MalformedReceipt, or any parser's ValueError
-            await self._refuse(send, provider, 400, "malformed_receipt", str(exc))
-            return
+            raise MalformedCallback(str(exc), provider=provider) from exc
         except Exception as exc:
             log.exception("dlr: the %s parser failed", provider)
-            await self._refuse(
-                send, provider, 500, "internal_error", f"parser failed ({type(exc).__name__})"
-            )
-            return
-        await self._enqueue(send, provider, receipts)
+            raise ParserFailed(f"parser failed ({type(exc).__name__})", provider=provider) from exc
+        return await self._enqueue(provider, receipts)
 
-    async def _enqueue(
-        self, send: ASGISendCallable, provider: str, receipts: list[Receipt]
-    ) -> None:
+    async def _enqueue(self, provider: str, receipts: list[Receipt]) -> int:
+        """Deliver ``receipts`` and wait for them: their count, or the refusal raised."""
         if not receipts:
-            self._counts["accepted"] += 1
-            await send_json(send, 200, msgspec.json.encode(_Accepted(accepted=0)))
-            return
+            return 0
         if len(receipts) > self.queue_capacity:
-            await self._refuse(
-                send, provider, 413, "too_many_receipts",
+            raise TooManyReceipts(
                 f"{len(receipts)} receipts in one callback; at most {self.queue_capacity}",
-            )  # fmt: skip
-            return
+                provider=provider,
+            )
         if not self.running:
-            await self._refuse(
-                send, provider, 503, "not_ready", "the DLR pool is not running",
-                extra_headers=[_retry_after(self.retry_after_s)],
-            )  # fmt: skip
-            return
+            raise NotReady("the DLR pool is not running", provider=provider)
         outcome = await self.deliver(provider, receipts)
         if outcome is Outcome.APPLIED:
-            self._counts["accepted"] += 1
-            await send_json(send, 200, msgspec.json.encode(_Accepted(accepted=len(receipts))))
-            return
-        retry = [_retry_after(self.retry_after_s)]
+            return len(receipts)
         if outcome is Outcome.SHED:
             self._counts["shed"] += 1
             if self._metrics is not None:
                 self._metrics.shed.labels(provider).inc()
-            await self._refuse(
-                send, provider, 429, "queue_full",
-                "the DLR queue is full; retry later", extra_headers=retry, reason="queue_full",
-            )  # fmt: skip
-        elif outcome is Outcome.ABANDONED:
-            await self._refuse(
-                send, provider, 503, "ack_timeout",
+            raise QueueFull("the DLR queue is full; retry later", provider=provider)
+        if outcome is Outcome.ABANDONED:
+            raise AckTimeout(
                 f"the receipts were not applied within {self.ack_timeout_s}s; retry later",
-                extra_headers=retry,
-            )  # fmt: skip
-        else:
-            await self._refuse(
-                send, provider, 503, "sink_failed",
-                "the receipts could not be stored; retry later", extra_headers=retry,
-            )  # fmt: skip
+                provider=provider,
+            )
+        raise SinkFailed("the receipts could not be stored; retry later", provider=provider)
 
     def _url(self, scope: HTTPScope) -> str:
         query = scope["query_string"].decode("latin-1")
@@ -878,20 +953,18 @@ class DlrIngress:
         if self._metrics is not None and provider is not None:
             self._metrics.refused.labels(provider, reason).inc()
 
-    async def _refuse(
-        self,
-        send: ASGISendCallable,
-        provider: str | None,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        extra_headers: Iterable[tuple[bytes, bytes]] = (),
-        reason: str | None = None,
-        named: bool = True,
-    ) -> None:
-        """Answer a typed refusal; ``named``: the body names the provider."""
-        self._refused(provider, reason or code)
-        refusal = _Refusal(error=code, message=message, provider=provider if named else None)
-        body = msgspec.json.encode(refusal)
-        await send_json(send, status, body, extra_headers=extra_headers)
+    async def _refuse(self, send: ASGISendCallable, exc: WebhookRefused) -> None:
+        """Answer a refusal from the one table (status, code, Retry-After) in the
+        webhooks' body, ``{"error", "message", "provider"?}``."""
+        ruling = ruling_for(exc, retry_after_s=self.retry_after_s, rules=_ANSWERS)
+        provider = exc.provider
+        # An unknown provider is counted under one label and named nowhere.
+        self._refused(UNKNOWN_PROVIDER if isinstance(exc, UnknownProvider) else provider,
+                      ruling.code)  # fmt: skip
+        refusal = _Refusal(error=ruling.code, message=ruling.message, provider=provider)
+        extra: list[tuple[bytes, bytes]] = []
+        if ruling.status == 405:
+            extra.append((b"allow", b"POST"))
+        if ruling.retry_after_s is not None:
+            extra.append((b"retry-after", str(max(1, math.ceil(ruling.retry_after_s))).encode()))
+        await send_json(send, ruling.status, msgspec.json.encode(refusal), extra_headers=extra)

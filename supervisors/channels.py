@@ -19,7 +19,8 @@ one Failover per route     ``[channels]`` order (push: by token platform);
                            give_up_after_s``
 dispatchers + service      ``[dispatch]``, ``[mailboxes.dispatcher]``,
                            ``[supervisors.providers]``
-HTTP API, NATS commands    ``POST /v1/dispatches``; ``[dispatch] nats_subject``
+HTTP API, NATS commands    ``POST /v1/dispatches``; ``[dispatch] nats_subject``,
+                           ``[mailboxes.commands]``
 DLR ingress (row 13)       ``/webhooks/dlr/{ghasi,twilio}``,
                            ``/webhooks/bounces/smtp``; ``[dlr]``
 push feedback (row 2)      ``[push_feedback]``: FCM and APNs feedback sources,
@@ -52,7 +53,7 @@ from actors.bounce_tracker import (
     bounce_tracker_child,
 )
 from actors.counted_sends import CountedSends
-from actors.dispatch_commands import DispatchCommands
+from actors.dispatch_commands import CommandsMessage, dispatch_commands_child
 from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
 from actors.dlr_ingress import ROW as DLR_ROW
 from actors.dlr_ingress import DlrIngress, dlr_pool_child
@@ -131,6 +132,7 @@ def channel_profiles(config: TriageConfig) -> list[tuple[str, str]]:
     """Profiles the channels need, as (section, name): the tree refuses to start without."""
     p = config.providers
     needed = [("mailboxes", "dispatcher"), ("mailboxes", "bounces"), ("mailboxes", "push_feedback")]
+    needed.append(("mailboxes", "commands"))
     needed.append(("supervisors", "providers"))
     needed += [("guards", getattr(p, vendor).guard) for vendor in _VENDORS]
     needed.append(("rate_limits", config.dlr.rate_limit))
@@ -181,7 +183,7 @@ class Channels:
     failovers: dict[str, Failover]
     ingress: DlrIngress
     api: DispatchApi
-    commands: DispatchCommands
+    commands: ActorRef[CommandsMessage]
     templates: TemplateRegistry
     tracker: BounceFeed
     feedback: ActorRef[FeedbackMessage]
@@ -468,14 +470,7 @@ def build_channels(
         backbone.pool,
         templates,
         dispatchers,
-        limits=DispatchLimits(
-            max_key_chars=dispatch.max_key_chars,
-            max_template_chars=dispatch.max_template_chars,
-            max_recipient_chars=dispatch.max_recipient_chars,
-            max_data_fields=dispatch.max_data_fields,
-            max_field_name_chars=dispatch.max_field_name_chars,
-            max_value_chars=dispatch.max_value_chars,
-        ),
+        limits=DispatchLimits.of(dispatch),
         key_ttl_s=config.idempotency.key_ttl_s,
         backlog_older_than_s=dispatch.requeue_after_s,
         backlog_batch=dispatch.backlog_batch,
@@ -610,9 +605,13 @@ def build_channels(
         max_body_bytes=dispatch.max_body_bytes,
         drain_max_bytes=dispatch.drain_max_bytes,
         retry_after_s=dispatch.retry_after_s,
-        max_key_length=dispatch.max_key_chars,
+        requests=service.requests,
     )
-    commands = DispatchCommands(
+    commands_spec, commands = dispatch_commands_child(
+        mailbox=config.mailboxes["commands"],
+        shutdown_s=shutdown_s,
+        deadlines=runtime.deadlines,
+        metrics=runtime.metrics,
         client=backbone.nats,
         submitter=service,
         subject=dispatch.nats_subject,
@@ -623,7 +622,7 @@ def build_channels(
         pending_msgs_limit=dispatch.nats_pending_limit,
         retry_after_s=dispatch.retry_after_s,
         unsubscribe_timeout_s=dispatch.nats_unsubscribe_timeout_s,
-        max_key_length=dispatch.max_key_chars,
+        requests=service.requests,
         registry=registry,
     )
     specs = [
@@ -632,7 +631,7 @@ def build_channels(
         pool_spec,
         feedback_spec,
         sweep_spec,
-        commands.child_spec(shutdown_s=shutdown_s),
+        commands_spec,
     ]
     return Channels(
         service=service,

@@ -4,7 +4,7 @@ Mounted by the daemon's :class:`~supervisors.http.HealthApp`
 (``mounts={"/v1/dispatches": api}``)::
 
     POST /v1/dispatches
-    Idempotency-Key: <1..max_key_length visible ASCII characters>
+    Idempotency-Key: <1..[dispatch] max_key_chars visible ASCII characters>
     Content-Type: application/json
     {"tenant_id": uuid, "channel": "sms"|"push"|"email", "template": str,
      "template_version": int|null, "recipient": str, "data": {str: str}}
@@ -24,8 +24,13 @@ no ``Content-Length`` (``require_content_length``)  411   length_required
 ``Content-Length`` or the body over the cap        413   payload_too_large (reading
                                                          stops at the cap)
 bytes that are not JSON                            400   invalid_json
-a field missing, unknown or of the wrong type      400   invalid_field (``field``)
+a field missing, unknown, of the wrong type, past  400   invalid_field (``field``)
+its ``[dispatch]`` bound or of the wrong shape
 =================================================  ====  ===========================
+
+The key and the body are checked by the one
+:class:`~actors.dispatch_request.RequestDecoder` (the NATS door's too): every field
+is validated once, while it is decoded.
 
 Then the submitter decides: 202 ``{"dispatch_id", "status"}``, 200 with the
 original answer for a replay, or its typed error (409 idempotency_conflict, 422
@@ -42,9 +47,9 @@ import logging
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from actors.answers import IDEMPOTENCY_HEADER, Answer, RequestRejected, answer_for
-from actors.dispatch_commands import Submitter, decode_body, request_of, submit_and_answer
-from actors.dispatcher import InvalidRequest, check_idempotency_key
+from actors.answers import Answer, RequestRejected, answer_for
+from actors.dispatch_commands import Submitter, submit_and_answer
+from actors.dispatch_request import InvalidRequest, RequestDecoder
 from providers.asgi import (
     BodyTooLarge,
     ClientDisconnected,
@@ -67,13 +72,14 @@ class DispatchApi:
 
     ``max_body_bytes`` caps the body (never buffered beyond it);
     ``retry_after_s`` is the ``Retry-After`` for load shedding that names none;
-    ``max_key_length`` is ``[dispatch] max_key_chars`` (the NATS door's too);
+    ``requests`` checks the key and decodes the body (the NATS door's decoder, its
+    bounds from ``[dispatch]``);
     ``drain_max_bytes`` bounds how much of a refused oversize body is read (and
     discarded, in constant memory) so that its 413 reaches the client -- None: a
     body that declared its ``Content-Length`` is drained to that length (the client
     sends it anyway); a chunked body is never read past the cap;
     ``require_content_length`` refuses bodies without ``Content-Length`` (411)
-    instead of reading them up to the cap; ``max_key_length`` bounds the key.
+    instead of reading them up to the cap.
     """
 
     def __init__(
@@ -82,19 +88,19 @@ class DispatchApi:
         *,
         max_body_bytes: int,
         retry_after_s: float,
+        requests: RequestDecoder,
         drain_max_bytes: int | None = None,
         require_content_length: bool = False,
-        max_key_length: int,
         path: str = "/v1/dispatches",
     ) -> None:
-        if max_body_bytes < 1 or max_key_length < 1 or not retry_after_s > 0:
-            raise ValueError("max_body_bytes, max_key_length and retry_after_s must be > 0")
+        if max_body_bytes < 1 or not retry_after_s > 0:
+            raise ValueError("max_body_bytes and retry_after_s must be > 0")
         self.submitter = submitter
         self.max_body_bytes = max_body_bytes
         self.drain_max_bytes = drain_max_bytes
         self.retry_after_s = retry_after_s
         self.require_content_length = require_content_length
-        self.max_key_length = max_key_length
+        self.requests = requests
         self.path = path.rstrip("/")
 
     async def __call__(
@@ -133,11 +139,7 @@ class DispatchApi:
                 http_status=415,
                 field="Content-Type",
             )
-        key = check_idempotency_key(
-            header_value(scope, b"idempotency-key"),
-            max_length=self.max_key_length,
-            field=IDEMPOTENCY_HEADER,
-        )
+        key = self.requests.check_key(header_value(scope, b"idempotency-key"))
         try:
             declared = declared_length(scope)
         except ValueError as exc:
@@ -160,7 +162,7 @@ class DispatchApi:
             data = await read_body(receive, max_bytes=self.max_body_bytes)
         except BodyTooLarge as exc:
             raise RequestRejected("payload_too_large", str(exc), http_status=413) from exc
-        request = request_of(decode_body(data), key)
+        request = self.requests.decode_http(data, key)
         return await submit_and_answer(self.submitter, request, retry_after_s=self.retry_after_s)
 
 

@@ -21,6 +21,7 @@ from actors.dispatcher import (
     InvalidRequest,
     Overloaded,
     PhiRefused,
+    RequestDecoder,
     SubmitRequest,
 )
 from actors.failover import Failover, Route
@@ -60,6 +61,7 @@ LIMITS = DispatchLimits(
     max_field_name_chars=32,
     max_value_chars=64,
 )
+REQUESTS = RequestDecoder(LIMITS)
 
 
 class PushAdapter(FakeAdapter):
@@ -170,7 +172,7 @@ def sms(world: World, key: str = "k1", **kw: Any) -> SubmitRequest:
         "data": {"time": "10:00"},
     }
     base.update(kw)
-    return SubmitRequest(**base)
+    return REQUESTS.build(**base)  # the doors' rules: a bad field raises here
 
 
 async def row(world: World, dispatch_id: str) -> asyncpg.Record:

@@ -18,11 +18,13 @@ from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, ConnectionState, H
 from prometheus_client import CollectorRegistry
 
 from actors.dlr_ingress import (
+    DLR_RULES,
     DlrIngress,
     DlrPoolStatistics,
     Outcome,
     Parser,
     PoolState,
+    WebhookRefused,
     dlr_pool_child,
 )
 from engine.detectors import SpikeOverBaselineDetector
@@ -259,6 +261,11 @@ async def test_bad_callbacks_get_a_typed_4xx_and_change_nothing(
     assert response.status_code == status
     assert response.json()["error"] == code
     assert response.json()["message"]
+    # The body names the provider, except when there is none to name.
+    named = None if code in ("unknown_provider", "not_found") else path.split("/")[3]
+    assert set(response.json()) == {"error", "message"} | ({"provider"} if named else set())
+    assert response.json().get("provider") == named
+    assert "retry-after" not in response.headers
     assert sink.calls == 0 and sink.batches == []
     assert (pool.queue_depth, pool.max_queue_depth, ingress.statistics().accepted) == (0, 0, 0)
     assert ingress.statistics().refused == 1
@@ -270,7 +277,22 @@ async def test_other_methods_are_405() -> None:
         response = await client.get("/webhooks/dlr/acme")
     assert response.status_code == 405
     assert response.headers["allow"] == "POST"
+    assert response.json() == {
+        "error": "method_not_allowed",
+        "message": "GET is not allowed; use POST",
+    }
     assert sink.calls == 0
+
+
+def test_every_refusal_has_its_row_in_the_one_table() -> None:
+    """Each WebhookRefused kind is answered by DLR_RULES, never by the 500 fallback."""
+    kinds = {rule.kind for rule in DLR_RULES}
+    pending = list(WebhookRefused.__subclasses__())
+    while pending:
+        kind = pending.pop()
+        pending.extend(kind.__subclasses__())
+        if kind.__name__ != "Disconnected":  # nobody to answer
+            assert kind in kinds, kind
 
 
 def scope_for(path: str, headers: list[tuple[bytes, bytes]]) -> HTTPScope:
@@ -347,7 +369,11 @@ async def test_not_running_is_503_and_changes_nothing() -> None:
         content, headers = signed("r1")
         response = await client.post("/webhooks/dlr/acme", content=content, headers=headers)
     assert response.status_code == 503
-    assert response.json()["error"] == "not_ready"
+    assert response.json() == {
+        "error": "not_ready",
+        "message": "the DLR pool is not running",
+        "provider": "acme",
+    }
     assert response.headers["retry-after"] == "3"
     assert sink.calls == 0
 

@@ -13,8 +13,7 @@ import trio
 from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, ConnectionState, HTTPScope
 from prometheus_client import CollectorRegistry
 
-from actors.dispatch_commands import request_of
-from actors.dispatcher import SubmitRequest
+from actors.dispatch_request import DispatchLimits, RequestDecoder, SubmitRequest
 from actors.idempotency import IdempotencyConflict
 from config.schema import DispatchConfig
 from engine.errors import BulkheadFull, ProviderUnavailable, RateLimitExceeded
@@ -26,6 +25,8 @@ from tests.fakes import Submitter, Typed
 TENANT = "6f1c2f1e-4a8b-4c36-9d76-0e4f7a1b2c3d"
 MAX_BODY = 1024
 RETRY_AFTER_S = 2.5
+# Small enough that every bound is reached below MAX_BODY.
+LIMITS = DispatchLimits.of(DispatchConfig(max_value_chars=64, max_data_fields=8))
 
 
 def body(**changes: Any) -> dict[str, Any]:
@@ -43,7 +44,7 @@ def body(**changes: Any) -> dict[str, Any]:
 
 def make_api(**kwargs: Any) -> tuple[DispatchApi, Submitter]:
     submitter = Submitter()
-    kwargs.setdefault("max_key_length", DispatchConfig().max_key_chars)
+    kwargs.setdefault("requests", RequestDecoder(LIMITS))
     api = DispatchApi(submitter, max_body_bytes=MAX_BODY, retry_after_s=RETRY_AFTER_S, **kwargs)
     return api, submitter
 
@@ -173,6 +174,69 @@ REFUSALS: list[tuple[str, dict[str, str], bytes, int, str, str | None]] = [
         "payload_too_large",
         None,
     ),
+    # the [dispatch] bounds and shapes: refused while decoding, by the same table
+    ("sms not e164", HEADERS, _json(body(recipient="0555")), 400, "invalid_field", "recipient"),
+    (
+        "push not a platform",
+        HEADERS,
+        _json(body(channel="push", recipient="+15551234567")),
+        400,
+        "invalid_field",
+        "recipient",
+    ),
+    (
+        "email not an address",
+        HEADERS,
+        _json(body(channel="email", recipient="nobody")),
+        400,
+        "invalid_field",
+        "recipient",
+    ),
+    ("nul recipient", HEADERS, _json(body(recipient="+1555\x00")), 400, "invalid_field", "recipient"),
+    ("bad template", HEADERS, _json(body(template="a b")), 400, "invalid_field", "template"),
+    ("template newline", HEADERS, _json(body(template="ab\n")), 400, "invalid_field", "template"),
+    (
+        "template too long",
+        HEADERS,
+        _json(body(template="t" * (LIMITS.max_template_chars + 1))),
+        400,
+        "invalid_field",
+        "template",
+    ),
+    (
+        "version too big",
+        HEADERS,
+        _json(body(template_version=2**31)),
+        400,
+        "invalid_field",
+        "template_version",
+    ),
+    (
+        "too many fields",
+        HEADERS,
+        _json(body(data={f"f{i}": "v" for i in range(LIMITS.max_data_fields + 1)})),
+        400,
+        "invalid_field",
+        "data",
+    ),
+    ("bad field name", HEADERS, _json(body(data={"9x": "v"})), 400, "invalid_field", "data"),
+    (
+        "field name too long",
+        HEADERS,
+        _json(body(data={"f" * (LIMITS.max_field_name_chars + 1): "v"})),
+        400,
+        "invalid_field",
+        "data",
+    ),
+    (
+        "value too long",
+        HEADERS,
+        _json(body(data={"name": "v" * (LIMITS.max_value_chars + 1)})),
+        400,
+        "invalid_field",
+        "data.name",
+    ),
+    ("nul value", HEADERS, _json(body(data={"name": "A\x00"})), 400, "invalid_field", "data.name"),
 ]
 
 
@@ -454,7 +518,7 @@ async def test_served_for_real_through_hypercorn_mounted_in_the_health_app() -> 
 
 def test_tenant_ids_are_canonicalised() -> None:
     upper = TENANT.upper()
-    from actors.dispatch_commands import decode_body
-
-    request = request_of(decode_body(_json(body(tenant_id=upper))), "k")
+    request = RequestDecoder(LIMITS).decode_http(_json(body(tenant_id=upper)), "k")
     assert request.tenant_id == str(uuid.UUID(TENANT))
+    built = RequestDecoder(LIMITS).build(idempotency_key="k", **body(tenant_id=upper))
+    assert built == request  # in-process callers: the same rules, the same request
