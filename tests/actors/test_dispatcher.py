@@ -475,7 +475,7 @@ async def test_redis_fast_path_answers_duplicates(world: World, redis_url: str) 
         again = await svc.submit(sms(world))
         assert again.replay and again.dispatch_id == first.dispatch_id
         assert svc.stats.cache_duplicates == 1 and svc.stats.duplicates == 0
-        assert (store.stats.hits, store.stats.misses) == (2, 0)  # the dispatcher's lookups count
+        assert (store.statistics().hits, store.statistics().misses) == (2, 0)  # the dispatcher's lookups count
         with pytest.raises(IdempotencyConflict):
             await svc.submit(sms(world, data={"time": "12:00"}))
         # A failed accept forgets its cache entry: the key is free again.
