@@ -53,7 +53,7 @@ from actors.bounce_tracker import (
 )
 from actors.counted_sends import CountedSends
 from actors.dispatch_commands import DispatchCommands
-from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
+from actors.dispatcher import DispatcherChild, DispatchLimits, DispatchService, dispatcher_child
 from actors.dlr_ingress import ROW as DLR_ROW
 from actors.dlr_ingress import DlrIngress, dlr_pool_child
 from actors.failover import ROW as SMS_ROW
@@ -431,18 +431,20 @@ def build_channels(
         metrics=runtime.metrics,
     )
 
-    def dispatcher(channel: ChannelName, routes: Mapping[str, Failover]) -> ChannelDispatcher:
-        return ChannelDispatcher(
+    def dispatcher(channel: ChannelName, routes: Mapping[str, Failover]) -> DispatcherChild:
+        return dispatcher_child(
             channel,
             backbone.pool,
             routes,
             capacity=mailbox.capacity,
+            overflow=Overflow(mailbox.overflow),
             concurrency=dispatch.concurrency,
             record_attempts=dispatch.record_attempts,
             record_backoff_s=dispatch.record_backoff_s,
             max_parked=dispatch.max_parked,
             throttle=throttle,
             shutdown_s=shutdown_s,
+            metrics=runtime.metrics,
         )
 
     dispatchers = [
