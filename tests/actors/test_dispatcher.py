@@ -6,9 +6,10 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -17,15 +18,21 @@ from prometheus_client import CollectorRegistry
 from actors.dispatcher import (
     CategoryDisabled,
     DispatcherChild,
+    DispatcherState,
     DispatchLimits,
     DispatchService,
     InvalidRequest,
+    Job,
     Overloaded,
     PhiRefused,
+    Recorded,
+    Send,
+    Sent,
     SubmitRequest,
+    Unpark,
     dispatcher_child,
 )
-from actors.failover import Failover, Route
+from actors.failover import Failover, Outcome, OutcomeKind, Route
 from actors.idempotency import IdempotencyConflict, IdempotencyStore
 from actors.templates import TemplateMissing, TemplateNotFound, TemplateRegistry
 from config.schema import DatabaseConfig
@@ -52,7 +59,7 @@ from providers.db.pool import DbPool, open_pool
 from providers.db.templates import TemplateRow, put_template_async
 from providers.redis_cache import RedisCache
 from providers.services import postgres_url_with
-from tests.actors.test_failover import FakeAdapter, guard, rounds
+from tests.actors.test_failover import FakeAdapter, RecordingPool, guard, rounds
 
 DB_CONFIG = DatabaseConfig(pool_min=1, pool_max=4, connect_timeout_s=2.0, command_timeout_s=2.0)
 LIMITS = DispatchLimits(
@@ -540,3 +547,75 @@ async def test_bad_values_are_typed_refusals_that_write_nothing(world: World) ->
         await svc.submit(sms(world, "t3", data={"time": "10\x0000"}))
     assert nul.value.field == "data.time"
     assert await admin(world.admin_url, "SELECT id FROM dispatches") == []
+
+
+async def test_sends_are_bounded_by_concurrency_and_the_waiting_by_capacity(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # No database here (the autojump clock would fire asyncpg's timeouts): the outcome
+    # writes go to test_failover's recording stand-in; the counts and times are exact.
+    slow = FakeAdapter("ghasi", fail=[0.5] * 10)  # each send takes 0.5 s (guard timeout 1 s)
+    pool = RecordingPool()
+    d = dispatcher_child(
+        ChannelName.SMS, cast(DbPool, pool), {"default": failover(slow)}, capacity=2,
+        overflow=Overflow.WAIT, concurrency=2, record_attempts=1, record_backoff_s=0.1,
+        max_parked=4, shutdown_s=1.0,
+    )  # fmt: skip
+    base = Job(
+        dispatch_id=uuid.uuid4(), tenant_id="t-1", idempotency_key="k", channel="sms",
+        recipient="+15550100", body="hi", subject=None, category="c", data={},
+        accepted_at=slow.t0,
+    )  # fmt: skip
+    jobs = [msgspec.structs.replace(base, dispatch_id=uuid.uuid4()) for _ in range(5)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.spec.start)
+        for job in jobs:
+            d.ref.tell_nowait(Send(job))
+            await trio.testing.wait_all_tasks_blocked()
+        d.ref.tell_nowait(Send(jobs[0]))  # offered again while held: ignored
+        await trio.testing.wait_all_tasks_blocked()
+        stats = d.ref.statistics()
+        assert (stats.in_flight, stats.waiting, stats.held, stats.shed) == (2, 2, 4, 1)
+        assert stats.state is DispatcherState.SATURATED and d.full()
+        assert not d.memory.holds(jobs[4].dispatch_id)  # shed: its row waits for the backlog
+        await d.memory.idle.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        stats = d.ref.statistics()
+        nursery.cancel_scope.cancel()
+    assert [t for t, _ in slow.sent] == [0.0, 0.0, 0.5, 0.5]
+    assert [at - slow.t0 for at, *_ in pool.units] == [0.5, 0.5, 1.0, 1.0]
+    assert (stats.dispatched, stats.sent, stats.shed, stats.held) == (4, 4, 1, 0)
+    assert stats.state is DispatcherState.IDLE and not d.full()
+
+
+async def test_a_report_from_an_earlier_incarnation_is_ignored(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    adapter = FakeAdapter("ghasi")
+    pool = RecordingPool()
+    d = dispatcher_child(
+        ChannelName.SMS, cast(DbPool, pool), {"default": failover(adapter)}, capacity=4,
+        overflow=Overflow.WAIT, concurrency=1, record_attempts=1, record_backoff_s=0.1,
+        max_parked=4, shutdown_s=1.0,
+    )  # fmt: skip
+    job = Job(
+        dispatch_id=uuid.uuid4(), tenant_id="t-1", idempotency_key="k", channel="sms",
+        recipient="+15550100", body="hi", subject=None, category="c", data={},
+        accepted_at=adapter.t0,
+    )  # fmt: skip
+    done = Outcome(kind=OutcomeKind.DISPATCHED, provider="ghasi")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.spec.start)
+        # Incarnation 1 runs: reports of a (crashed) incarnation 0 change nothing.
+        for stale in (Sent(job, done, 0), Unpark(job, 0), Recorded(job, 1, False, 0)):
+            d.ref.tell_nowait(stale)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = d.ref.statistics()
+        assert (stats.in_flight, stats.parked, stats.held, stats.dispatched) == (0, 0, 0, 0)
+        assert stats.record_failures == 0 and adapter.sent == [] and pool.units == []
+        d.ref.tell_nowait(Send(job))  # and the slot count is intact: concurrency 1 still sends
+        await trio.testing.wait_all_tasks_blocked()
+        stats = d.ref.statistics()
+        nursery.cancel_scope.cancel()
+    assert len(adapter.sent) == 1 and len(pool.units) == 1
+    assert (stats.dispatched, stats.in_flight, stats.held) == (1, 0, 0)
