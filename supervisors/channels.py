@@ -157,6 +157,17 @@ def channel_problems(config: TriageConfig, source: str = "<config>") -> list[Con
         for section, name in channel_profiles(config)
         if name not in getattr(config, section)
     ]
+    mailbox = config.mailboxes.get("dispatcher")
+    if mailbox is not None and mailbox.overflow != "wait":
+        problems.append(
+            ConfigProblem(
+                source=source,
+                line=None,
+                path="$.mailboxes.dispatcher.overflow",
+                message=f"must be 'wait', got {mailbox.overflow!r} (the dispatchers' sends"
+                " report back through their mailboxes)",
+            )
+        )
     for vendor in _VENDORS:
         guard = config.guards.get(getattr(config.providers, vendor).guard)
         if guard is not None and guard.retry not in config.retries:
