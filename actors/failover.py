@@ -28,11 +28,13 @@ failover backs off with the ``rounds`` :class:`~engine.retry.RetryPolicy`'s
 profile (``max_attempts`` rounds, ``time_budget_s``, exponential backoff with
 jitter from its seeded :class:`~engine.clock.Chance`, at least a ``Retry-After``
 hint) and walks again. Once the policy is spent, :meth:`attempt` answers
-QUEUED: the dispatch stays ``queued``. :meth:`deliver` requeues it after
-``requeue_after_s`` until ``give_up_after_s`` after its acceptance, then ends it
-FAILED ``providers_exhausted`` -- or UNKNOWN ``ambiguous_timeout`` if a provider
-that timed out never answered its status query (it may have sent it). A route
-left unsettled is asked again at the start of every later round.
+QUEUED (``possible_duplicate`` when a provider that timed out never answered its
+status query): the dispatch stays ``queued``. The channel's dispatcher
+(:class:`~actors.dispatcher.ChannelDispatcher`) parks it for ``requeue_after_s``
+and attempts again until ``give_up_after_s`` after its acceptance, then ends it
+FAILED ``providers_exhausted`` -- or UNKNOWN ``ambiguous_timeout`` if it may have
+been sent. Within an attempt, a route left unsettled is asked again at the start
+of every later round.
 
 The guards must not retry (``max_attempts == 1``): a retry inside a guard would
 resend after a timeout without settling it, and would delay the failover.
@@ -120,7 +122,7 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How :meth:`Failover.attempt` / :meth:`Failover.deliver` ended for one message."""
+    """How :meth:`Failover.attempt` ended for one message."""
 
     kind: OutcomeKind
     provider: str | None = None
@@ -149,7 +151,6 @@ class FailoverStats:
     settled_not_taken: int = 0
     possible_duplicates: int = 0
     queued: int = 0
-    exhausted: int = 0
     per_provider: dict[str, list[int]] = field(default_factory=dict)  # [failed, calls]
 
 
@@ -226,40 +227,6 @@ class Failover:
             if route.adapter.name == name:
                 return route
         raise KeyError(name)
-
-    # -- the whole life of one message ----------------------------------------------------
-
-    async def deliver(self, message: Message, *, accepted_at: float | None = None) -> Outcome:
-        """:meth:`attempt`, requeued every ``requeue_after_s`` until ``give_up_after_s``
-        after ``accepted_at`` (Trio time; now when None); never QUEUED."""
-        start = trio.current_time() if accepted_at is None else accepted_at
-        unsettled: list[Route] = []
-        history: list[Attempt] = []
-        rounds = 0
-        while True:
-            outcome = await self._attempt(message, unsettled)
-            history.extend(outcome.attempts)
-            rounds += outcome.rounds
-            if outcome.kind is not OutcomeKind.QUEUED:
-                return _with(outcome, tuple(history), rounds)
-            now = trio.current_time()
-            if now + self.requeue_after_s > start + self.give_up_after_s:
-                self.stats.exhausted += 1
-                if unsettled:
-                    return Outcome(
-                        kind=OutcomeKind.UNKNOWN,
-                        provider=unsettled[0].adapter.name,
-                        reason=AMBIGUOUS_REASON,
-                        rounds=rounds,
-                        attempts=tuple(history),
-                    )
-                return Outcome(
-                    kind=OutcomeKind.FAILED,
-                    reason=EXHAUSTED_REASON,
-                    rounds=rounds,
-                    attempts=tuple(history),
-                )
-            await trio.sleep_until(now + self.requeue_after_s)
 
     async def attempt(self, message: Message, *, probe: bool = False) -> Outcome:
         """Rounds over the routes until one takes the message, the message is refused,

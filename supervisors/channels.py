@@ -54,7 +54,7 @@ from actors.bounce_tracker import (
 )
 from actors.counted_sends import CountedSends
 from actors.dispatch_commands import CommandsMessage, dispatch_commands_child
-from actors.dispatcher import ChannelDispatcher, DispatchLimits, DispatchService
+from actors.dispatcher import DispatcherChild, DispatchLimits, DispatchService, dispatcher_child
 from actors.dlr_ingress import ROW as DLR_ROW
 from actors.dlr_ingress import DlrIngress, dlr_pool_child
 from actors.failover import ROW as SMS_ROW
@@ -159,6 +159,17 @@ def channel_problems(config: TriageConfig, source: str = "<config>") -> list[Con
         for section, name in channel_profiles(config)
         if name not in getattr(config, section)
     ]
+    mailbox = config.mailboxes.get("dispatcher")
+    if mailbox is not None and mailbox.overflow != "wait":
+        problems.append(
+            ConfigProblem(
+                source=source,
+                line=None,
+                path="$.mailboxes.dispatcher.overflow",
+                message=f"must be 'wait', got {mailbox.overflow!r} (the dispatchers' sends"
+                " report back through their mailboxes)",
+            )
+        )
     for vendor in _VENDORS:
         guard = config.guards.get(getattr(config.providers, vendor).guard)
         if guard is not None and guard.retry not in config.retries:
@@ -433,18 +444,20 @@ def build_channels(
         metrics=runtime.metrics,
     )
 
-    def dispatcher(channel: ChannelName, routes: Mapping[str, Failover]) -> ChannelDispatcher:
-        return ChannelDispatcher(
+    def dispatcher(channel: ChannelName, routes: Mapping[str, Failover]) -> DispatcherChild:
+        return dispatcher_child(
             channel,
             backbone.pool,
             routes,
             capacity=mailbox.capacity,
+            overflow=Overflow(mailbox.overflow),
             concurrency=dispatch.concurrency,
             record_attempts=dispatch.record_attempts,
             record_backoff_s=dispatch.record_backoff_s,
             max_parked=dispatch.max_parked,
             throttle=throttle,
             shutdown_s=shutdown_s,
+            metrics=runtime.metrics,
         )
 
     dispatchers = [

@@ -102,6 +102,19 @@ def test_check_config_refuses_what_the_channels_refuse(
     ]
 
 
+def test_check_config_refuses_a_dispatcher_mailbox_that_drops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = '[mailboxes.dispatcher]\nbase = "default"\ncapacity = 10000\noverflow = "wait"'
+    assert good("failures.toml").count(old) == 1
+    text = good("failures.toml").replace(old, old.replace('"wait"', '"drop_newest"'))
+    assert _refused(tmp_path, capsys, text) == [
+        "$.mailboxes.dispatcher.overflow: must be 'wait', got 'drop_newest' (the dispatchers'"
+        " sends report back through their mailboxes)",
+        "1 problem found",
+    ]
+
+
 def test_check_config_refuses_a_row_override_of_another_kind(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

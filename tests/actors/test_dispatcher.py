@@ -1,4 +1,4 @@
-"""DispatchService + ChannelDispatcher on real PostgreSQL with in-test provider adapters."""
+"""DispatchService + the ChannelDispatcher actor on real PostgreSQL with in-test provider adapters."""
 
 from __future__ import annotations
 
@@ -6,28 +6,38 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
+import msgspec
 import pytest
 import trio
+import trio.testing
 from prometheus_client import CollectorRegistry
 
 from actors.dispatcher import (
     CategoryDisabled,
-    ChannelDispatcher,
+    DispatcherChild,
+    DispatcherState,
     DispatchLimits,
     DispatchService,
     InvalidRequest,
+    Job,
     Overloaded,
     PhiRefused,
+    Recorded,
     RequestDecoder,
+    Send,
+    Sent,
     SubmitRequest,
+    Unpark,
+    dispatcher_child,
 )
-from actors.failover import Failover, Route
+from actors.failover import Failover, Outcome, OutcomeKind, Route
 from actors.idempotency import IdempotencyConflict, IdempotencyStore
 from actors.templates import TemplateMissing, TemplateNotFound, TemplateRegistry
 from config.schema import DatabaseConfig
+from engine.actor import Overflow
 from engine.breaker import Breaker
 from engine.detectors import RatioDetector
 from engine.errors import ProviderUnavailable
@@ -50,7 +60,7 @@ from providers.db.pool import DbPool, open_pool
 from providers.db.templates import TemplateRow, put_template_async
 from providers.redis_cache import RedisCache
 from providers.services import postgres_url_with
-from tests.actors.test_failover import FakeAdapter, guard, rounds
+from tests.actors.test_failover import FakeAdapter, RecordingPool, guard, rounds
 
 DB_CONFIG = DatabaseConfig(pool_min=1, pool_max=4, connect_timeout_s=2.0, command_timeout_s=2.0)
 LIMITS = DispatchLimits(
@@ -130,21 +140,36 @@ def failover(*adapters: FakeAdapter, **kw: Any) -> Failover:
 
 def dispatcher(
     world: World, channel: ChannelName, failovers: dict[str, Failover], **kw: Any
-) -> ChannelDispatcher:
-    return ChannelDispatcher(
+) -> DispatcherChild:
+    return dispatcher_child(
         channel,
         world.db,
         failovers,
         capacity=kw.pop("capacity", 16),
+        overflow=Overflow.WAIT,
         concurrency=4,
         record_attempts=2,
         record_backoff_s=0.1,
         max_parked=16,
+        shutdown_s=1.0,
         **kw,
     )
 
 
-def service(world: World, *dispatchers: ChannelDispatcher, **kw: Any) -> DispatchService:
+async def settled(d: DispatcherChild, timeout_s: float = 10.0) -> None:
+    """Until the dispatcher's mailbox is empty and it holds nothing.
+
+    (A message handed straight to a waiting actor is in neither place until the
+    actor ran: every task blocked first.)"""
+    with trio.fail_after(timeout_s):
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            if d.ref.queued() == 0 and d.memory.idle.is_set():
+                return
+            await trio.sleep(0.01)
+
+
+def service(world: World, *dispatchers: DispatcherChild, **kw: Any) -> DispatchService:
     return DispatchService(
         world.db,
         world.templates,
@@ -200,10 +225,10 @@ async def test_submit_sends_once_and_dedupes(world: World) -> None:
     d = dispatcher(world, ChannelName.SMS, {"default": failover(primary, secondary)})
     svc = service(world, d)
     async with trio.open_nursery() as nursery:
-        await nursery.start(d.run)
+        await nursery.start(d.spec.start)
         first = await svc.submit(sms(world))
         assert first.status is DispatchStatus.QUEUED and not first.replay
-        await d.idle.wait()
+        await settled(d)
         again = await svc.submit(sms(world))
         assert again.replay and again.dispatch_id == first.dispatch_id
         assert again.status is DispatchStatus.DISPATCHED
@@ -247,7 +272,7 @@ async def test_template_missing_fails_closed(world: World) -> None:
         world.metrics.get_sample_value("triage_template_not_found_total", {"channel": "sms"}) == 1
     )
     assert len(seen) == 1
-    assert adapter.sent == [] and not d.holds(uuid.UUID(dispatch_id))
+    assert adapter.sent == [] and not d.memory.holds(uuid.UUID(dispatch_id))
     # The same request again is a duplicate of the failed dispatch, not a second count.
     again = await svc.submit(sms(world, template="gone"))
     assert again.replay and again.status is DispatchStatus.FAILED
@@ -294,7 +319,7 @@ async def test_push_phi_guard_and_platform_routing(world: World) -> None:
     svc = service(world, p)
     push = {"channel": "push", "template": "ping"}
     async with trio.open_nursery() as nursery:
-        await nursery.start(p.run)
+        await nursery.start(p.spec.start)
         with pytest.raises(PhiRefused) as by_field:
             await svc.submit(
                 sms(
@@ -311,7 +336,7 @@ async def test_push_phi_guard_and_platform_routing(world: World) -> None:
         ok_apns = await svc.submit(
             sms(world, "p4", recipient="apns:tok2", data={"topic": "y"}, **push)
         )
-        await p.idle.wait()
+        await settled(p)
         nursery.cancel_scope.cancel()
     assert by_field.value.dispatch_id is not None
     record = await row(world, by_field.value.dispatch_id)
@@ -329,9 +354,9 @@ async def test_recipient_gone_marks_dead_then_blocks(world: World) -> None:
     d = dispatcher(world, ChannelName.SMS, {"default": failover(gone)})
     svc = service(world, d)
     async with trio.open_nursery() as nursery:
-        await nursery.start(d.run)
+        await nursery.start(d.spec.start)
         first = await svc.submit(sms(world))
-        await d.idle.wait()
+        await settled(d)
         second = await svc.submit(sms(world, "k2"))
         nursery.cancel_scope.cancel()
     record = await row(world, first.dispatch_id)
@@ -383,19 +408,19 @@ async def test_all_providers_down_stays_queued_then_fails(world: World) -> None:
     d = dispatcher(world, ChannelName.SMS, {"default": fo})
     svc = service(world, d)
     async with trio.open_nursery() as nursery:
-        await nursery.start(d.run)
+        await nursery.start(d.spec.start)
         result = await svc.submit(sms(world))
-        await wait_for(lambda: d.stats.requeued == 1)
+        await wait_for(lambda: d.ref.statistics().requeued == 1)
         # both rounds failed: parked for the requeue, the row still queued
         assert (await row(world, result.dispatch_id))["status"] == "queued"
-        with trio.fail_after(5):
-            await d.idle.wait()
+        await settled(d, 5)
+        stats = d.ref.statistics()
         nursery.cancel_scope.cancel()
     # rounds, requeue, rounds again; then the next requeue would pass give_up_after_s
     assert len(down.sent) == 4
     record = await row(world, result.dispatch_id)
     assert (record["status"], record["reason"]) == ("failed", "providers_exhausted")
-    assert d.stats.requeued == 1 and d.stats.failed == 1
+    assert stats.requeued == 1 and stats.failed == 1 and stats.exhausted == 1
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -418,7 +443,8 @@ async def test_backlog_resumes_crash_leftovers_under_the_supervisor(world: World
     top = Supervisor("dispatch", svc.child_specs(), runtime=Runtime())
     async with trio.open_nursery() as nursery:
         await nursery.start(top.run)
-        await wait_for(lambda: bool(adapter.sent) and d.idle.is_set())
+        await wait_for(lambda: bool(adapter.sent))
+        await settled(d)
         nursery.cancel_scope.cancel()
     assert [m.body for _, m in adapter.sent] == ["left behind"]
     assert adapter.sent[0][1].idempotency_key == "crash"
@@ -438,10 +464,9 @@ async def test_throttled_category_is_paced_by_the_limiter(world: World) -> None:
         uuid.UUID(world.tenant),
     )
     async with trio.open_nursery() as nursery:
-        await nursery.start(d.run)
+        await nursery.start(d.spec.start)
         result = await svc.submit(sms(world))
-        with trio.fail_after(5):
-            await d.idle.wait()
+        await settled(d, 5)
         nursery.cancel_scope.cancel()
     assert (await row(world, result.dispatch_id))["status"] == "dispatched"
     assert limiter.available(f"{world.tenant}:reminders") < 4.5  # a token was taken
@@ -498,17 +523,16 @@ async def test_an_adapter_bug_leaves_the_dispatch_queued_and_the_dispatcher_up(
     d = dispatcher(world, ChannelName.SMS, {"default": failover(buggy)})
     svc = service(world, d)
     async with trio.open_nursery() as nursery:
-        await nursery.start(d.run)
+        await nursery.start(d.spec.start)
         first = await svc.submit(sms(world, "a"))
-        with trio.fail_after(5):
-            await d.idle.wait()
+        await settled(d, 5)
         second = await svc.submit(sms(world, "b"))
-        with trio.fail_after(5):
-            await d.idle.wait()
+        await settled(d, 5)
+        stats = d.ref.statistics()
         nursery.cancel_scope.cancel()
     assert (await row(world, first.dispatch_id))["status"] == "queued"
     assert (await row(world, second.dispatch_id))["status"] == "dispatched"
-    assert d.stats.errors == 1
+    assert stats.errors == 1 and stats.dispatched == 1 and stats.held == 0
 
 
 async def test_bad_values_are_typed_refusals_that_write_nothing(world: World) -> None:
@@ -525,3 +549,75 @@ async def test_bad_values_are_typed_refusals_that_write_nothing(world: World) ->
         await svc.submit(sms(world, "t3", data={"time": "10\x0000"}))
     assert nul.value.field == "data.time"
     assert await admin(world.admin_url, "SELECT id FROM dispatches") == []
+
+
+async def test_sends_are_bounded_by_concurrency_and_the_waiting_by_capacity(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # No database here (the autojump clock would fire asyncpg's timeouts): the outcome
+    # writes go to test_failover's recording stand-in; the counts and times are exact.
+    slow = FakeAdapter("ghasi", fail=[0.5] * 10)  # each send takes 0.5 s (guard timeout 1 s)
+    pool = RecordingPool()
+    d = dispatcher_child(
+        ChannelName.SMS, cast(DbPool, pool), {"default": failover(slow)}, capacity=2,
+        overflow=Overflow.WAIT, concurrency=2, record_attempts=1, record_backoff_s=0.1,
+        max_parked=4, shutdown_s=1.0,
+    )  # fmt: skip
+    base = Job(
+        dispatch_id=uuid.uuid4(), tenant_id="t-1", idempotency_key="k", channel="sms",
+        recipient="+15550100", body="hi", subject=None, category="c", data={},
+        accepted_at=slow.t0,
+    )  # fmt: skip
+    jobs = [msgspec.structs.replace(base, dispatch_id=uuid.uuid4()) for _ in range(5)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.spec.start)
+        for job in jobs:
+            d.ref.tell_nowait(Send(job))
+            await trio.testing.wait_all_tasks_blocked()
+        d.ref.tell_nowait(Send(jobs[0]))  # offered again while held: ignored
+        await trio.testing.wait_all_tasks_blocked()
+        stats = d.ref.statistics()
+        assert (stats.in_flight, stats.waiting, stats.held, stats.shed) == (2, 2, 4, 1)
+        assert stats.state is DispatcherState.SATURATED and d.full()
+        assert not d.memory.holds(jobs[4].dispatch_id)  # shed: its row waits for the backlog
+        await d.memory.idle.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        stats = d.ref.statistics()
+        nursery.cancel_scope.cancel()
+    assert [t for t, _ in slow.sent] == [0.0, 0.0, 0.5, 0.5]
+    assert [at - slow.t0 for at, *_ in pool.units] == [0.5, 0.5, 1.0, 1.0]
+    assert (stats.dispatched, stats.sent, stats.shed, stats.held) == (4, 4, 1, 0)
+    assert stats.state is DispatcherState.IDLE and not d.full()
+
+
+async def test_a_report_from_an_earlier_incarnation_is_ignored(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    adapter = FakeAdapter("ghasi")
+    pool = RecordingPool()
+    d = dispatcher_child(
+        ChannelName.SMS, cast(DbPool, pool), {"default": failover(adapter)}, capacity=4,
+        overflow=Overflow.WAIT, concurrency=1, record_attempts=1, record_backoff_s=0.1,
+        max_parked=4, shutdown_s=1.0,
+    )  # fmt: skip
+    job = Job(
+        dispatch_id=uuid.uuid4(), tenant_id="t-1", idempotency_key="k", channel="sms",
+        recipient="+15550100", body="hi", subject=None, category="c", data={},
+        accepted_at=adapter.t0,
+    )  # fmt: skip
+    done = Outcome(kind=OutcomeKind.DISPATCHED, provider="ghasi")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.spec.start)
+        # Incarnation 1 runs: reports of a (crashed) incarnation 0 change nothing.
+        for stale in (Sent(job, done, 0), Unpark(job, 0), Recorded(job, 1, False, 0)):
+            d.ref.tell_nowait(stale)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = d.ref.statistics()
+        assert (stats.in_flight, stats.parked, stats.held, stats.dispatched) == (0, 0, 0, 0)
+        assert stats.record_failures == 0 and adapter.sent == [] and pool.units == []
+        d.ref.tell_nowait(Send(job))  # and the slot count is intact: concurrency 1 still sends
+        await trio.testing.wait_all_tasks_blocked()
+        stats = d.ref.statistics()
+        nursery.cancel_scope.cancel()
+    assert len(adapter.sent) == 1 and len(pool.units) == 1
+    assert (stats.dispatched, stats.in_flight, stats.held) == (1, 0, 0)

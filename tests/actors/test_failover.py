@@ -1,8 +1,17 @@
-"""Failover rules with in-test adapters, on the autojump clock (exact virtual times)."""
+"""Failover rules with in-test adapters, on the autojump clock (exact virtual times).
+
+One attempt (rounds, happy eyeballs, settling) is :meth:`Failover.attempt`; the
+requeue after ``requeue_after_s`` and the give-up after ``give_up_after_s`` are
+the channel dispatcher's, exercised here through the actor itself. Its outcome
+write goes to a recording stand-in for the pool: on an autojump clock asyncpg's
+own timeouts would fire while the database works (the same dispatcher against
+the real PostgreSQL, in real time: tests/actors/test_dispatcher.py).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -10,6 +19,7 @@ import trio
 from prometheus_client import CollectorRegistry
 from trio.testing import MockClock
 
+from actors.dispatcher import DispatcherStatistics, Job, Send, dispatcher_child
 from actors.failover import (
     AMBIGUOUS_REASON,
     EXHAUSTED_REASON,
@@ -18,6 +28,7 @@ from actors.failover import (
     OutcomeKind,
     Route,
 )
+from engine.actor import Overflow
 from engine.breaker import Breaker
 from engine.bulkhead import Bulkhead
 from engine.clock import Chance
@@ -38,6 +49,8 @@ from providers.channel import (
     RecipientGone,
     StatusAnswer,
 )
+from providers.db.dispatches import DeadRecipient, DispatchStatus, Transition, record_outcome_async
+from providers.db.pool import DbPool
 
 
 class FakeAdapter:
@@ -148,11 +161,56 @@ MESSAGE = Message(
 )
 
 
+class RecordingPool:
+    """Stands in for the dispatcher's pool: records each outcome write, at its time."""
+
+    def __init__(self) -> None:
+        self.units: list[tuple[float, str, list[Transition], DeadRecipient | None]] = []
+        self.recorded = trio.Event()
+
+    async def run_unit(self, fn: object, *args: Any) -> None:
+        await trio.lowlevel.checkpoint()
+        assert fn is record_outcome_async
+        tenant, steps, dead = args
+        self.units.append((trio.current_time(), tenant, list(steps), dead))
+        self.recorded.set()
+
+
+async def through_dispatcher(
+    fo: Failover, accepted_at: float
+) -> tuple[float, list[Transition], DispatcherStatistics]:
+    """Send MESSAGE's dispatch through a channel dispatcher actor over ``fo``: when its
+    outcome was written, the steps written and the dispatcher's numbers once settled."""
+    pool = RecordingPool()
+    child = dispatcher_child(
+        ChannelName.SMS, cast(DbPool, pool), {"default": fo}, capacity=4,
+        overflow=Overflow.WAIT, concurrency=2, record_attempts=1, record_backoff_s=0.1,
+        max_parked=4, shutdown_s=1.0,
+    )  # fmt: skip
+    job = Job(
+        dispatch_id=uuid.uuid4(), tenant_id=MESSAGE.tenant_id,
+        idempotency_key=MESSAGE.idempotency_key, channel="sms", recipient=MESSAGE.recipient,
+        body=MESSAGE.body, subject=None, category="default", data={}, accepted_at=accepted_at,
+    )  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(child.spec.start)
+        child.ref.tell_nowait(Send(job))
+        await pool.recorded.wait()
+        await child.memory.idle.wait()  # the Recorded report handled: nothing held
+        stats = child.ref.statistics()
+        nursery.cancel_scope.cancel()
+    [(at, tenant, steps, dead)] = pool.units
+    assert tenant == MESSAGE.tenant_id and dead is None
+    assert all(step.dispatch_id == job.dispatch_id for step in steps)
+    assert isinstance(stats, DispatcherStatistics) and stats.held == 0
+    return at, steps, stats
+
+
 async def test_breaker_open_goes_to_the_secondary_at_once(autojump_clock: MockClock) -> None:
     primary, secondary = FakeAdapter("ghasi"), FakeAdapter("twilio")
     fo = failover(primary, secondary)
     fo.routes[0].guard.breaker.force_open("test")
-    outcome = await fo.deliver(MESSAGE)
+    outcome = await fo.attempt(MESSAGE)
     assert outcome.kind is OutcomeKind.DISPATCHED and outcome.provider == "twilio"
     assert primary.elapsed() == 0.0
     assert primary.sent == [] and [t for t, _ in secondary.sent] == [0.0]
@@ -171,7 +229,7 @@ async def test_5xx_goes_to_the_secondary_at_once_and_is_measured(autojump_clock:
     primary = FakeAdapter("ghasi", fail=[ProviderUnavailable("503")])
     secondary = FakeAdapter("twilio")
     fo = failover(primary, secondary, registry=registry, error_ratio=detector)
-    outcome = await fo.deliver(MESSAGE)
+    outcome = await fo.attempt(MESSAGE)
     assert outcome.kind is OutcomeKind.DISPATCHED and outcome.provider == "twilio"
     assert outcome.provider_ref == "twilio-1" and not outcome.possible_duplicate
     assert primary.elapsed() == 0.0
@@ -193,7 +251,7 @@ async def test_timeout_with_status_accepted_is_taken_without_failover(
     )
     secondary = FakeAdapter("twilio")
     fo = failover(primary, secondary)
-    outcome = await fo.deliver(MESSAGE)
+    outcome = await fo.attempt(MESSAGE)
     assert outcome.kind is OutcomeKind.DISPATCHED
     assert (outcome.provider, outcome.provider_ref) == ("ghasi", "g-9")
     assert not outcome.possible_duplicate
@@ -210,7 +268,7 @@ async def test_timeout_with_status_not_found_fails_over(autojump_clock: MockCloc
     )
     secondary = FakeAdapter("twilio")
     fo = failover(primary, secondary)
-    outcome = await fo.deliver(MESSAGE)
+    outcome = await fo.attempt(MESSAGE)
     assert outcome.kind is OutcomeKind.DISPATCHED and outcome.provider == "twilio"
     assert not outcome.possible_duplicate
     assert fo.stats.settled_not_taken == 1
@@ -228,7 +286,7 @@ async def test_timeout_without_status_fails_over_as_possible_duplicate(
     primary = FakeAdapter("ghasi", fail=[ProviderTimeout("read timeout")], status=answer)
     secondary = FakeAdapter("twilio")
     fo = failover(primary, secondary, registry=registry)
-    outcome = await fo.deliver(MESSAGE)
+    outcome = await fo.attempt(MESSAGE)
     assert outcome.kind is OutcomeKind.DISPATCHED and outcome.provider == "twilio"
     assert outcome.possible_duplicate  # recorded, never silent
     assert fo.stats.possible_duplicates == 1
@@ -246,7 +304,7 @@ async def test_status_that_hangs_is_bounded_and_unsettled(autojump_clock: MockCl
 
     primary = Slow("ghasi", fail=[ProviderTimeout("read timeout")])
     secondary = FakeAdapter("twilio")
-    outcome = await failover(primary, secondary).deliver(MESSAGE)
+    outcome = await failover(primary, secondary).attempt(MESSAGE)
     assert outcome.possible_duplicate and outcome.provider == "twilio"
     assert primary.elapsed() == 0.5  # status_timeout_s
 
@@ -254,13 +312,13 @@ async def test_status_that_hangs_is_bounded_and_unsettled(autojump_clock: MockCl
 async def test_rejected_and_recipient_gone_stop(autojump_clock: MockClock) -> None:
     bad = FakeAdapter("ghasi", fail=[Rejected("bad number")])
     second = FakeAdapter("twilio")
-    outcome = await failover(bad, second).deliver(MESSAGE)
+    outcome = await failover(bad, second).attempt(MESSAGE)
     assert outcome.kind is OutcomeKind.FAILED and outcome.reason is not None
     assert outcome.reason.startswith("rejected") and second.sent == []
 
     gone = FakeAdapter("ghasi", fail=[RecipientGone("+15550100", "unregistered")])
     second = FakeAdapter("twilio")
-    outcome = await failover(gone, second).deliver(MESSAGE)
+    outcome = await failover(gone, second).attempt(MESSAGE)
     assert outcome.kind is OutcomeKind.UNDELIVERABLE and outcome.recipient_gone
     assert second.sent == []
 
@@ -290,17 +348,30 @@ async def test_requeues_until_give_up_then_providers_exhausted(autojump_clock: M
     primary = FakeAdapter("ghasi", fail=[ProviderUnavailable("503")] * 20)
     secondary = FakeAdapter("twilio", fail=[ProviderUnavailable("503")] * 20)
     fo = failover(primary, secondary, requeue_after_s=10.0, give_up_after_s=20.0)
-    outcome = await fo.deliver(MESSAGE)
+    at, steps, stats = await through_dispatcher(fo, accepted_at=primary.t0)
     # rounds 0, 1, 3; requeued at 13 (<= 20): rounds 13, 14, 16; 16 + 10 > 20: give up
     assert [t for t, _ in primary.sent] == [0.0, 1.0, 3.0, 13.0, 14.0, 16.0]
-    assert outcome.kind is OutcomeKind.FAILED and outcome.reason == EXHAUSTED_REASON
-    assert primary.elapsed() == 16.0 and fo.stats.exhausted == 1
+    assert [t for t, _ in secondary.sent] == [0.0, 1.0, 3.0, 13.0, 14.0, 16.0]
+    [step] = steps
+    assert (step.status, step.reason, step.provider) == (
+        DispatchStatus.FAILED, EXHAUSTED_REASON, None
+    )  # fmt: skip
+    assert not step.possible_duplicate
+    assert at == primary.t0 + 16.0 and fo.stats.queued == 2
+    assert (stats.exhausted, stats.requeued, stats.failed, stats.sent) == (1, 1, 1, 2)
 
 
 async def test_requeue_recovers_when_a_provider_comes_back(autojump_clock: MockClock) -> None:
     primary = FakeAdapter("ghasi", fail=[ProviderUnavailable("503")] * 3)
-    outcome = await failover(primary).deliver(MESSAGE)
-    assert outcome.kind is OutcomeKind.DISPATCHED and primary.elapsed() == 13.0
+    at, steps, stats = await through_dispatcher(failover(primary), accepted_at=primary.t0)
+    # rounds 0, 1, 3 fail; requeued at 13: taken
+    assert [t for t, _ in primary.sent] == [0.0, 1.0, 3.0, 13.0]
+    [step] = steps
+    assert (step.status, step.provider, step.provider_ref) == (
+        DispatchStatus.DISPATCHED, "ghasi", "ghasi-4"
+    )  # fmt: skip
+    assert at == primary.t0 + 13.0
+    assert (stats.dispatched, stats.requeued, stats.exhausted) == (1, 1, 0)
 
 
 async def test_unsettled_timeout_asked_again_later_or_ends_unknown(
@@ -317,15 +388,29 @@ async def test_unsettled_timeout_asked_again_later_or_ends_unknown(
 
     primary = Late("ghasi", fail=[ProviderTimeout("t")])
     secondary = FakeAdapter("twilio", fail=[ProviderUnavailable("503")] * 5)
-    outcome = await failover(primary, secondary).deliver(MESSAGE)
+    outcome = await failover(primary, secondary).attempt(MESSAGE)
     assert outcome.kind is OutcomeKind.DISPATCHED and outcome.provider == "ghasi"
     assert not outcome.possible_duplicate and len(primary.sent) == 1
     assert primary.elapsed() == 1.0
 
     never = FakeAdapter("ghasi", fail=[ProviderTimeout("t")] * 20)
     down = FakeAdapter("twilio", fail=[ProviderUnavailable("503")] * 20)
-    outcome = await failover(never, down, give_up_after_s=0.0).deliver(MESSAGE)
-    assert outcome.kind is OutcomeKind.UNKNOWN and outcome.reason == AMBIGUOUS_REASON
+    fo = failover(never, down, give_up_after_s=0.0)
+    queued = await fo.attempt(MESSAGE)
+    assert queued.kind is OutcomeKind.QUEUED and queued.possible_duplicate
+    # Past give_up_after_s the dispatcher ends it unknown: ghasi may have sent it.
+    never = FakeAdapter("ghasi", fail=[ProviderTimeout("t")] * 20)
+    down = FakeAdapter("twilio", fail=[ProviderUnavailable("503")] * 20)
+    fo = failover(never, down, give_up_after_s=0.0)
+    at, steps, stats = await through_dispatcher(fo, accepted_at=never.t0)
+    assert [(s.status, s.provider, s.reason, s.possible_duplicate) for s in steps] == [
+        (DispatchStatus.DISPATCHED, "ghasi", None, True),
+        (DispatchStatus.UNKNOWN, None, AMBIGUOUS_REASON, False),
+    ]
+    # rounds at 0, 1 and 3 (ghasi asked again first in each): no requeue past 0 s
+    assert [t for t, _ in never.sent] == [0.0, 1.0, 3.0] and at == never.t0 + 3.0
+    assert never.status_calls == 5  # after its timeout in round 1; before and after in 2, 3
+    assert (stats.unknown, stats.exhausted, stats.requeued) == (1, 1, 0)
 
 
 async def test_jitter_is_seeded(autojump_clock: MockClock) -> None:
