@@ -56,7 +56,6 @@ incarnation's; the Prometheus counters (``triage_dispatch_commands_*``) are the 
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import logging
@@ -72,7 +71,7 @@ from actors.answers import IDEMPOTENCY_HEADER, Answer, answer_for
 from actors.dispatch_request import InvalidRequest, RequestDecoder, SubmitRequest
 from actors.dispatcher import SubmitResult
 from engine.actor import Actor, ActorRef, Overflow, actor_child
-from engine.errors import MailboxFull, ProviderError
+from engine.errors import ProviderError
 from engine.metrics import families
 from engine.statelog import StateLog
 from providers import jetstream
@@ -254,7 +253,7 @@ class DispatchCommands(Actor[CommandsMessage]):
         )  # fmt: skip
         await run(self.client.nc.flush, service="nats")
         self.states.enter(CommandsState.SERVING, f"subscribed to {self.subject!r} ({self.queue})")
-        self._again()
+        self.tell_self(FETCH)
 
     def statistics(self) -> CommandsStatistics:
         return CommandsStatistics(
@@ -270,7 +269,7 @@ class DispatchCommands(Actor[CommandsMessage]):
         match message:
             case Fetch():
                 if await self._turn():
-                    self._again()
+                    self.tell_self(FETCH)
                 else:  # NATS refused: the next turn after a pause, not at once
                     self.send_after(self.poll_timeout_s, FETCH)
 
@@ -285,11 +284,6 @@ class DispatchCommands(Actor[CommandsMessage]):
                     log.info("dispatch commands: unsubscribe failed: %s", exc)
         crashed = reason is not None and not isinstance(reason, trio.Cancelled)
         self.states.enter(CommandsState.STOPPED, f"crashed: {reason!r}" if crashed else "stopped")
-
-    def _again(self) -> None:
-        """Queue the next turn (a full mailbox already holds one)."""
-        with contextlib.suppress(MailboxFull):
-            self.ref.tell_nowait(FETCH)
 
     # -- one turn ------------------------------------------------------------------------
 

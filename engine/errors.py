@@ -37,9 +37,27 @@ them) but rooted here; ``engine`` itself imports nothing from the other packages
     │  └─ TooManyChildren              the dynamic-children bound is reached
     ├─ StartAbandoned                  supervisors.backbone: a drain cancelled the start
     ├─ RequestRejected                 actors.answers: refused at a door before the submitter
-    ├─ InvalidRequest                  actors.dispatcher: a field fails validation (4xx)
+    ├─ InvalidRequest                  actors.dispatch_request: a request refused at decoding (400)
+    │  ├─ InvalidField                 a field out of the [dispatch] limits or shape, named
+    │  ├─ InvalidJson                  not JSON, or not the request's shape
     │  ├─ MissingIdempotencyKey        no Idempotency-Key given
     │  └─ InvalidIdempotencyKey        a key that is empty, too long or not visible ASCII
+    ├─ WebhookRefused                  actors.dlr_ingress: a callback refused (DLR_RULES answer it)
+    │  ├─ NoWebhook                    404 not_found
+    │  ├─ MethodNotAllowed             405, Allow: POST
+    │  ├─ UnknownProvider              404 unknown_provider
+    │  ├─ InvalidContentLength         400
+    │  ├─ PayloadTooLarge              413
+    │  ├─ CallbackRateLimited          429 rate_limited, the provider's Retry-After
+    │  ├─ BadCallbackSignature         401 bad_signature
+    │  ├─ MalformedCallback            400 malformed_receipt
+    │  ├─ ParserFailed                 500 internal_error (logged)
+    │  ├─ TooManyReceipts              413 too_many_receipts
+    │  ├─ NotReady                     503 not_ready
+    │  ├─ QueueFull                    429 queue_full
+    │  ├─ AckTimeout                   503 ack_timeout
+    │  ├─ SinkFailed                   503 sink_failed
+    │  └─ Disconnected                 the provider left mid-body: counted, not answered
     ├─ CategoryDisabled                actors.dispatcher: the tenant's category is disabled
     ├─ PhiRefused                      actors.dispatcher: the push PHI guard refused the payload
     ├─ IdempotencyConflict             actors.idempotency: one key, two different requests
