@@ -94,12 +94,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from actors.dispatch_request import (
     DispatchLimits,
-    InvalidIdempotencyKey,
     InvalidRequest,
-    MissingIdempotencyKey,
     RequestDecoder,
     SubmitRequest,
-    check_idempotency_key,
 )
 from actors.failover import (
     AMBIGUOUS_REASON,
@@ -141,27 +138,20 @@ if TYPE_CHECKING:
 __all__ = [
     "CategoryDisabled",
     "ChannelDispatcher",
-    "DispatchLimits",
     "DispatchService",
     "DispatcherChild",
     "DispatcherMemory",
     "DispatcherMessage",
     "DispatcherState",
     "DispatcherStatistics",
-    "InvalidIdempotencyKey",
-    "InvalidRequest",
     "Job",
-    "MissingIdempotencyKey",
     "Overloaded",
     "PhiRefused",
     "Recorded",
-    "RequestDecoder",
     "Send",
     "Sent",
-    "SubmitRequest",
     "SubmitResult",
     "Unpark",
-    "check_idempotency_key",
     "dispatcher_child",
     "route_key",
 ]

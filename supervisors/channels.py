@@ -54,7 +54,8 @@ from actors.bounce_tracker import (
 )
 from actors.counted_sends import CountedSends
 from actors.dispatch_commands import CommandsMessage, dispatch_commands_child
-from actors.dispatcher import DispatcherChild, DispatchLimits, DispatchService, dispatcher_child
+from actors.dispatch_request import DispatchLimits
+from actors.dispatcher import DispatcherChild, DispatchService, dispatcher_child
 from actors.dlr_ingress import ROW as DLR_ROW
 from actors.dlr_ingress import DlrIngress, dlr_pool_child
 from actors.failover import ROW as SMS_ROW

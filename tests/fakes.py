@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from actors.dispatcher import SubmitRequest, SubmitResult
+from actors.dispatch_request import SubmitRequest
+from actors.dispatcher import SubmitResult
 from providers.db.dispatches import DispatchStatus
 
 __all__ = ["Submitter", "Typed"]

@@ -15,21 +15,18 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
+from actors.dispatch_request import DispatchLimits, InvalidRequest, RequestDecoder, SubmitRequest
 from actors.dispatcher import (
     CategoryDisabled,
     DispatcherChild,
     DispatcherState,
-    DispatchLimits,
     DispatchService,
-    InvalidRequest,
     Job,
     Overloaded,
     PhiRefused,
     Recorded,
-    RequestDecoder,
     Send,
     Sent,
-    SubmitRequest,
     Unpark,
     dispatcher_child,
 )
