@@ -24,8 +24,8 @@ An actor that needs time or concurrency keeps them inside itself, as a
 gen_server does with ``erlang:send_after``:
 
 * :meth:`Actor.timers` lists :class:`Timer` s — a message the actor is sent
-  every ``interval_s`` (coalesced: a tick still queued is not sent again, so a
-  slow actor never drowns in its own ticks);
+  every ``interval_s`` (coalesced: a tick still queued or being handled is not
+  sent again, so a slow actor never drowns in its own ticks);
 * :meth:`Actor.send_after` sends one message to itself later;
 * :meth:`Actor.start_soon` runs a task in the actor's own nursery (a send in
   flight, a worker), cancelled when the incarnation ends; the task reports back
@@ -97,7 +97,7 @@ class Timer(msgspec.Struct, frozen=True):
 class _Ask:
     __slots__ = ("message", "reply")
 
-    def __init__(self, message: object, reply: Reply) -> None:
+    def __init__(self, message: object, reply: Reply | _TickDone) -> None:
         self.message = message
         self.reply = reply
 
@@ -298,7 +298,7 @@ async def _run_actor(
                     for i, timer in enumerate(actor.timers()):
                         nursery.start_soon(_tick, ref, timer, i, pending)
                     task_status.started()
-                    await _loop(actor, receive, batch_max, pending)
+                    await _loop(actor, receive, batch_max)
                     nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 # The nursery is the actor's own business: its supervisor sees the one
@@ -312,7 +312,7 @@ async def _run_actor(
                 await actor.init()
                 initialised = True
             task_status.started()
-            await _loop(actor, receive, batch_max, None)
+            await _loop(actor, receive, batch_max)
     except BaseException as exc:
         reason = exc
         raise
@@ -346,18 +346,26 @@ def _lone(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     return None
 
 
-class _Tick:
-    """A timer's message on its way: remembers which timer, so ticks coalesce."""
+class _TickDone:
+    """The reply slot of a timer's tick: handling it (or crashing on it) frees the timer
+    to send the next. A tick travels as an :class:`_Ask` with this slot, so a plain
+    message pays nothing for timers."""
 
-    __slots__ = ("index", "message")
+    __slots__ = ("index", "pending")
 
-    def __init__(self, index: int, message: object) -> None:
+    def __init__(self, pending: set[int], index: int) -> None:
+        self.pending = pending
         self.index = index
-        self.message = message
+
+    def set(self, value: object) -> None:
+        self.pending.discard(self.index)
+
+    def fail(self, exc: BaseException) -> None:
+        self.pending.discard(self.index)
 
 
 async def _tick(ref: ActorRef[Any], timer: Timer, index: int, pending: set[int]) -> None:
-    item = _Tick(index, timer.message)
+    item = _Ask(timer.message, _TickDone(pending, index))
     while True:
         await trio.sleep(timer.interval_s)
         if index in pending:
@@ -372,10 +380,7 @@ async def _tick(ref: ActorRef[Any], timer: Timer, index: int, pending: set[int])
 
 
 async def _loop(
-    actor: Actor[Any],
-    receive: trio.MemoryReceiveChannel[Any],
-    batch_max: int,
-    pending: set[int] | None,
+    actor: Actor[Any], receive: trio.MemoryReceiveChannel[Any], batch_max: int
 ) -> None:
     handle = actor.handle
     try:
@@ -383,8 +388,7 @@ async def _loop(
             item = await receive.receive()
             budget = batch_max
             while True:
-                kind = type(item)
-                if kind is _Ask:
+                if type(item) is _Ask:
                     try:
                         result = await handle(item.message)
                     except Exception as exc:
@@ -397,11 +401,6 @@ async def _loop(
                         item.reply.set(result.reply)
                         return
                     item.reply.set(result)
-                elif kind is _Tick:
-                    if pending is not None:
-                        pending.discard(item.index)
-                    if type(await handle(item.message)) is Stop:
-                        return
                 elif type(await handle(item)) is Stop:
                     return
                 budget -= 1

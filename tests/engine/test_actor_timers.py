@@ -113,10 +113,10 @@ async def test_ticks_coalesce_while_the_actor_is_busy(autojump_clock: trio.abc.C
             t0 = trio.current_time()
             await nursery.start(sup.run)
             await trio.sleep(20.5)
-            # Handled at 2 (busy till 7); the tick due at 4 waits queued, so the one
-            # at 6 is coalesced into it; handled at 7 (busy till 12), and so on.
-            assert ref.statistics().ticks == (t0 + 2.0, t0 + 7.0, t0 + 12.0, t0 + 17.0)
-            assert ref.queued() == 1
+            # Handled at 2 (busy till 7): the ticks due at 4 and 6 are not sent, the
+            # one at 8 is; handled at 8 (busy till 13), and so on.
+            assert ref.statistics().ticks == (t0 + 2.0, t0 + 8.0, t0 + 14.0, t0 + 20.0)
+            assert ref.queued() == 0
             nursery.cancel_scope.cancel()
 
 
