@@ -19,6 +19,7 @@ body (it names the provider).
     UnstorableValue                 400     invalid_field
     IdempotencyConflict             409     idempotency_conflict   Idempotency-Key
     UnknownTenant                   422     unknown_tenant         tenant_id
+    TemplateRetired                 422     template_retired
     TemplateNotFound                422     template_not_found
     CategoryDisabled                422     category_disabled
     PhiRefused                      422     phi_guard
@@ -53,7 +54,7 @@ from actors.dispatch_request import (
 )
 from actors.dispatcher import CategoryDisabled, Overloaded, PhiRefused
 from actors.idempotency import IdempotencyConflict
-from actors.templates import TemplateNotFound
+from actors.templates import TemplateNotFound, TemplateRetired
 from engine.errors import LoadShed, RateLimitExceeded, TransientProviderError, TriageError
 from providers.db.dispatches import UnknownTenant, UnstorableValue
 
@@ -177,6 +178,7 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule(UnstorableValue, 400, "invalid_field"),
     Rule(IdempotencyConflict, 409, "idempotency_conflict", field=IDEMPOTENCY_HEADER),
     Rule(UnknownTenant, 422, "unknown_tenant", field="tenant_id"),
+    Rule(TemplateRetired, 422, "template_retired"),
     Rule(TemplateNotFound, 422, "template_not_found"),
     Rule(CategoryDisabled, 422, "category_disabled"),
     Rule(PhiRefused, 422, "phi_guard"),

@@ -20,12 +20,16 @@
    rendered strictly (a missing field is an :class:`InvalidRequest` on
    ``data.<field>``). A missing template fails closed (row 19): the dispatch is
    stored ``failed`` reason ``template_not_found`` with an ops notice, counted,
-   alerted, and :class:`TemplateNotFound` is raised. Nothing is sent.
-4. **PHI guard** (push only): a ``data`` key in ``phi_fields`` or rendered text
-   matching one of ``phi_patterns`` -> stored ``failed`` reason ``phi_guard``,
-   ``triage_phi_guard_hits_total`` counted, :class:`PhiRefused` raised.
-5. **accept** (:func:`~providers.db.dispatches.accept_async`, ONE transaction):
-   idempotency row, dispatch row ``queued`` and its event. In the same statement the
+   alerted, and :class:`TemplateNotFound` is raised. Nothing is sent. A retired
+   version is refused the same way (reason ``template_retired``).
+4. **PHI guard** (push only, row 11): the :class:`~actors.phi_guard.PhiGuard`'s rules
+   of the template@version find PHI in the payload -> the guard trips (counted,
+   paged, category halted, version retired, incident written), the dispatch is
+   stored ``failed`` reason ``phi_guard``, :class:`PhiRefused` raised.
+5. **accept** (with a :class:`~actors.group_commit.GroupCommit` of accepts, the group
+   commit: ONE statement for the requests gathered meanwhile, each under its own
+   tenant; without one, or with a refusal, :func:`~providers.db.dispatches.accept_async`,
+   ONE transaction): idempotency row, dispatch row ``queued`` and its event. In the same statement the
    category block and the dead-recipient list are read: a disabled category ends
    ``failed`` (:class:`CategoryDisabled` raised), a dead recipient ends
    ``undeliverable``; a throttled category stays queued and its sends are paced
@@ -69,8 +73,10 @@ State machine of a dispatcher (``DispatcherState``, one log line per change)::
 
 Its mailbox outlives a restart; the sends in flight, the parked and the waiting
 jobs when it crashed are cancelled with the incarnation, and their rows (still
-``queued``) are picked up again by the backlog task, which also resumes, at start
-and every ``backlog_interval_s``, what a crash of the whole daemon left queued. A
+``queued``) are picked up again by the backlog resumer
+(:mod:`actors.backlog_resumer`), which also resumes, at start and every
+``resume_interval_s``, what a crash of the whole daemon left queued, for every
+tenant, claiming each row so that two replicas never resume it both. A
 resumed send goes out again with the same idempotency key (providers dedupe on
 it, and the failover asks them first: ``probe``).
 """
@@ -80,10 +86,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
-import re
 import uuid
-from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -109,7 +114,6 @@ from actors.failover import (
 from actors.idempotency import IdempotencyConflict, IdempotencyStore, Lookup
 from actors.templates import MissingField, TemplateNotFound, TemplateRegistry, TemplateRenderError
 from engine.actor import Actor, ActorRef, Overflow, actor_child
-from engine.detectors import CountInWindowDetector
 from engine.errors import ActorStopped, LoadShed, MailboxFull, ProviderError, TriageError
 from engine.metrics import families
 from engine.ratelimit import RateLimiter
@@ -122,15 +126,17 @@ from providers.db.dispatches import (
     AcceptResult,
     DeadRecipient,
     DispatchStatus,
-    QueuedDispatch,
+    OutcomeRecord,
     Transition,
+    TransitionResult,
     accept_async,
-    queued_backlog_async,
     record_outcome_async,
 )
 from providers.push_feedback import push_platform
 
 if TYPE_CHECKING:
+    from actors.group_commit import GroupCommit
+    from actors.phi_guard import PhiGuard
     from engine.metrics import Metrics
     from engine.runtime import Runtime
     from providers.db.pool import DbPool
@@ -369,8 +375,10 @@ class ChannelDispatcher(Actor[DispatcherMessage]):
         record_backoff_s: float,
         max_parked: int,
         throttle: RateLimiter | None,
+        outcomes: GroupCommit[OutcomeRecord, list[TransitionResult]] | None = None,
     ) -> None:
         self.channel = channel
+        self.outcomes = outcomes
         self.name = f"dispatcher_{channel}"
         self.db = db
         self.failovers = failovers
@@ -439,9 +447,9 @@ class ChannelDispatcher(Actor[DispatcherMessage]):
                     self.memory.idle = trio.Event()
                 held.add(job.dispatch_id)
                 self._start(job)
-            case Sent(incarnation=n) | Unpark(incarnation=n) | Recorded(
-                incarnation=n
-            ) if n != self._incarnation:
+            case Sent(incarnation=n) | Unpark(incarnation=n) | Recorded(incarnation=n) if (
+                n != self._incarnation
+            ):
                 return None  # an earlier incarnation's: its job went with it
             case Sent(job=job, outcome=None):
                 self._counts["errors"] += 1
@@ -569,7 +577,10 @@ class ChannelDispatcher(Actor[DispatcherMessage]):
         error = False
         while True:
             try:
-                await self.db.run_unit(record_outcome_async, job.tenant_id, steps, dead)
+                if self.outcomes is not None:  # the group commit of outcomes
+                    await self.outcomes.submit(OutcomeRecord(job.tenant_id, steps, dead))
+                else:
+                    await self.db.run_unit(record_outcome_async, job.tenant_id, steps, dead)
                 break
             except ProviderError as exc:
                 failures += 1
@@ -629,6 +640,7 @@ def dispatcher_child(
     shutdown_s: float,
     throttle: RateLimiter | None = None,
     metrics: Metrics | None = None,
+    outcomes: GroupCommit[OutcomeRecord, list[TransitionResult]] | None = None,
 ) -> DispatcherChild:
     """The dispatcher of ``channel`` (child id ``dispatcher_<channel>``); every number checked now.
 
@@ -653,6 +665,7 @@ def dispatcher_child(
         ChannelDispatcher, name, db, dict(failovers), memory, capacity=capacity,
         concurrency=concurrency, record_attempts=record_attempts,
         record_backoff_s=record_backoff_s, max_parked=max_parked, throttle=throttle,
+        outcomes=outcomes,
     )  # fmt: skip
     spec, ref = actor_child(
         f"dispatcher_{name}", factory, capacity=capacity, overflow=overflow,
@@ -709,12 +722,6 @@ def _steps(job: Job, outcome: Outcome) -> tuple[list[Transition], DeadRecipient 
 
 class _ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.phi_hits = Counter(
-            "triage_phi_guard_hits",
-            "Push payloads stopped by the pre-send PHI guard or log scanner",
-            ["channel"],
-            registry=registry,
-        )
         self.submitted = Counter(
             "triage_dispatch_submitted",
             "Dispatch requests by result",
@@ -736,18 +743,17 @@ class ServiceStats:
     undeliverable: int = 0
     overloaded: int = 0
     deferred: int = 0
-    resumed: int = 0
 
 
 class DispatchService:
     """What the ingress calls; owns nothing but its caches (see the module docstring).
 
     Knobs: ``key_ttl_s`` (idempotency rows), ``limits`` (its :attr:`requests`, the
-    decoder that makes every :class:`SubmitRequest`), ``phi_fields`` /
-    ``phi_patterns`` (push PHI guard), ``backlog_older_than_s`` / ``backlog_batch`` /
-    ``backlog_interval_s`` (the resume task), ``tenants`` (tenants whose backlog is
-    resumed besides the ones seen, bounded by ``max_tenants``),
-    ``channels_supervisor`` (keyword arguments of the ``channels`` Supervisor).
+    decoder that makes every :class:`SubmitRequest`), ``phi_guard`` (the push PHI
+    guard, row 11; None: no guard), ``channels_supervisor`` (keyword arguments of
+    the ``channels`` Supervisor), ``accepts`` (the group commit of the accept; None: one
+    transaction per request). What its dispatchers lose is resumed from the database by
+    :class:`~actors.backlog_resumer.BacklogResumer`, for every tenant.
     """
 
     def __init__(
@@ -758,24 +764,16 @@ class DispatchService:
         *,
         limits: DispatchLimits,
         key_ttl_s: float,
-        backlog_older_than_s: float,
-        backlog_batch: int,
-        backlog_interval_s: float,
-        max_tenants: int,
-        phi_fields: Collection[str] = (),
-        phi_patterns: Sequence[str] = (),
-        tenants: Iterable[str] = (),
+        phi_guard: PhiGuard | None = None,
         idempotency: IdempotencyStore | None = None,
-        phi_detector: CountInWindowDetector | None = None,
+        accepts: GroupCommit[AcceptRequest, AcceptResult] | None = None,
         registry: CollectorRegistry | None = None,
         runtime: Runtime | None = None,
         channels_supervisor: Mapping[str, Any] | None = None,
         new_id: Callable[[], uuid.UUID] = uuid.uuid4,
     ) -> None:
-        if not key_ttl_s > 0 or backlog_batch < 1 or not backlog_interval_s > 0:
-            raise ValueError("key_ttl_s and backlog_interval_s must be > 0, backlog_batch >= 1")
-        if backlog_older_than_s < 0 or max_tenants < 1:
-            raise ValueError("backlog_older_than_s must be >= 0 and max_tenants >= 1")
+        if not key_ttl_s > 0:
+            raise ValueError("key_ttl_s must be > 0")
         self.db = db
         self.templates = templates
         self.dispatchers: dict[ChannelName, DispatcherChild] = {}
@@ -787,83 +785,27 @@ class DispatchService:
         #: The request decoder of both doors (and of in-process callers), from ``limits``.
         self.requests = RequestDecoder(limits)
         self.key_ttl_s = key_ttl_s
-        self.backlog_older_than_s = backlog_older_than_s
-        self.backlog_batch = backlog_batch
-        self.backlog_interval_s = backlog_interval_s
-        self.max_tenants = max_tenants
-        self.phi_fields = frozenset(f.lower() for f in phi_fields)
-        try:
-            self.phi_patterns = tuple(re.compile(p) for p in phi_patterns)
-        except re.error as exc:
-            raise ValueError(f"phi_patterns: {exc}") from exc
+        self.phi_guard = phi_guard
         self.idempotency = idempotency
-        self.phi_detector = phi_detector
+        self.accepts = accepts
         self.runtime = runtime
         self.channels_supervisor = dict(channels_supervisor or {})
         self.new_id = new_id
         self.stats = ServiceStats()
-        self._tenants: OrderedDict[str, None] = OrderedDict((str(t), None) for t in tenants)
         self._metrics = families(registry, _ServiceMetrics) if registry is not None else None
 
     # -- the supervisor tree ------------------------------------------------------------------
 
     def child_specs(self) -> list[ChildSpec]:
-        """The ``channels`` supervisor (a dispatcher per channel) and the backlog task."""
+        """The ``channels`` supervisor (a dispatcher per channel). Start the backlog
+        resumer (:func:`~actors.backlog_resumer.backlog_resumer_child`) after it."""
         channels = Supervisor(
             "channels",
             [d.spec for d in self.dispatchers.values()],
             runtime=self.runtime,
             **self.channels_supervisor,
         )
-        return [
-            channels.child_spec(Restart.PERMANENT),
-            ChildSpec(id="dispatch_backlog", start=self.run_backlog, restart=Restart.PERMANENT),
-        ]
-
-    async def run_backlog(
-        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Resume what a crash left queued: at start, then every ``backlog_interval_s``."""
-        task_status.started()
-        while True:
-            try:
-                await self.resume_backlog()
-            except ProviderError as exc:
-                log.warning("dispatch backlog not read: %s", exc)
-            await trio.sleep(self.backlog_interval_s)
-
-    async def resume_backlog(self) -> int:
-        """Offer queued dispatches older than ``backlog_older_than_s`` to their dispatchers."""
-        rows: list[QueuedDispatch] = await self.db.run_unit(
-            queued_backlog_async, list(self._tenants), self.backlog_older_than_s, self.backlog_batch
-        )
-        now = trio.current_time()
-        offered = 0
-        for row in rows:
-            dispatcher = self.dispatchers.get(ChannelName(row.channel))
-            if dispatcher is None or dispatcher.memory.holds(row.dispatch_id):
-                continue
-            if dispatcher.full():
-                break  # the next pass takes the rest
-            job = Job(
-                dispatch_id=row.dispatch_id,
-                tenant_id=row.tenant_id,
-                idempotency_key=row.idempotency_key,
-                channel=row.channel,
-                recipient=row.recipient,
-                body=row.body,
-                subject=row.subject,
-                category=row.category,
-                data=row.data,
-                accepted_at=now - row.age_s,
-                throttled=row.category_state is BlockState.THROTTLED,
-                resumed=True,
-            )
-            if not dispatcher.offer(job):
-                break  # the next pass takes the rest
-            offered += 1
-        self.stats.resumed += offered
-        return offered
+        return [channels.child_spec(Restart.PERMANENT)]
 
     # -- submit -------------------------------------------------------------------------------
 
@@ -878,7 +820,6 @@ class DispatchService:
             self._count(channel, "overloaded")
             raise Overloaded(str(channel), dispatcher.capacity)
         tenant = request.tenant_id  # canonical: the decoder made it
-        self._remember(tenant)
         request_hash = _request_hash(request)
         dispatch_id = self.new_id()
 
@@ -888,7 +829,9 @@ class DispatchService:
             if isinstance(cached, dict) and "dispatch_id" in cached:  # a committed dispatch
                 self.stats.cache_duplicates += 1
                 self._count(channel, "duplicate")
-                return SubmitResult(dispatch_id=str(cached["dispatch_id"]), status=None, replay=True)
+                return SubmitResult(
+                    dispatch_id=str(cached["dispatch_id"]), status=None, replay=True
+                )
             lookup = None  # not a dispatch's entry: the database decides, nothing is cached
         result = await self._submit(request, channel, dispatcher, tenant, request_hash, dispatch_id)
         if lookup is not None and self.idempotency is not None:
@@ -939,7 +882,7 @@ class DispatchService:
             )
             req = accept_request("", None, "default", request.template_version)
             refused = await self.db.run_unit(
-                accept_async, req, (DispatchStatus.FAILED, "template_not_found"), [notice]
+                accept_async, req, (DispatchStatus.FAILED, missing.reason), [notice]
             )
             self._settle_duplicate(refused, tenant, request.idempotency_key)
             if not refused.created:
@@ -963,26 +906,31 @@ class DispatchService:
 
         refuse: tuple[DispatchStatus, str] | None = None
         phi = (
-            self._phi_hit(request, rendered.body, rendered.subject)
-            if channel is ChannelName.PUSH
+            self.phi_guard.check(template, request.data, rendered.body, rendered.subject)
+            if channel is ChannelName.PUSH and self.phi_guard is not None
             else None
         )
-        if phi is not None:
+        if phi is not None and self.phi_guard is not None:
             refuse = (DispatchStatus.FAILED, "phi_guard")
+            # Halt, retire, record first (actors/phi_guard.py); a replay finds it retired.
+            await self.phi_guard.trip(
+                phi, tenant_id=tenant, dispatch_id=str(dispatch_id), channel=str(channel),
+                template=template, templates=self.templates,
+            )  # fmt: skip
         req = accept_request(rendered.body, rendered.subject, template.category, template.version)
-        result: AcceptResult = await self.db.run_unit(accept_async, req, refuse)
+        result: AcceptResult
+        if refuse is None and self.accepts is not None:
+            result = await self.accepts.submit(req)  # the group commit
+        else:
+            result = await self.db.run_unit(accept_async, req, refuse)
         self._settle_duplicate(result, tenant, request.idempotency_key)
         if not result.created:
             return self._duplicate(result, channel)
         did = str(dispatch_id)
         if phi is not None:
             self.stats.phi_refused += 1
-            if self._metrics is not None:
-                self._metrics.phi_hits.labels(str(channel)).inc()
-            if self.phi_detector is not None:
-                self.phi_detector.observe()
             self._count(channel, "phi_guard")
-            raise PhiRefused(phi, did)
+            raise PhiRefused(f"rule {phi.rule} at {phi.where}", did)
         if result.status is DispatchStatus.FAILED:  # category_disabled
             self.stats.category_disabled += 1
             self._count(channel, "category_disabled")
@@ -1024,25 +972,6 @@ class DispatchService:
     def _count(self, channel: ChannelName | str, result: str) -> None:
         if self._metrics is not None:
             self._metrics.submitted.labels(str(channel), result).inc()
-
-    def _remember(self, tenant: str) -> None:
-        tenants = self._tenants
-        if tenant in tenants:
-            return
-        if len(tenants) >= self.max_tenants:
-            tenants.popitem(last=False)
-        tenants[tenant] = None
-
-    # -- the PHI guard ---------------------------------------------------------
-
-    def _phi_hit(self, request: SubmitRequest, body: str, subject: str | None) -> str | None:
-        for name in request.data:
-            if name.lower() in self.phi_fields:
-                return f"field {name!r}"
-        for pattern in self.phi_patterns:
-            if pattern.search(body) or (subject is not None and pattern.search(subject)):
-                return f"pattern {pattern.pattern!r}"
-        return None
 
     # -- the Redis fast path --------------------------------------------------------------------
 

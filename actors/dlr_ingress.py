@@ -804,6 +804,9 @@ class DlrIngress:
         """Offer ``receipts`` to the pool as one job; None when its mailbox is full (shed)."""
         if not self.running:
             raise RuntimeError("the DLR pool is not running")
+        return self._offer(provider, receipts)
+
+    def _offer(self, provider: str, receipts: Sequence[Receipt]) -> QueuedCallback | None:
         job = QueuedCallback(provider, receipts)
         try:
             self.pool.tell_nowait(Deliver(job))
@@ -814,8 +817,15 @@ class DlrIngress:
     async def deliver(self, provider: str, receipts: Sequence[Receipt]) -> Outcome:
         """Offer ``receipts`` and wait for them: APPLIED, FAILED, SHED (the pool could not
         take them) or ABANDONED (ack timeout). What the webhook does after parsing."""
+        if not self.running:
+            raise RuntimeError("the DLR pool is not running")
+        return await self._deliver(provider, receipts)
+
+    async def _deliver(self, provider: str, receipts: Sequence[Receipt]) -> Outcome:
+        """:meth:`deliver` once the caller saw the pool running (one look per callback:
+        it builds the pool's statistics)."""
         try:
-            job = self.offer(provider, receipts)
+            job = self._offer(provider, receipts)
         except ActorStopped:  # removed for good between the check and the offer
             return Outcome.FAILED
         if job is None:
@@ -914,7 +924,7 @@ class DlrIngress:
             )
         if not self.running:
             raise NotReady("the DLR pool is not running", provider=provider)
-        outcome = await self.deliver(provider, receipts)
+        outcome = await self._deliver(provider, receipts)
         if outcome is Outcome.APPLIED:
             return len(receipts)
         if outcome is Outcome.SHED:

@@ -291,6 +291,8 @@ class IdempotencyStore:
         if runtime is not None:
             common = {"clock": runtime.clock, "events": runtime.events, "metrics": runtime.metrics}
         breaker = Breaker("redis", **engine_kwargs(config.breakers["redis"]), **common)
+        if runtime is not None:
+            runtime.tunables.breaker("redis", breaker)  # a reload retunes it in place
         if detector is None:
             detector = make_detector(
                 alert_name(catalog.row(ROW)),

@@ -50,6 +50,12 @@ Known gap: if the database is down on an event's last delivery, the dead
 letter cannot be written either; the message is nak'ed and JetStream stops
 delivering it (it stays in the stream, and the server emits a max-deliveries
 advisory). Choose ``max_deliver`` x backoff longer than a tolerated outage.
+
+**Replicas** (issue 12): runs on every replica, no lease. Every replica binds the
+same durable (``[inbox] durable``): JetStream hands each message to one of them
+(queue semantics); a message a dead replica fetched and never acked is
+redelivered after ``ack_wait_s``, and the unique (tenant, appointment_id) makes
+that redelivery a no-op.
 """
 
 from __future__ import annotations

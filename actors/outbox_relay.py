@@ -6,11 +6,13 @@ followed by a queue of them); a turn that moved a full batch polls again at
 once, and :func:`nudge` asks for a turn now (e.g. after a write). While
 ``BLOCKED``, a poll is also sent for the breaker's half-open moment when that
 comes before the next tick. Each turn crosses the bridge once with
-:func:`providers.db.outbox.relay_batch`:
-one PostgreSQL transaction (as ``triage_relay``) that claims a batch, publishes
-it to JetStream (``Nats-Msg-Id`` = outbox id, all acks awaited concurrently),
-marks the acknowledged rows published and reads the lag. See
-:mod:`providers.db.outbox` for the claim and the order per aggregate.
+:func:`providers.db.outbox.relay_session`: one PostgreSQL transaction (as
+``triage_relay``) that, for up to ``[relay] session_s`` while full batches keep
+coming, claims a batch, publishes it to JetStream (``Nats-Msg-Id`` = outbox id,
+the acks pipelined on the client's one ack inbox), claims the next batches while
+the acks arrive, publishes the next once every ack of the one before is in, marks
+the acknowledged rows published and, last, reads the lag. See
+:mod:`providers.db.outbox` for the claim, the session and the order per aggregate.
 
 State machine (one log line per change, :class:`~engine.statelog.StateLog`)::
 
@@ -21,11 +23,14 @@ State machine (one log line per change, :class:`~engine.statelog.StateLog`)::
     DEGRADED --a batch or a lag read succeeds--> RELAYING (or BLOCKED)
     any      --the incarnation ends--> STOPPED
 
-Breaker accounting (``breakers.nats_publish``): a batch with any failed publish
-(a timeout, a refusal, the client reconnecting) is one failure; an acked batch
-one success. A turn that never reached NATS (empty batch, database error) is
-reported as :class:`PublishNotAttempted`, a :class:`~engine.errors.LoadShed`,
-which the breaker ignores (it frees a half-open probe slot and counts nothing).
+Breaker accounting (``breakers.nats_publish``): a session with any failed publish
+(a timeout, a refusal, the client reconnecting) is one failure -- the session
+ends at the first one; a session whose batches were all acked one success,
+timed by its slowest batch's publish (not by the whole session, which would
+make every long session a slow call). A turn that never reached NATS (empty
+batch, database error) is reported as :class:`PublishNotAttempted`, a
+:class:`~engine.errors.LoadShed`, which the breaker ignores (it frees a
+half-open probe slot and counts nothing).
 
 Lag: after every turn (also while BLOCKED, from a plain read) the age of the
 oldest pending row goes to the lag detectors with ``set_age`` (each an
@@ -50,8 +55,9 @@ failure, e.g. a bug that one event's data triggers) re-raises, so its supervisor
 restarts the relay (each restart counts in ``restarts`` and feeds the row 9
 detector through ``restart_sinks``). Before re-raising, the relay attributes the
 crash in its :class:`RelayMemory` (created once with the child, like its
-mailbox, so it outlives the incarnation): a crash on a batch of several rows
-switches the relay to *isolation* -- batches of one row, until as many rows as
+mailbox, so it outlives the incarnation): a crash on a batch of several rows (the batch in flight: what the
+session's batches before it marked is committed) switches the relay to
+*isolation* -- sessions of one batch of one row, until as many rows as
 the crashed batch held went through; a crash on a single row quarantines that row
 at once (dead letter + DLQ, in its own unit of work). A poison row thus costs
 two restarts (batch, then alone) and the relay goes on past it, well within a
@@ -61,9 +67,16 @@ resort, for crashes no row explains (e.g. before any claim).
 Start-up check: the stream's duplicate window must cover the relay's retry
 horizon, the longest a publish that timed out (and may have been stored) can
 wait before it is sent again: ``ack_timeout_s + breaker.reset_timeout_max_s +
-poll_interval_s``. A shorter window, or a stream with one replica (an acked
+poll_interval_s + session_s`` (a session rolled back publishes again what it
+had marked). A shorter window, or a stream with one replica (an acked
 write lives on one server, and until the server's ``sync_interval`` fsync an OS
 crash loses it), is logged as a warning.
+
+**Replicas** (issue 12): runs on every replica, no lease. The claim (``FOR UPDATE
+SKIP LOCKED`` plus the per-aggregate transaction advisory lock of
+:mod:`providers.db.outbox`) gives each batch to one relay, and the order per
+aggregate holds however many relays run; a SIGKILLed relay's transaction rolls
+back and its rows are claimed again (``Nats-Msg-Id`` dedupes a publish it made).
 """
 
 from __future__ import annotations
@@ -94,6 +107,7 @@ from engine.errors import (
 from engine.statelog import StateLog
 from providers import jetstream
 from providers.bridge import run
+from providers.db.dead_letters import Redact
 from providers.db.outbox import (
     BatchReport,
     DeadLetterTo,
@@ -102,7 +116,7 @@ from providers.db.outbox import (
     Publish,
     pending_age_s,
     quarantine_async,
-    relay_batch,
+    relay_session,
 )
 
 if TYPE_CHECKING:
@@ -218,7 +232,10 @@ class LagSink(Protocol):
 
 def retry_horizon_s(config: RelayConfig, breaker: Breaker) -> float:
     """The longest a maybe-stored publish waits before its retry (see the module docstring)."""
-    return config.ack_timeout_s + breaker.reset_timeout_max_s + config.poll_interval_s
+    return (
+        config.ack_timeout_s + breaker.reset_timeout_max_s + config.poll_interval_s
+        + config.session_s
+    )  # fmt: skip
 
 
 def _refused_for_good(error: Exception) -> bool:
@@ -237,18 +254,31 @@ class _Limits:
     subjects: Sequence[str]
     max_payload: int
     max_msg_size: int = -1  # the stream's, read at start
+    _bound: dict[str, bool] = field(default_factory=dict)  # subject -> matched (a few subjects)
+
+    def binds(self, subject: str) -> bool:
+        """Whether the relay's subjects cover ``subject`` (answers remembered, 1024 at most)."""
+        known = self._bound.get(subject)
+        if known is None:
+            known = any(jetstream.subject_matches(p, subject) for p in self.subjects)
+            if len(self._bound) >= 1024:
+                self._bound.clear()
+            self._bound[subject] = known
+        return known
 
 
 def _check_row(row: OutboxRow, limits: _Limits) -> jetstream.PublishItem:
     """The row's message, or :class:`PoisonEvent` if it can never be published as it is."""
     if row.defect is not None:
         raise PoisonEvent(row.defect)
-    if limits.subjects and not any(
-        jetstream.subject_matches(p, row.subject) for p in limits.subjects
-    ):
+    if limits.subjects and not limits.binds(row.subject):
         raise PoisonEvent(f"subject {row.subject!r} is not bound to the relay's stream")
     item = row.to_item()
-    size = len(item.payload) + sum(len(k) + len(v) + 4 for k, v in item.headers.items())
+    headers = item.headers
+    size = (
+        len(item.payload) + sum(map(len, headers)) + sum(map(len, headers.values()))
+        + 4 * len(headers)
+    )  # fmt: skip
     if size + 64 > limits.max_payload:
         raise PoisonEvent(
             f"message of {size} bytes exceeds the server's max payload {limits.max_payload}"
@@ -329,6 +359,7 @@ class OutboxRelay(Actor[RelayMessage]):
         ensure_stream: bool = True,
         restart_sinks: Sequence[RestartSink] = (),
         publish_hook: PublishHook | None = None,
+        redact: Redact | None = None,
     ) -> None:
         self.pool = pool
         self.client = client
@@ -357,6 +388,7 @@ class OutboxRelay(Actor[RelayMessage]):
             subject=config.dlq_subject,
             max_payload=max_payload,
             max_attempts=config.max_attempts,
+            redact=redact,  # row 11: a dead letter is redacted before it is written
         )
 
     # -- the actor -----------------------------------------------------------------------
@@ -415,32 +447,42 @@ class OutboxRelay(Actor[RelayMessage]):
             await self._read_lag()
             return False
         memory = self.memory
-        limit = 1 if memory.isolate > 0 else self.config.batch_size
+        isolating = memory.isolate > 0
+        limit = 1 if isolating else self.config.batch_size
+        session_s = 0.0 if isolating else self.config.session_s
         claimed: list[int] = []
-        batch = partial(relay_batch, self.pool, self._publish, limit, self._dead_letter, claimed)
+        before_crash: list[BatchReport] = []
+        session = partial(
+            relay_session, self.pool, self._publish, limit, self._dead_letter, claimed, session_s,
+            before_crash=before_crash,
+        )  # fmt: skip
         try:
-            report = await run(batch, service="postgres")
-        except NatsPublishFailed as exc:
+            report = await run(session, service="postgres")
+        except NatsPublishFailed as exc:  # the session reports these; in case one escapes
             self.breaker.on_failure(exc, start)
             self._after_failure(exc)
             await self._read_lag()
             return False
-        except ProviderError as exc:  # the database: nothing reached NATS
+        except ProviderError as exc:  # the database: the session rolled back
             self.breaker.on_failure(PublishNotAttempted(str(exc)), start)
             self.states.enter(RelayState.DEGRADED, str(exc))
             return False
         except Exception as exc:  # a crash: attribute it, then let the supervisor restart us
             self.breaker.on_failure(PublishNotAttempted("turn crashed"), start)
+            for done in before_crash:  # the session's batches before the crash are committed
+                memory.published += done.published
+                memory.failed += done.failed
+                memory.dead_lettered += done.dead_lettered
             await self._on_crash(claimed, exc)
             raise
         except BaseException:
             self.breaker.on_failure(PublishNotAttempted("turn interrupted"), start)
             raise
-        if memory.isolate > 0:
+        if isolating and report.stopped_by is None:
             memory.isolate = 0 if report.claimed == 0 else memory.isolate - report.claimed
         memory.dead_lettered += report.dead_lettered
         self._account(report, start)
-        return report.claimed >= limit and report.failed == 0
+        return report.more and report.failed == 0 and report.stopped_by is None
 
     async def _on_crash(self, claimed: Sequence[int], exc: Exception) -> None:
         """Attribute a crashed turn: isolate a batch, quarantine a single row (module docstring)."""
@@ -478,16 +520,19 @@ class OutboxRelay(Actor[RelayMessage]):
     def _account(self, report: BatchReport, start: float) -> None:
         self.memory.published += report.published
         self.memory.failed += report.failed
-        if report.claimed == 0:
+        problem: Exception | None = report.stopped_by
+        if problem is None and report.failed:
+            problem = NatsPublishFailed(f"nats: {report.failed} of {report.claimed} publishes"
+                                        f" failed (first: {report.first_error})")  # fmt: skip
+        if problem is not None:
+            self.breaker.on_failure(problem, start)
+            self._after_failure(problem)
+        elif report.claimed == 0:
             self.breaker.on_failure(PublishNotAttempted("nothing to publish"), start)
-        elif report.failed:
-            error = NatsPublishFailed(f"nats: {report.failed} of {report.claimed} publishes failed"
-                                      f" (first: {report.first_error})")  # fmt: skip
-            self.breaker.on_failure(error, start)
-            self._after_failure(error)
         else:
-            self.breaker.on_success(start)
-        if report.failed == 0 or self.states.state is RelayState.DEGRADED:
+            # Timed as its slowest batch: the session's other time is not the call's.
+            self.breaker.on_success(start + max(0.0, report.elapsed_s - report.slowest_publish_s))
+        if problem is None or self.states.state is RelayState.DEGRADED:
             self.states.enter(
                 RelayState.RELAYING
                 if self.breaker.state is not CircuitState.OPEN
@@ -588,6 +633,7 @@ def relay_child(
     ensure_stream: bool = True,
     restart_sinks: Sequence[RestartSink] = (),
     publish_hook: PublishHook | None = None,
+    redact: Redact | None = None,
     restart: Restart | None = None,
     deadlines: Deadlines | None = None,
     metrics: Metrics | None = None,
@@ -607,6 +653,7 @@ def relay_child(
         ensure_stream=ensure_stream,
         restart_sinks=restart_sinks,
         publish_hook=publish_hook,
+        redact=redact,
     )
     return actor_child(
         OutboxRelay.name,

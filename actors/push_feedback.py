@@ -45,6 +45,14 @@ the refreshes, the newest feedback's time and the running totals), so a restart
 never resets the feedback age nor the numbers ``ref.statistics()`` shows. The
 mailboxes carry only the actors' own ticks and task reports (their tasks wait
 for room, so ``[mailboxes.push_feedback]`` must be ``wait``).
+
+**Replicas** (issue 12): :class:`PushFeedback` is the daemon's singleton
+(``[singletons] actors``, :mod:`supervisors.singleton`): it runs on the one
+replica holding its advisory-lock lease. With several pullers each would get a
+share of the subscriptions' messages, and the watchdog (no feedback *here* while
+some wait) would take a healthy share for a stall. On a standby the wiring keeps
+row 2's detector touched (only the holder watches the feedback). :class:`StaleSweep`
+runs everywhere (one idempotent UPDATE per call); it may be made a singleton too.
 """
 
 from __future__ import annotations

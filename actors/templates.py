@@ -14,7 +14,11 @@ dispatch costs no crossing at all. A missing template is remembered for
 dispatch into a query; :meth:`TemplateRegistry.invalidate` drops entries at once
 (after a template is added or activated).
 
-**Failing closed**: a missing (or retired) template raises :class:`TemplateNotFound`.
+**Failing closed**: a missing template raises :class:`TemplateNotFound`, a retired
+version (row 11: the PHI guard retired it) :class:`TemplateRetired` (a
+``TemplateNotFound`` naming the version and the retirement's reason; its stored
+reason is ``template_retired``, and it feeds row 19's detector no more than the
+guard's incident does: a retirement is no deploy mismatch).
 The dispatcher then writes the ``failed`` dispatch (reason ``template_not_found``)
 and, in the same transaction, the internal-ops notice of
 :meth:`TemplateRegistry.notice_for` (``triage.events.ops.notice``, ``kind =
@@ -45,7 +49,7 @@ from engine.detectors import CountInWindowDetector
 from engine.errors import TriageError
 from engine.events import EventBus, Notice
 from engine.metrics import families
-from providers.db.templates import TemplateRow, lookup_template_async
+from providers.db.templates import RetiredVersion, TemplateRow, lookup_template_async
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -60,6 +64,7 @@ __all__ = [
     "TemplateNotFound",
     "TemplateRegistry",
     "TemplateRenderError",
+    "TemplateRetired",
 ]
 
 log = logging.getLogger("triage.templates")
@@ -76,6 +81,9 @@ class TemplateNotFound(TriageError):
     Its answer (422 ``template_not_found``) is :mod:`actors.answers`'.
     """
 
+    #: The dispatch row's ``reason`` when it fails closed for this.
+    reason = "template_not_found"
+
     def __init__(self, tenant_id: str, name: str, version: int | None) -> None:
         which = "the active version" if version is None else f"version {version}"
         super().__init__(f"template {name!r} ({which}) not found for tenant {tenant_id}")
@@ -83,6 +91,23 @@ class TemplateNotFound(TriageError):
         self.name = name
         self.version = version
         self.dispatch_id: str | None = None
+
+
+class TemplateRetired(TemplateNotFound):
+    """The version named (or, asking for the active one, the newest) is retired: refused
+    like a missing one, with the retirement's reason (``phi_guard: <rule>``, row 11)."""
+
+    reason = "template_retired"
+
+    def __init__(
+        self, tenant_id: str, name: str, version: int | None, retired: int, why: str
+    ) -> None:
+        super().__init__(tenant_id, name, version)
+        self.args = (
+            f"template {name!r} version {retired} is retired for tenant {tenant_id} ({why})",
+        )
+        self.retired_version = retired
+        self.why = why
 
 
 class TemplateRenderError(TriageError):
@@ -149,6 +174,7 @@ class _Metrics:
 
 
 Key = tuple[str, str, int | None]
+Found = TemplateRow | RetiredVersion | None
 
 
 class TemplateRegistry:
@@ -180,7 +206,8 @@ class TemplateRegistry:
         self.hits = 0
         self.misses = 0
         self.not_found_count = 0
-        self._cache: OrderedDict[Key, tuple[float, TemplateRow | None]] = OrderedDict()
+        self.retired_count = 0
+        self._cache: OrderedDict[Key, tuple[float, Found]] = OrderedDict()
         self._metrics = families(registry, _Metrics) if registry is not None else None
 
     @classmethod
@@ -209,16 +236,18 @@ class TemplateRegistry:
         else:
             self.misses += 1
             row = await self.db.run_unit(lookup_template_async, tenant_id, name, version)
-            ttl = self.ttl_s if row is not None else self.negative_ttl_s
+            ttl = self.ttl_s if isinstance(row, TemplateRow) else self.negative_ttl_s
             if ttl > 0:
                 self._store(key, trio.current_time() + ttl, row)
             else:
                 self._cache.pop(key, None)
         if row is None:
             raise TemplateNotFound(tenant_id, name, version)
+        if isinstance(row, RetiredVersion):
+            raise TemplateRetired(tenant_id, name, version, row.version, row.reason)
         return row
 
-    def _store(self, key: Key, expires: float, row: TemplateRow | None) -> None:
+    def _store(self, key: Key, expires: float, row: Found) -> None:
         cache = self._cache
         cache[key] = (expires, row)
         cache.move_to_end(key)
@@ -248,7 +277,7 @@ class TemplateRegistry:
     ) -> dict[str, Any]:
         """The internal-ops notice payload for one refused dispatch (no side effects)."""
         return {
-            "kind": NOTICE_KIND,
+            "kind": error.reason,  # NOTICE_KIND, or template_retired
             "tenant": error.tenant_id,
             "template": error.name,
             "version": error.version,
@@ -257,7 +286,12 @@ class TemplateRegistry:
         }
 
     def not_found(self, error: TemplateNotFound, *, channel: str) -> None:
-        """Count and alert one dispatch refused for ``error`` (call once per refused row)."""
+        """Count and alert one dispatch refused for ``error`` (call once per refused row).
+        A retired version is counted and logged only (row 11's incident says why)."""
+        if isinstance(error, TemplateRetired):
+            self.retired_count += 1
+            log.warning("%s (channel %s): the dispatch fails closed", error, channel)
+            return
         self.not_found_count += 1
         if self._metrics is not None:
             self._metrics.not_found.labels(channel).inc()

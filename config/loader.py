@@ -28,29 +28,44 @@ import msgspec
 import msgspec.inspect as mi
 
 from config.schema import (
+    AlertmanagerConfig,
     BouncesConfig,
     BreakerConfig,
     BulkheadConfig,
     ChannelsConfig,
+    ClockConfig,
     DaemonConfig,
+    DashboardConfig,
     DatabaseConfig,
     DetectorConfig,
     DispatchConfig,
     DlrConfig,
     EmulatorsConfig,
+    ErasureConfig,
+    FallbackConfig,
     GuardConfig,
     IdempotencyConfig,
     InboxConfig,
+    JitsiConfig,
     MailboxConfig,
+    PhiConfig,
     ProvidersConfig,
     PushFeedbackConfig,
     RateLimitConfig,
+    RecordingsConfig,
     RelayConfig,
     RetryConfig,
+    ScannerConfig,
     ServicesConfig,
+    SingletonsConfig,
+    SloConfig,
     SpoolConfig,
+    StatusSweepConfig,
     SupervisorConfig,
+    ThreadsConfig,
+    TokensConfig,
     TriageConfig,
+    UploadsConfig,
 )
 
 # The one ConfigError of the project is the engine's (the error tree is drawn once, in
@@ -96,7 +111,22 @@ _PLAIN_SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "dispatch": DispatchConfig,
     "dlr": DlrConfig,
     "push_feedback": PushFeedbackConfig,
+    "status_sweep": StatusSweepConfig,
     "bounces": BouncesConfig,
+    "uploads": UploadsConfig,
+    "scanner": ScannerConfig,
+    "jitsi": JitsiConfig,
+    "fallback": FallbackConfig,
+    "slo": SloConfig,
+    "alertmanager": AlertmanagerConfig,
+    "dashboard": DashboardConfig,
+    "tokens": TokensConfig,
+    "recordings": RecordingsConfig,
+    "threads": ThreadsConfig,
+    "clock": ClockConfig,
+    "singletons": SingletonsConfig,
+    "phi": PhiConfig,
+    "erasure": ErasureConfig,
 }
 _TOP_LEVEL: Final = frozenset({"daemon", "catalog", *_PLAIN_SECTIONS, *PROFILE_SECTIONS})
 #: Guard field -> the section its value must name.
@@ -162,7 +192,7 @@ def toml_repr(value: object) -> str:
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
-        return "an array"
+        return "an array" if value else "[]"
     return str(value)
 
 
@@ -265,7 +295,7 @@ def read_text(path: str | os.PathLike[str]) -> str:
     source = os.fspath(path)
     try:
         return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path; bad UTF-8
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         problem = ConfigProblem(
             source=source, line=None, path="$", message=f"cannot read file: {reason}"
@@ -326,7 +356,11 @@ _MISSING_FIELD = re.compile(r"^Object missing required field `(?P<name>[^`]+)`$"
 _EXPECTED_GOT = re.compile(r"^Expected `(?P<want>[^`]+)`, got `(?P<got>[^`]+)`$")
 _EXPECTED = re.compile(r"^Expected `(?P<want>[^`]+)`(?P<rest>.*)$")
 _ENUM = re.compile(r"^Invalid enum value (?P<got>.+)$")
-_POST_INIT = re.compile(r"^(?P<field>[a-z_][a-z0-9_]*): (?P<text>.+)$", re.DOTALL)
+_POST_INIT = re.compile(
+    r"^(?P<field>[a-z_][a-z0-9_]*)(?:\.(?P<key>[A-Za-z0-9_-]+))?(?:\[(?P<index>\d+)\])?"
+    r": (?P<text>.+)$",
+    re.DOTALL,
+)
 
 
 def explain(
@@ -361,7 +395,11 @@ def explain(
             return parts, f"expected one of {options}, got {got(parts, m.group('got'))}"
         return parts, f"invalid value {got(parts, m.group('got'))}"
     if (m := _POST_INIT.match(text)) is not None:
-        field = (*parts, m.group("field"))
+        field: PathParts = (*parts, m.group("field"))
+        if m.group("key") is not None:  # a table's key: ``patterns.ssn: ...``
+            field = (*field, m.group("key"))
+        if m.group("index") is not None:
+            field = (*field, int(m.group("index")))
         return field, f"{m.group('text')}, got {got(field, '?')}"
     return parts, text[:1].lower() + text[1:]
 
@@ -369,14 +407,14 @@ def explain(
 class Reporter:
     """Collects problems for one file; decodes values into Structs, recording failures."""
 
-    def __init__(
-        self, text: str, source: str, bases: Sequence[tuple[str, str]] = ()
-    ) -> None:
+    def __init__(self, text: str, source: str, bases: Sequence[tuple[str, str]] = ()) -> None:
         self.source = source
         self.locator = TomlLocator(text)
         #: The files this one extends, nearest first, as (source, locator).
         self.bases = [(base_source, TomlLocator(base_text)) for base_text, base_source in bases]
         self.problems: list[ConfigProblem] = []
+        #: Paths whose value is refused as such (:meth:`refuse`): no other problem there.
+        self.refused: set[str] = set()
 
     def where(self, parts: PathParts) -> tuple[str, int | None]:
         """The file and line that wrote ``parts``: this file if it writes the key, else
@@ -393,6 +431,12 @@ class Reporter:
         self.problems.append(
             ConfigProblem(source=source, line=line, path=render_path(parts), message=message)
         )
+
+    def refuse(self, parts: PathParts, message: str) -> None:
+        """Record that the value at ``parts`` is unusable whatever its key: the one
+        problem reported there (a decode failing on the same value says no more)."""
+        self.add(parts, message)
+        self.refused.add(self.problems[-1].path)
 
     def attempt(
         self,
@@ -432,8 +476,33 @@ class Reporter:
 
     def raise_if_any(self) -> None:
         if self.problems:
-            ordered = sorted(self.problems, key=lambda p: (p.line is None, p.line or 0))
+            kept = [
+                p for p in self.problems
+                if p.path not in self.refused or p.message.startswith(_REFUSED)
+            ]  # fmt: skip
+            ordered = sorted(kept, key=lambda p: (p.line is None, p.line or 0))
             raise ConfigError(ordered)
+
+
+#: How every message of :func:`refuse_unusable_values` starts.
+_REFUSED: Final = "must "
+
+
+def refuse_unusable_values(value: object, report: Reporter, parts: PathParts = ()) -> None:
+    """Refuse, wherever they are, values no setting can use: a number that is not
+    finite (``nan``, ``inf``: no threshold, window or timeout is infinite, and every
+    comparison with ``nan`` is false) and a string with a NUL byte (no path, name or
+    header can hold one; the OS refuses it in a path)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            refuse_unusable_values(item, report, (*parts, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            refuse_unusable_values(item, report, (*parts, index))
+    elif isinstance(value, float) and not math.isfinite(value):
+        report.refuse(parts, f"{_REFUSED}be a finite number, got {toml_repr(value)}")
+    elif isinstance(value, str) and "\x00" in value:
+        report.refuse(parts, f"{_REFUSED}not contain a NUL byte, got {toml_repr(value)}")
 
 
 # -- profiles ------------------------------------------------------------------------------
@@ -599,9 +668,12 @@ def load_config_text(
     is validated; a problem is reported in the file that wrote the key.
     """
     raw, bases = _layers(
-        parse_toml(text, source), source, Path(source).parent if directory is None else Path(directory)
+        parse_toml(text, source),
+        source,
+        Path(source).parent if directory is None else Path(directory),
     )
     report = Reporter(text, source, bases)
+    refuse_unusable_values(raw, report)
 
     for key in raw:
         if key not in _TOP_LEVEL:

@@ -55,12 +55,22 @@ import trio
 
 from .deadlines import Deadlines, Reply
 from .errors import ActorError, ActorStopped, MailboxFull
+from .mailbox import Mailbox
 
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .supervisor import BreakerLike, ChildSpec, Restart
 
-__all__ = ["Actor", "ActorRef", "Overflow", "Stop", "Timer", "actor_child", "ended_by_error"]
+__all__ = [
+    "Actor",
+    "ActorRef",
+    "Overflow",
+    "Stop",
+    "Timer",
+    "actor_child",
+    "actor_ref_of",
+    "ended_by_error",
+]
 
 M = TypeVar("M")
 
@@ -189,7 +199,7 @@ class ActorRef(Generic[M]):
     def __init__(
         self,
         name: str,
-        send: trio.MemorySendChannel[Any],
+        send: Mailbox,
         overflow: Overflow,
         deadlines: Deadlines | None,
     ) -> None:
@@ -207,7 +217,7 @@ class ActorRef(Generic[M]):
         """Deliver ``message``; a full mailbox waits, drops or raises per the overflow policy."""
         try:
             if self._overflow is Overflow.WAIT:
-                await self._send.send(message)
+                await self._send.put(message)
             else:
                 await trio.lowlevel.checkpoint()
                 self._offer(message)
@@ -223,14 +233,12 @@ class ActorRef(Generic[M]):
 
     def _offer(self, message: object) -> None:
         try:
-            self._send.send_nowait(message)
+            self._send.put_nowait(message)
         except trio.WouldBlock:
             if self._overflow is Overflow.DROP_NEWEST:
                 self.dropped += 1
                 return
-            raise MailboxFull(
-                self.name, capacity=int(self._send.statistics().max_buffer_size)
-            ) from None
+            raise MailboxFull(self.name, capacity=self._send.capacity) from None
 
     async def ask(self, message: M, *, timeout_s: float | None) -> Any:
         """Send ``message`` and wait for the reply; :class:`AskTimeout` after ``timeout_s``.
@@ -243,14 +251,12 @@ class ActorRef(Generic[M]):
         deadline = math.inf if timeout_s is None else trio.current_time() + timeout_s
         try:
             try:
-                self._send.send_nowait(item)
+                self._send.put_nowait(item)
             except trio.WouldBlock:
                 if self._overflow is not Overflow.WAIT:
-                    raise MailboxFull(
-                        self.name, capacity=int(self._send.statistics().max_buffer_size)
-                    ) from None
+                    raise MailboxFull(self.name, capacity=self._send.capacity) from None
                 with trio.move_on_at(deadline):
-                    await self._send.send(item)
+                    await self._send.put(item)
                 if trio.current_time() >= deadline:
                     reply.expire()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -263,7 +269,11 @@ class ActorRef(Generic[M]):
 
     def queued(self) -> int:
         """Messages waiting in the mailbox."""
-        return int(self._send.statistics().current_buffer_used)
+        return len(self._send)
+
+    def capacity(self) -> int:
+        """The mailbox's size."""
+        return self._send.capacity
 
     def statistics(self) -> Any:
         """The running incarnation's :meth:`Actor.statistics` (None while none runs)."""
@@ -274,7 +284,7 @@ class ActorRef(Generic[M]):
 async def _run_actor(
     factory: Callable[[], Actor[Any]],
     ref: ActorRef[Any],
-    receive: trio.MemoryReceiveChannel[Any],
+    receive: Mailbox,
     batch_max: int,
     shutdown_s: float,
     overrides_init: bool,
@@ -371,7 +381,7 @@ async def _tick(ref: ActorRef[Any], timer: Timer, index: int, pending: set[int])
         if index in pending:
             continue
         try:
-            ref._send.send_nowait(item)
+            ref._send.put_nowait(item)
         except trio.WouldBlock:
             continue
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -379,13 +389,11 @@ async def _tick(ref: ActorRef[Any], timer: Timer, index: int, pending: set[int])
         pending.add(index)
 
 
-async def _loop(
-    actor: Actor[Any], receive: trio.MemoryReceiveChannel[Any], batch_max: int
-) -> None:
+async def _loop(actor: Actor[Any], receive: Mailbox, batch_max: int) -> None:
     handle = actor.handle
     try:
         while True:
-            item = await receive.receive()
+            item = await receive.get()
             budget = batch_max
             while True:
                 if type(item) is _Ask:
@@ -407,7 +415,7 @@ async def _loop(
                 if budget <= 0:
                     break
                 try:
-                    item = receive.receive_nowait()
+                    item = receive.get_nowait()
                 except trio.WouldBlock:
                     break
     except trio.EndOfChannel:
@@ -436,11 +444,11 @@ def actor_child(
         raise ValueError("mailbox capacity must be >= 1")
     if batch_max < 1:
         raise ValueError("batch_max must be >= 1")
-    send, receive = trio.open_memory_channel[Any](capacity)
-    ref: ActorRef[M] = ActorRef(id, send, overflow, deadlines)
+    mailbox = Mailbox(capacity)
+    ref: ActorRef[M] = ActorRef(id, mailbox, overflow, deadlines)
     overrides_init = _overrides(factory, "init")
     start = functools.partial(
-        _run_actor, factory, ref, receive, batch_max, shutdown_s, overrides_init
+        _run_actor, factory, ref, mailbox, batch_max, shutdown_s, overrides_init
     )
 
     from .supervisor import ChildSpec, Restart
@@ -458,10 +466,19 @@ def actor_child(
             shutdown_s=shutdown_s,
             ready_on_spawn=not overrides_init,
             breaker=breaker,
-            on_removed=receive.close,
+            on_removed=mailbox.close,
         ),
         ref,
     )
+
+
+def actor_ref_of(start: object) -> ActorRef[Any] | None:
+    """The ref of the actor a child spec's ``start`` (made by :func:`actor_child`) runs;
+    None for any other start."""
+    if isinstance(start, functools.partial) and start.func is _run_actor:
+        ref = start.args[1]
+        return ref if isinstance(ref, ActorRef) else None
+    return None
 
 
 def _overrides(factory: Callable[[], Actor[Any]], method: str) -> bool:

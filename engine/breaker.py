@@ -71,7 +71,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, NoReturn, TypeVar, TypeVarTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar, TypeVarTuple
 
 import pybreaker
 import trio
@@ -318,12 +318,62 @@ class Breaker:
         self._m_slow: Counter | None = None
         self._m_rejected: Counter | None = None
         if metrics is not None:
+            metrics.track(self)
             label = metrics.label("breaker", name)
             self._m_label = label
             self._m_failed = metrics.breaker_calls.labels(label, "failure")
             self._m_slow = metrics.breaker_calls.labels(label, "slow")
             self._m_rejected = metrics.breaker_calls.labels(label, "rejected")
             metrics.breaker_state.labels(label).set(CircuitState.CLOSED.code)
+
+    # -- live tuning (a config reload) ------------------------------------------------
+
+    #: The fields :meth:`retune` changes: the constructor's thresholds and windows.
+    TUNABLE: ClassVar[tuple[str, ...]] = (
+        "fail_max", "reset_timeout_s", "reset_timeout_max_s", "reset_backoff_multiplier",
+        "failure_rate_threshold", "rate_window_s", "minimum_calls", "slow_call_s",
+        "slow_call_rate_threshold", "half_open_max_calls",
+    )  # fmt: skip
+
+    def settings(self) -> dict[str, Any]:
+        """The effective thresholds and windows (what a reload compares and changes)."""
+        return {field: getattr(self, field) for field in self.TUNABLE}
+
+    def retune(self, **fields: Any) -> list[str]:
+        """Change thresholds and windows in place, keeping the state (an OPEN or HALF_OPEN
+        breaker stays so), the trip count and the counts in the rate window; answers one
+        line per change. Invalid values raise ``ValueError`` and change nothing.
+
+        A new ``rate_window_s`` keeps the ring's counts and spreads them over the new
+        span (the calls counted in the old window count in the new one; said in the
+        answer); a new ``reset_timeout_s`` applies from the next trip on."""
+        unknown = set(fields) - set(self.TUNABLE)
+        if unknown:
+            raise ValueError(f"breaker {self.name!r}: not tunable: {', '.join(sorted(unknown))}")
+        merged = self.settings() | fields
+        Breaker(self.name, **merged)  # the constructor's checks, on a throwaway
+        changes: list[str] = []
+        for field, value in fields.items():
+            old = getattr(self, field)
+            if old == value:
+                continue
+            setattr(self, field, value)
+            changes.append(f"breaker {self.name}: {field} {old} -> {value}")
+            if field == "rate_window_s":
+                self._bucket_s = value / WINDOW_BUCKETS
+                self._inv_bucket_s = 1.0 / self._bucket_s
+                now = self._now()
+                self._epoch = int(now * self._inv_bucket_s)  # the ring ends now, unchanged
+                changes[-1] += (
+                    f" (the {self._sum_calls + self._cur_calls} calls in the window kept,"
+                    f" spread over {value}s)"
+                )
+        self._slow_rule = self.slow_call_rate_threshold <= 1.0
+        self._rate_rule = self.failure_rate_threshold <= 1.0
+        self.circuit.fail_max = self.fail_max  # pybreaker's own copies
+        self.circuit.reset_timeout = self.reset_timeout_s
+        self.circuit.success_threshold = self.half_open_max_calls
+        return changes
 
     # -- observation -----------------------------------------------------------------
 

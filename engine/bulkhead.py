@@ -132,6 +132,7 @@ class Bulkhead:
         self._waiting = 0
         self._m_rejected: Counter | None = None
         if metrics is not None:
+            metrics.track(self)
             label = metrics.label("bulkhead", name)
             self._m_rejected = metrics.bulkhead_rejected.labels(label)
             limiter = self._limiter

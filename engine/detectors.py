@@ -75,7 +75,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from typing import ClassVar, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import msgspec
 import trio
@@ -226,6 +226,33 @@ class _Window:
             fold_empty(steps - size)
         self._head = epoch
 
+    def resampled(self, window_s: float, buckets: int, now: float) -> _Window:
+        """A window of the new shape holding this one's counts: each bucket's counts move
+        to the new bucket holding its midpoint, if that is still within the new span
+        (a shorter window drops what falls out of it; a longer one holds what this one
+        did, and nothing from before it)."""
+        new = _Window(window_s, buckets)
+        new.advance(now)
+        if self._head is None:
+            return new
+        assert new._head is not None
+        start_time = self._start * self.width
+        new._start = math.floor(start_time / new.width + _BOUNDARY_NUDGE)
+        for epoch in range(max(self._head - self._size + 1, self._start), self._head + 1):
+            slot = epoch % self._size
+            count, hits = self._counts[slot], self._hits[slot]
+            if not count and not hits:
+                continue
+            target = math.floor((epoch + 0.5) * self.width / new.width)
+            if not new._head - new._size < target <= new._head:
+                continue
+            new_slot = target % new._size
+            new._counts[new_slot] += count
+            new._hits[new_slot] += hits
+            new.count += count
+            new.hits += hits
+        return new
+
     def add(self, count: int, hits: int = 0) -> None:
         slot = self._head % self._size if self._head is not None else 0
         self._counts[slot] += count
@@ -322,6 +349,63 @@ class Detector(ABC):
         self.hook_errors = 0
         self.last_state: DetectorState | None = None
         self._setup()
+
+    # -- live tuning (a config reload) -------------------------------------------
+
+    #: The fields :meth:`retune` may change (``kind`` and ``metric`` need a restart).
+    TUNABLE: ClassVar[tuple[str, ...]] = (
+        "threshold", "clear_threshold", "op", "min_volume", "for_s", "window_s", "buckets",
+        "baseline_alpha",
+    )  # fmt: skip
+
+    def settings(self) -> dict[str, Any]:
+        """The effective thresholds and window (what a reload compares and changes)."""
+        values = {field: getattr(self, field) for field in self.TUNABLE}
+        values["op"] = self.op.value
+        return values
+
+    def retune(self, **fields: Any) -> list[str]:
+        """Change thresholds, hysteresis, ``for_s`` and the window in place, keeping the
+        firing state and the window's counts; answers one line per change. A new window
+        shape (``window_s``, ``buckets``) is migrated explicitly: the counts move into
+        the new buckets by time (:meth:`_Window.resampled`), and the answer says how
+        many were kept. ``kind`` or ``metric`` changes, and invalid values, raise
+        :class:`ConfigError` and change nothing."""
+        for fixed in ("kind", "metric"):
+            value = fields.pop(fixed, None)
+            current = self.kind.value if fixed == "kind" else self.metric
+            if value is not None and value != current:
+                raise ConfigError(
+                    f"detector {self.name!r}: {fixed} {current!r} -> {value!r} needs a restart"
+                )
+        fields.pop("row", None)
+        unknown = set(fields) - set(self.TUNABLE)
+        if unknown:
+            raise ConfigError(f"detector {self.name!r}: not tunable: {', '.join(sorted(unknown))}")
+        merged = self.settings() | fields
+        if "threshold" in fields and "clear_threshold" not in fields:
+            merged["clear_threshold"] = None  # defaults to the new threshold, as configured
+        candidate = type(self)(self.name, metric=self.metric, **merged)  # the checks
+        before = self.settings()
+        after = candidate.settings()
+        changes = [
+            f"detector {self.name}: {field} {before[field]} -> {after[field]}"
+            for field in self.TUNABLE
+            if before[field] != after[field]
+        ]
+        if not changes:
+            return []
+        self.threshold = candidate.threshold
+        self.clear_threshold = candidate.clear_threshold
+        self.op = candidate.op
+        self.min_volume = candidate.min_volume
+        self.for_s = candidate.for_s
+        self._retune_kind(candidate, changes)
+        return changes
+
+    def _retune_kind(self, candidate: Detector, changes: list[str]) -> None:
+        """A kind's own state under the new settings (the window's shape); none here."""
+        return
 
     # -- what a kind provides ----------------------------------------------------
 
@@ -523,6 +607,22 @@ class _WindowedDetector(Detector):
         if start is not None:
             self._window.advance(start)
 
+    def _retune_kind(self, candidate: Detector, changes: list[str]) -> None:
+        assert isinstance(candidate, _WindowedDetector)
+        if (candidate.window_s, candidate.buckets) == (self.window_s, self.buckets):
+            return
+        before = self._window.count
+        now = self._clock.now()
+        assert candidate.buckets is not None  # _setup made it an int
+        self._window = self._window.resampled(candidate._span_s, candidate.buckets, now)
+        self.window_s, self.buckets, self._span_s = (
+            candidate.window_s, candidate.buckets, candidate._span_s,
+        )  # fmt: skip
+        changes.append(
+            f"detector {self.name}: window reshaped to {self.window_s}s in {self.buckets}"
+            f" buckets; {self._window.count} of {before} counted events kept"
+        )
+
 
 class CountInWindowDetector(_WindowedDetector):
     """Events counted over the window: ``observe(count)`` per event or batch."""
@@ -599,6 +699,15 @@ class SpikeOverBaselineDetector(_WindowedDetector):
     """
 
     kind = DetectorKind.SPIKE_OVER_BASELINE
+
+    _alpha: float
+
+    def _retune_kind(self, candidate: Detector, changes: list[str]) -> None:
+        super()._retune_kind(candidate, changes)
+        assert isinstance(candidate, SpikeOverBaselineDetector)
+        alpha = candidate.baseline_alpha
+        assert alpha is not None  # _setup requires it
+        self.baseline_alpha = self._alpha = float(alpha)
 
     def _setup(self) -> None:
         super()._setup()

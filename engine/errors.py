@@ -7,18 +7,24 @@ them) but rooted here; ``engine`` itself imports nothing from the other packages
 
     TriageError
     ├─ ConfigError (also ValueError)   a config value or file is wrong; ``problems`` lists
-    │                                  each as ``FILE:LINE: $.path: message``
+    │  │                               each as ``FILE:LINE: $.path: message``
+    │  └─ BudgetFrozen                 actors.error_budget: an adapter section changed while
+    │                                  the error budget is frozen (the reason in each problem)
     ├─ ProviderError                   an outside dependency answered badly
     │  ├─ TransientProviderError       worth retrying
     │  │  ├─ ProviderTimeout           no answer in time (the request may have been acted upon)
+    │  │  │  └─ ClamdTimeout           providers.clamd: clamd did not answer in time
     │  │  ├─ RateLimited               slow down (``retry_after_s``)
     │  │  └─ ProviderUnavailable       refused or 5xx before acceptance
     │  │     ├─ NatsPublishFailed      actors.outbox_relay
+    │  │     ├─ ClamdUnavailable       providers.clamd: refused or dropped the connection
     │  │     └─ MalformedPull          providers.push_feedback (also a MalformedReceipt)
     │  └─ PermanentProviderError       not worth retrying
     │     ├─ AuthFailed                credentials refused
-    │     └─ Rejected                  the request itself refused
-    │        └─ RecipientGone          providers.channel: the recipient no longer exists
+    │     ├─ Rejected                  the request itself refused
+    │     │  └─ RecipientGone          providers.channel: the recipient no longer exists
+    │     └─ ScanError                 providers.clamd: clamd answered an error (never "clean")
+    │        └─ ScanSizeLimit          INSTREAM size limit exceeded
     ├─ LoadShed                        refused fast to protect the process
     │  ├─ CircuitOpen                  the breaker is open (or forced open)
     │  ├─ BulkheadFull                 no permit within the bounded wait
@@ -60,15 +66,43 @@ them) but rooted here; ``engine`` itself imports nothing from the other packages
     │  └─ Disconnected                 the provider left mid-body: counted, not answered
     ├─ CategoryDisabled                actors.dispatcher: the tenant's category is disabled
     ├─ PhiRefused                      actors.dispatcher: the push PHI guard refused the payload
+    │                                  (actors.phi_guard: category halted, version retired)
     ├─ IdempotencyConflict             actors.idempotency: one key, two different requests
     ├─ TemplateNotFound                actors.templates: fail closed (catalog row 19)
+    │  └─ TemplateRetired              the version was retired (row 11: the PHI guard), with why
     ├─ TemplateRenderError             actors.templates
     │  └─ MissingField                 a template field the request did not give
     ├─ FeedbackStalled                 actors.push_feedback: no feedback while pushes wait
+    ├─ ThreadError                     actors.thread_service: a thread operation refused
+    │  ├─ ThreadNotFound               the acting tenant has no such thread (RLS hides whose)
+    │  └─ CrossTenantParticipant       a participant of another tenant (app check or RLS, row 12)
+    ├─ ClockOffsetExceeded             engine.hlc: a remote timestamp too far ahead (row 16)
     ├─ ReceiptError (also ValueError)  providers.receipts: an inbound receipt refused
     │  ├─ BadSignature
-    │  │  └─ StaleReceipt              signed outside the accepted window
+    │  │  └─ StaleReceipt              signed outside the accepted window, or at no finite time
     │  └─ MalformedReceipt
+    ├─ TokenRefused                    providers.join_tokens: a join token refused (401, ``reason``)
+    │  ├─ TokenMalformed               not a JWT with the claims Prosody checks
+    │  ├─ AlgorithmRefused             ``alg: none``, or not the algorithm of the kid's key
+    │  ├─ UnknownKeyId                 no kid, or one the key ring does not hold
+    │  ├─ TokenForged                  the signature does not verify
+    │  ├─ TokenExpired                 now >= exp (no leeway, as Prosody)
+    │  ├─ TokenNotYetValid             now < nbf
+    │  ├─ WrongIssuer                  iss is not [tokens] issuer
+    │  ├─ WrongAudience                aud is not [tokens] audience
+    │  ├─ WrongSubject                 sub is not [tokens] subject
+    │  ├─ WrongRoom                    room is not the room asked for
+    │  └─ TokenRevoked                 its kid is retired or its jti revoked (row 10)
+    ├─ SigningUnavailable              providers.join_tokens: no key may sign (issuing fails closed)
+    │  └─ ClockSkewed                  this host's clock proven off by more than the limit (row 16)
+    ├─ PurgeDenied                     actors.erasure_saga: the stream refuses purges (deny_purge, row 15)
+    ├─ ErasureRefused (+ ValueError)   actors.erasure_saga: an erasure naming no tenant or no patient
+    ├─ KeyFileError                    providers.key_ring: a key file refused, named; the old ring kept
+    ├─ RecordingError                  providers.recording_files: a recording not ingested (row 20)
+    │  ├─ RecordingMissing             no file at the path (retried)
+    │  ├─ RecordingDenied              the file is not readable (retried)
+    │  ├─ RecordingStoreFailed         the store refused the copy (retried)
+    │  └─ RecordingPathRefused         can never name a recording of the blob path (not retried)
     ├─ BodyTooLarge                    providers.asgi: the request body is over its cap
     ├─ ClientDisconnected              providers.asgi: the client left before the body was read
     ├─ CategoryError (also ValueError) providers.db.categories: not a category block's name
@@ -81,7 +115,18 @@ them) but rooted here; ``engine`` itself imports nothing from the other packages
     │  ├─ MigrationOrderError
     │  └─ MigrationFailed
     ├─ UnsafeRoleError                 providers.db.roles: the daemon's role bypasses RLS
-    └─ EmbeddedServerError             providers.embedded: an embedded server did not start
+    ├─ EmbeddedServerError             providers.embedded: an embedded server did not start
+    ├─ BlobStoreError                  providers.blobstore: the attachment store refused
+    │  ├─ BlobKeyInvalid (also ValueError)  a key that could leave the root (traversal...)
+    │  ├─ BlobNotFound
+    │  ├─ BlobExists                   a key is written once
+    │  └─ BlobTooLarge                 the stream passed the put's byte cap
+    ├─ PresignError                    providers.presigned: a pre-signed URL refused
+    │  ├─ SignatureMissing             401 signature_required
+    │  ├─ SignatureForged              403 bad_signature
+    │  └─ UrlExpired                   403 url_expired
+    └─ UploadRefused                   actors.upload_admission: an upload or download refused
+                                       (413 payload_too_large, 503 scanner_backed_up, ...)
 
 Retry and restart decisions look at transient vs permanent, never at vendor codes.
 ``ValueError`` stays a second base where callers catch ``ValueError``.

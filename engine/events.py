@@ -24,7 +24,9 @@ __all__ = [
     "DetectorFired",
     "Event",
     "EventBus",
+    "ReloadFailed",
     "SupervisorEscalated",
+    "tap",
 ]
 
 log = logging.getLogger("triage.events")
@@ -76,6 +78,14 @@ class DetectorCleared(Event, frozen=True):
     row: int | None = None
 
 
+class ReloadFailed(Event, frozen=True, tag="reload_failed"):
+    """A config reload refused its file: the running config stays (``problems``: one
+    ``FILE: $.path: message`` line each)."""
+
+    source: str
+    problems: list[str]
+
+
 class Notice(Event, frozen=True):
     """An actor's own alert: a mitigation it ran, for the on-call engineer.
 
@@ -97,6 +107,18 @@ class Notice(Event, frozen=True):
 
 
 Handler = Callable[[Event], Any]
+
+
+#: Process-wide observers of every bus (:func:`tap`): the chaos report's recorder.
+_TAPS: list[Handler] = []
+
+
+def tap(handler: Handler) -> Callable[[], None]:
+    """Call ``handler(event)`` for every event emitted on any :class:`EventBus` of this
+    process, from now on (a recorder that sees buses it did not create: the chaos
+    report's timeline); returns the function that removes it. A failing tap is logged."""
+    _TAPS.append(handler)
+    return lambda: _TAPS.remove(handler)
 
 
 class EventBus:
@@ -121,6 +143,11 @@ class EventBus:
         return receive
 
     def emit(self, event: Event) -> None:
+        for observer in _TAPS:
+            try:
+                observer(event)
+            except Exception:
+                log.exception("event tap failed for %s", type(event).__name__)
         for kind, handler in tuple(self._handlers):
             if isinstance(event, kind):
                 try:

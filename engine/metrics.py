@@ -45,6 +45,9 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.max_label_values = max_label_values
         self._caps: dict[str, _LabelCap] = {}
+        # The breakers and bulkheads built on these metrics, held weakly: what the live
+        # dashboard lists (a component that is gone drops out by itself).
+        self._tracked: weakref.WeakSet[object] = weakref.WeakSet()
         r = self.registry
         self.breaker_state = Gauge(
             "triage_breaker_state",
@@ -136,6 +139,15 @@ class Metrics:
             ["guard"],
             registry=r,
         )
+
+    def track(self, component: object) -> None:
+        """Remember ``component`` (a breaker, a bulkhead) weakly, for :meth:`tracked`."""
+        self._tracked.add(component)
+
+    def tracked(self, kind: type[F]) -> list[F]:
+        """The live components of ``kind`` built on these metrics, by name."""
+        found = [c for c in list(self._tracked) if isinstance(c, kind)]
+        return sorted(found, key=lambda c: str(getattr(c, "name", "")))
 
     def label(self, family: str, value: str) -> str:
         """``value`` if the family still has room for a new label value, else ``"_other"``."""

@@ -17,6 +17,7 @@ from .clock import Chance, Clock
 from .deadlines import Deadlines
 from .events import EventBus
 from .metrics import Metrics
+from .tuning import Tunables
 
 __all__ = ["Runtime", "open_runtime"]
 
@@ -24,7 +25,7 @@ __all__ = ["Runtime", "open_runtime"]
 class Runtime:
     """What every engine component may need, passed explicitly."""
 
-    __slots__ = ("chance", "clock", "deadlines", "events", "metrics")
+    __slots__ = ("chance", "clock", "deadlines", "events", "metrics", "tunables")
 
     def __init__(
         self,
@@ -40,6 +41,8 @@ class Runtime:
         self.events = events if events is not None else EventBus()
         self.metrics = metrics
         self.deadlines = deadlines if deadlines is not None else Deadlines()
+        #: What a config reload retunes in place (:mod:`engine.tuning`).
+        self.tunables = Tunables()
 
 
 @asynccontextmanager

@@ -307,6 +307,15 @@ class Supervisor:
             for c in self._children.values()
         ]
 
+    def children_with_specs(self) -> list[tuple[ChildInfo, ChildSpec]]:
+        """:meth:`which_children` with each child's spec (the dashboard walks nested
+        supervisors and actors' mailboxes through them)."""
+        return [
+            (ChildInfo(c.spec.id, c.state.value, c.spec.restart.value, c.restarts, c.dynamic),
+             c.spec)
+            for c in list(self._children.values())
+        ]  # fmt: skip
+
     def count_children(self) -> int:
         return len(self._children)
 

@@ -8,7 +8,7 @@ With the defaults::
     POST {base_url}/api/v1/messages         Authorization: Bearer KEY
          Idempotency-Key: KEY               {"to", "text", "sender", "client_ref"}
       → 2xx {"message_id", "status"}
-    GET  {base_url}/api/v1/messages?client_ref=REF
+    GET  {base_url}/api/v1/messages?client_ref=REF       (status query: status / query_status)
       → 200 {"message_id", "status"} | 404
 
     DLR: POST (to us) {"message_id", "client_ref", "status", "error_code", "timestamp"}
@@ -42,12 +42,13 @@ from providers.channel import (
     split_reference,
 )
 from providers.http_errors import http_error, parse_retry_after, transport_error
+from providers.http_transport import Http1Transport
 from providers.receipts import (
     BadSignature,
     MalformedReceipt,
-    StaleReceipt,
     header,
     signatures_match,
+    signed_at,
 )
 
 __all__ = [
@@ -118,6 +119,7 @@ class GhasiAdapter:
         timeout_s: float,
         wire: GhasiWire | None = None,
         client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name
         self.wire = wire or GhasiWire()
@@ -125,8 +127,9 @@ class GhasiAdapter:
         self._api_key = api_key
         self._sender = sender
         self._timeout = httpx.Timeout(timeout_s)
+        # Without a client: its own, on ``transport`` (default: an HTTP/1.1 pool).
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient()
+        self._client = client or httpx.AsyncClient(transport=transport or Http1Transport())
 
     def _headers(self) -> dict[str, str]:
         return {self.wire.auth_header: self.wire.auth_value(self._api_key)}
@@ -155,10 +158,18 @@ class GhasiAdapter:
         return Accepted(provider=self.name, provider_ref=provider_ref)
 
     async def status(self, message: Message) -> StatusAnswer | None:
+        return await self.query_status(message.reference)
+
+    async def query_status(
+        self, reference: str, provider_ref: str | None = None
+    ) -> StatusAnswer | None:
+        """What became of the message sent with wire ``reference`` (``tenant:dispatch``):
+        the gateway looks messages up by the client reference (``provider_ref`` unused).
+        404 → ``NOT_FOUND``; errors as for send."""
         answer = await self._request(
             "GET",
             self.wire.status_path,
-            params={self.wire.ref_field: message.reference},
+            params={self.wire.ref_field: reference},
             headers=self._headers(),
         )
         if answer.status_code == 404:
@@ -201,8 +212,9 @@ def parse_ghasi_receipt(
     """Verify and read one Ghasi DLR. ``now`` is the wall clock (Unix time).
 
     Raises :class:`~providers.receipts.BadSignature` (missing or wrong signature),
-    :class:`~providers.receipts.StaleReceipt` (timestamp more than ``tolerance_s``
-    from ``now``), :class:`~providers.receipts.MalformedReceipt` (unreadable body).
+    :class:`~providers.receipts.StaleReceipt` (a timestamp more than ``tolerance_s``
+    from ``now``, or not a finite number: :func:`~providers.receipts.signed_at`),
+    :class:`~providers.receipts.MalformedReceipt` (unreadable body).
     """
     wire = wire or GhasiWire()
     timestamp = header(headers, wire.timestamp_header)
@@ -213,16 +225,7 @@ def parse_ghasi_receipt(
         )
     if not signatures_match(ghasi_signature(secret, timestamp, body), signature.strip().lower()):
         raise BadSignature(f"{provider}: signature does not match the body")
-    try:
-        signed_at = float(timestamp)
-    except ValueError as exc:
-        raise MalformedReceipt(
-            f"{provider}: timestamp {timestamp[:40]!r} is not Unix time"
-        ) from exc
-    if abs(now - signed_at) > tolerance_s:
-        raise StaleReceipt(
-            f"{provider}: timestamp {signed_at:.0f} is outside ±{tolerance_s}s of now"
-        )
+    stamped = signed_at(provider, timestamp, now=now, tolerance_s=tolerance_s)
     try:
         fields = msgspec.json.decode(body, type=dict[str, Any])
     except msgspec.DecodeError as exc:
@@ -262,5 +265,5 @@ def parse_ghasi_receipt(
         tenant_id=tenant_id,
         reason=None if error_code in (None, "") else f"{vendor_state}:{error_code}",
         permanent=state is DeliveryState.UNDELIVERABLE,
-        occurred_at=float(occurred_at) if occurred_at is not None else signed_at,
+        occurred_at=float(occurred_at) if occurred_at is not None else stamped,
     )

@@ -8,7 +8,12 @@ Three units of work, each one asyncio coroutine for :func:`providers.bridge.run`
 
 :func:`publish_batch` sends every item of a batch, in order, on the one
 connection (so JetStream stores them in that order), then awaits all the acks
-concurrently under one timeout. Every message carries ``Nats-Msg-Id``: a
+concurrently under one timeout. The acks come back on ONE subscription per
+client (:class:`AckInbox`: ``_INBOX.<nuid>.*``, each message replying to its own
+token under it), decoded with msgspec into :class:`Ack`; a batch waits on one
+future, resolved when its last ack is in. A stream's error answer (e.g. 10054
+"message size exceeds maximum") is that message's
+:class:`nats.js.errors.APIError`. Every message carries ``Nats-Msg-Id``: a
 publish that timed out during an outage may still be stored after the client
 reconnects (it sat in the client's buffer), and the stream's duplicate window
 turns the retry into a no-op ack with ``duplicate=True`` (DESIGN.md section 7).
@@ -25,17 +30,21 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.api
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
 from engine.errors import ProviderUnavailable
 
 __all__ = [
     "MSG_ID_HEADER",
+    "Ack",
+    "AckInbox",
     "JetStreamClient",
     "PublishItem",
     "StoredMessage",
@@ -59,14 +68,41 @@ _RECONNECT_WAIT_S = 0.25
 _PENDING_SIZE = 8 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class PublishItem:
+class PublishItem(msgspec.Struct, frozen=True):
     """One message: ``msg_id`` becomes the ``Nats-Msg-Id`` header (the outbox id)."""
 
     msg_id: str
     subject: str
     payload: bytes
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Ack(msgspec.Struct, frozen=True):
+    """A stream's acknowledgement of one publish (``duplicate``: it had the ``Nats-Msg-Id``)."""
+
+    stream: str
+    seq: int
+    duplicate: bool = False
+    domain: str | None = None
+
+
+class _ErrorAnswer(msgspec.Struct, frozen=True):
+    code: int = 0
+    err_code: int | None = None
+    description: str = ""
+
+
+class _Answer(msgspec.Struct, frozen=True):
+    """What a stream answers to a publish: an ack, or ``error``."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    domain: str | None = None
+    error: _ErrorAnswer | None = None
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +117,96 @@ class StreamSettings:
     max_msg_size: int = -1  # bytes; -1: no limit but the server's max payload
 
 
+class _Waiter:
+    """One batch on the inbox: a result per item, how many acks are still due, one future."""
+
+    __slots__ = ("done", "left", "results", "tokens")
+
+    def __init__(self, size: int, done: asyncio.Future[None]) -> None:
+        self.results: list[Ack | Exception | None] = [None] * size
+        self.left = size
+        self.done = done
+        self.tokens: list[str] = []
+
+
+def _api_error(answer: _ErrorAnswer) -> Exception:
+    """nats-py's error class for a stream's error answer (ServiceUnavailableError for 503...)."""
+    fields = {"code": answer.code, "err_code": answer.err_code, "description": answer.description}
+    try:
+        nats.js.errors.APIError.from_error(fields)  # raises the error; it never returns
+    except nats.js.errors.APIError as exc:
+        return exc
+    return nats.js.errors.APIError(  # pragma: no cover - from_error always raises
+        code=answer.code, err_code=answer.err_code, description=answer.description
+    )
+
+
+def _result(msg: Msg) -> Ack | Exception:
+    """One reply on the inbox as a publish result."""
+    if not msg.data:  # a status message: 503 is "no stream listens on this subject"
+        status = (msg.headers or {}).get(nats.js.api.Header.STATUS, "")
+        if status == "503":
+            return nats.errors.NoRespondersError()
+        code = int(status) if status.isdigit() else None
+        return nats.js.errors.APIError(code=code, description=f"status {status or 'missing'}")
+    try:
+        answer = _decode_answer(msg.data)
+    except msgspec.DecodeError as exc:
+        return nats.js.errors.APIError(description=f"undecodable publish ack: {exc}")
+    if answer.error is not None:
+        return _api_error(answer.error)
+    return Ack(answer.stream, answer.seq, answer.duplicate, answer.domain)
+
+
+class AckInbox:
+    """The client's one subscription for publish acks (asyncio side).
+
+    Subscribed to ``<prefix>*`` once; every published message replies to
+    ``<prefix><token>``, a fresh token per message, which maps to its batch's
+    :class:`_Waiter` and its place in the batch. An ack for a token nobody
+    awaits any more (the batch gave up on it) is dropped.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._cut = len(prefix)
+        self._counter = 0
+        self._waiting: dict[str, tuple[_Waiter, int]] = {}
+
+    @property
+    def awaited(self) -> int:
+        """Acks due now (0 between batches: nothing outlives :func:`publish_batch`)."""
+        return len(self._waiting)
+
+    def reply_to(self, waiter: _Waiter, index: int) -> str:
+        self._counter += 1
+        token = str(self._counter)
+        self._waiting[token] = (waiter, index)
+        waiter.tokens.append(token)
+        return self.prefix + token
+
+    def forget(self, waiter: _Waiter) -> None:
+        for token in waiter.tokens:
+            self._waiting.pop(token, None)
+
+    async def on_reply(self, msg: Msg) -> None:
+        entry = self._waiting.pop(msg.subject[self._cut :], None)
+        if entry is None:
+            return
+        waiter, index = entry
+        waiter.results[index] = _result(msg)
+        waiter.left -= 1
+        if waiter.left <= 0 and not waiter.done.done():
+            waiter.done.set_result(None)
+
+
 @dataclass(slots=True)
 class JetStreamClient:
     """A connected client and its JetStream context (asyncio objects: use them via the bridge)."""
 
     nc: NATS
     js: JetStreamContext
+    acks: AckInbox | None = field(default=None, repr=False)
 
     @property
     def connected(self) -> bool:
@@ -171,60 +291,76 @@ async def ensure_stream(
     return _settings(info)
 
 
+async def _ack_inbox(client: JetStreamClient) -> AckInbox:
+    """The client's ack inbox, subscribed on first use."""
+    inbox = client.acks
+    if inbox is None:
+        inbox = AckInbox(client.nc.new_inbox() + ".")
+        client.acks = inbox  # before the await: a concurrent first batch shares it
+        try:
+            await client.nc.subscribe(inbox.prefix + "*", cb=inbox.on_reply)
+        except BaseException:
+            client.acks = None
+            raise
+    return inbox
+
+
 async def publish_batch(
     client: JetStreamClient, items: Sequence[PublishItem], ack_timeout_s: float
-) -> list[nats.js.api.PubAck | Exception]:
+) -> list[Ack | Exception]:
     """asyncio side: publish ``items`` in order and await every ack concurrently.
 
-    Returns one entry per item, in order: its ``PubAck`` (``duplicate`` set when
+    Returns one entry per item, in order: its :class:`Ack` (``duplicate`` set when
     the stream had it already) or the exception its publish raised (a
     :class:`TimeoutError` when no ack came within ``ack_timeout_s`` of the last
-    send: "maybe stored"). Raises :class:`ProviderUnavailable` before sending
+    send: "maybe stored"; the stream's :class:`~nats.js.errors.APIError` when it
+    refused the message). Raises :class:`ProviderUnavailable` before sending
     anything when the client is not connected.
 
-    The messages go out one after another with ``publish_async`` (one reply
-    subscription, one future per message, no timer per message); then a single
-    wait bounds all the acks of the batch. On any exit, acks still awaited are
-    given up (their futures cancelled), so nothing of the batch outlives the call.
+    The messages go out one after another, each replying to its own token on the
+    client's :class:`AckInbox`; a single wait on the batch's future bounds all
+    the acks. On any exit the batch's tokens are forgotten, so nothing of the
+    batch outlives the call.
     """
     if not client.connected:
         raise ProviderUnavailable("nats: not connected (reconnecting in the background)")
-    js = client.js
-    futures: list[asyncio.Future[nats.js.api.PubAck]] = []
+    if not items:
+        return []
+    inbox = await _ack_inbox(client)
+    waiter = _Waiter(len(items), asyncio.get_running_loop().create_future())
+    publish = client.nc.publish
     unsent: Exception | None = None
+    sent = 0
     try:
-        for item in items:
-            headers = {**item.headers, MSG_ID_HEADER: item.msg_id}
+        for index, item in enumerate(items):
+            headers = dict(item.headers)
+            headers[MSG_ID_HEADER] = item.msg_id
             try:
-                futures.append(await js.publish_async(item.subject, item.payload, headers=headers))
+                await publish(
+                    item.subject, item.payload, reply=inbox.reply_to(waiter, index), headers=headers
+                )
             except Exception as exc:  # the connection went away mid-batch: the rest is unsent
                 unsent = exc
                 break
-        if futures:
-            await asyncio.wait(futures, timeout=ack_timeout_s)
-        results: list[nats.js.api.PubAck | Exception] = []
-        for future in futures:
-            if not future.done():
-                results.append(TimeoutError(f"no ack within {ack_timeout_s:g}s"))
-            elif future.cancelled():
-                results.append(TimeoutError("ack wait cancelled"))
-            else:
-                error = future.exception()
-                if error is None:
-                    results.append(future.result())
-                elif isinstance(error, Exception):
-                    results.append(error)
-                else:  # pragma: no cover - a BaseException set on a future
-                    raise error
-        missing = len(items) - len(results)
-        if missing:
-            assert unsent is not None
-            results.extend([unsent] * missing)
-        return results
+            sent += 1
+        waiter.left -= len(items) - sent  # those will never be answered
+        if waiter.left > 0:
+            await asyncio.wait([waiter.done], timeout=ack_timeout_s)
     finally:
-        for future in futures:
-            if not future.done():
-                future.cancel()
+        inbox.forget(waiter)
+        if not waiter.done.done():
+            waiter.done.cancel()
+    timeout = TimeoutError(f"no ack within {ack_timeout_s:g}s")
+    results: list[Ack | Exception] = []
+    for index, result in enumerate(waiter.results):
+        if result is not None:
+            results.append(result)
+        elif index < sent:
+            results.append(timeout)
+        else:
+            assert unsent is not None
+            results.append(unsent)
+    return results
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -241,21 +377,20 @@ def subject_matches(pattern: str, subject: str) -> bool:
 
 async def publish_one(
     client: JetStreamClient, item: PublishItem, ack_timeout_s: float
-) -> nats.js.api.PubAck | Exception:
-    """asyncio side: publish one item as a request and return its ack or its error.
+) -> Ack | Exception:
+    """asyncio side: publish one item as a request of its own and return its ack or its error.
 
-    Used to learn why a message of a batch got no ack: nats-py's ``publish_async``
-    (2.16) loses a stream's error answer (e.g. 10054 "message size exceeds maximum
-    allowed") and the message just times out; the request-reply ``publish`` raises
-    the :class:`nats.js.errors.APIError`. ``Nats-Msg-Id`` makes the retry safe.
+    Used to learn why a message of a batch got no ack at all: it is sent again
+    alone, outside the inbox (``Nats-Msg-Id`` makes the retry safe).
     """
     headers = {**item.headers, MSG_ID_HEADER: item.msg_id}
     try:
-        return await client.js.publish(
+        ack = await client.js.publish(
             item.subject, item.payload, timeout=ack_timeout_s, headers=headers
         )
     except Exception as exc:
         return exc
+    return Ack(ack.stream, int(ack.seq), bool(ack.duplicate), ack.domain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,8 +427,10 @@ async def read_stream(
                 msgs = await sub.fetch(
                     batch=min(batch, expected - len(out)), timeout=idle_timeout_s
                 )
-            except nats.errors.TimeoutError:
-                break  # nothing more (a no-message fetch raises nats' TimeoutError)
+            except TimeoutError:
+                # Nothing more: an empty fetch raises nats' TimeoutError, or asyncio's
+                # plain one when nats-py's own wait runs out first (both are builtin).
+                break
             for msg in msgs:
                 headers = dict(msg.headers or {})
                 out.append(

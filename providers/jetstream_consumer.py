@@ -11,7 +11,8 @@ and creates the durable consumer, or updates it to ``settings`` (explicit acks,
 ``ack_wait``, ``max_deliver``, ``backoff``), then binds a pull subscription.
 
 :func:`fetch_batch` pulls up to ``batch`` messages in one request. A pull that
-finds nothing raises nats' ``TimeoutError``; here that is an empty batch, never a
+finds nothing raises nats' ``TimeoutError`` (or, depending on which of nats-py's
+waits runs out, asyncio's plain one); here either is an empty batch, never a
 :class:`~engine.errors.ProviderTimeout` (DESIGN.md section 7).
 
 :func:`settle_batch` sends every ack, nak (with an optional redelivery delay) or
@@ -26,7 +27,6 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import nats.errors
 import nats.js.api
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
@@ -161,7 +161,9 @@ async def fetch_batch(consumer: PullConsumer, batch: int, timeout_s: float) -> l
     """asyncio side: up to ``batch`` messages waiting at most ``timeout_s``; [] when there are none."""
     try:
         messages = await consumer.subscription.fetch(batch, timeout=timeout_s)
-    except nats.errors.TimeoutError:
+    except TimeoutError:
+        # No message: nats' TimeoutError, or asyncio's plain one when nats-py's own
+        # wait for the pull's first message runs out (both are the builtin class).
         return []
     deliveries = []
     for msg in messages:

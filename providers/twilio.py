@@ -6,8 +6,10 @@
          To, From, Body, StatusCallback        HTTP Basic AccountSid:AuthToken
          I-Twilio-Idempotency-Token: KEY
       → 201 {"sid", "status", ...}   errors → {"code", "message", "more_info", "status"}
-    GET  .../Messages.json?To=...&DateSent=YYYY-MM-DD
+    GET  .../Messages.json?To=...&DateSent=YYYY-MM-DD          (status: settles a timeout)
       → {"messages": [{"sid", "status", "to", "body", ...}], "next_page_uri": ...}
+    GET  .../Messages/{sid}.json                             (query_status: a known sid)
+      → 200 {"sid", "status", "error_code", ...} | 404 {"code": 20404, ...}
 
     DLR: form POST to StatusCallback = {callback_base}/webhooks/dlr/twilio?ref={reference}
          MessageSid, MessageStatus, ErrorCode, To, From, AccountSid
@@ -48,6 +50,7 @@ from providers.channel import (
     split_reference,
 )
 from providers.http_errors import http_error, transport_error
+from providers.http_transport import Http1Transport
 from providers.receipts import BadSignature, MalformedReceipt, header, signatures_match
 
 __all__ = [
@@ -127,6 +130,7 @@ class TwilioAdapter:
         timeout_s: float,
         callback_base: str | None = None,
         client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
@@ -136,8 +140,9 @@ class TwilioAdapter:
         self.callback_base = callback_base.rstrip("/") if callback_base else None
         self._timeout = httpx.Timeout(timeout_s)
         self._clock = clock
+        # Without a client: its own, on ``transport`` (default: an HTTP/1.1 pool).
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient()
+        self._client = client or httpx.AsyncClient(transport=transport or Http1Transport())
 
     def callback_url(self, message: Message) -> str | None:
         if self.callback_base is None:
@@ -145,10 +150,10 @@ class TwilioAdapter:
         query = urllib.parse.urlencode({"ref": message.reference})
         return f"{self.callback_base}{CALLBACK_PATH}?{query}"
 
-    async def _request(self, method: str, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, url: str | None = None, **kwargs: Any) -> httpx.Response:
         try:
             return await self._client.request(
-                method, self._url, auth=self._auth, timeout=self._timeout, **kwargs
+                method, url or self._url, auth=self._auth, timeout=self._timeout, **kwargs
             )
         except httpx.TransportError as exc:
             raise transport_error(exc, self.name) from exc
@@ -191,6 +196,34 @@ class TwilioAdapter:
         if state is None:
             return None
         return StatusAnswer(state=state, provider_ref=matches[0].get("sid"), reason=vendor_state)
+
+    async def query_status(
+        self, reference: str, provider_ref: str | None = None
+    ) -> StatusAnswer | None:
+        """What became of the message Twilio knows as ``provider_ref`` (its ``sid``): one
+        fetch of the Message resource. Without a sid: ``None`` (Twilio keeps no client
+        reference, and the sweep that asks has no recipient nor body to match on).
+        404 → ``NOT_FOUND``; a status we do not know → ``None``; errors as for send."""
+        if not provider_ref:
+            return None
+        sid = urllib.parse.quote(provider_ref, safe="")
+        answer = await self._request("GET", f"{self._url[: -len('.json')]}/{sid}.json")
+        if answer.status_code == 404:
+            return StatusAnswer(state=DeliveryState.NOT_FOUND)
+        if not answer.is_success:
+            raise _http_error(answer, self.name)
+        try:
+            resource = msgspec.json.decode(answer.content, type=dict[str, Any])
+            vendor_state = resource["status"]
+        except (msgspec.DecodeError, KeyError) as exc:
+            raise ProviderTimeout(f"{self.name}: unreadable message resource: {exc}") from exc
+        state = TWILIO_STATES.get(vendor_state) if isinstance(vendor_state, str) else None
+        if state is None:
+            return None
+        reason = vendor_state
+        if state is not DeliveryState.DELIVERED and resource.get("error_code"):
+            reason = f"{vendor_state}:{resource['error_code']}"
+        return StatusAnswer(state=state, provider_ref=provider_ref, reason=reason)
 
     async def aclose(self) -> None:
         if self._owns_client:

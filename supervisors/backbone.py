@@ -31,7 +31,7 @@ the daemon.
 :func:`build_backbone_actors` wires the actors that live on the backbone (the
 tree places their child specs): the database probe, the database writer (row
 5), the outbox relay under ``[supervisors.relay]`` (rows 6, 9) and the inbox
-consumer (row 18). Each is an :class:`~engine.actor.Actor` with its mailbox
+consumer (row 18), and the error-budget actor (``[slo]``, :mod:`actors.error_budget`). Each is an :class:`~engine.actor.Actor` with its mailbox
 from ``[mailboxes.*]`` (:data:`BACKBONE_MAILBOXES`); what others read of them
 goes through their refs (``ref.statistics()``) or a shared object the wiring
 hands out (the primary database's breaker, for readiness).
@@ -57,10 +57,12 @@ import trio
 from actors.db_health import DbHealth, DbHealthMessage, unavailable
 from actors.db_writer import ROW as DB_ROW
 from actors.db_writer import DbGateway, DbWriterMessage, apply_inbox, db_writer_child
+from actors.error_budget import ErrorBudget, ErrorBudgetMessage
 from actors.inbox import ROW as INBOX_ROW
 from actors.inbox import InboxMessage, inbox_child
 from actors.inbox import build_detector as build_inbox_detector
 from actors.outbox_relay import CRASH_LOOP_ROW, LAG_ROW, RelayMessage, relay_child
+from actors.phi_rules import phi_rules
 from config import Catalog, CatalogRow, ConfigError, ConfigProblem, TriageConfig, engine_kwargs
 from config.catalog import alert_name
 from engine.actor import ActorRef, Overflow, actor_child
@@ -86,6 +88,7 @@ from providers.spool import Spool
 __all__ = [
     "BACKBONE_MAILBOXES",
     "DB_BREAKER",
+    "SPOOL_APPLIERS",
     "Backbone",
     "BackboneActors",
     "StartAbandoned",
@@ -287,7 +290,11 @@ BACKBONE_MAILBOXES: Final = {
     "db_writer": "monitor",
     "outbox_relay": "relay",
     "inbox_consumer": "relay",
+    "error_budget": "monitor",
 }
+
+#: How each spoolable write kind is replayed (``[spool] spoolable_kinds`` names them).
+SPOOL_APPLIERS: Final = {"inbox": apply_inbox}
 
 D = TypeVar("D", bound=Detector)
 
@@ -309,6 +316,8 @@ class BackboneActors:
     #: The pool the relay was given (its own, ``[relay] pool_size``).
     relay_pool: DbPool | None
     inbox: ActorRef[InboxMessage]
+    #: The error-budget policy's actor (``[slo] enabled``), else None.
+    error_budget: ActorRef[ErrorBudgetMessage] | None
     early: tuple[ChildSpec, ...]
     late: tuple[ChildSpec, ...]
 
@@ -349,13 +358,14 @@ def _live_detector(
 
 
 def _breaker(config: TriageConfig, name: str, runtime: Runtime) -> Breaker:
-    return Breaker(
+    breaker = Breaker(
         name,
         **engine_kwargs(config.breakers[name]),
         clock=runtime.clock,
         events=runtime.events,
         metrics=runtime.metrics,
     )
+    return runtime.tunables.breaker(name, breaker)  # a reload retunes it in place
 
 
 def build_backbone_actors(
@@ -408,7 +418,7 @@ def build_backbone_actors(
         db_breaker,
         Spool(spool.path, max_bytes=spool.max_bytes, fsync=spool.fsync),
         spool,
-        appliers={"inbox": apply_inbox},
+        appliers=SPOOL_APPLIERS,
         wall=runtime.clock.wall,
         replica=backbone.replica,
         replica_breaker=replica_breaker,
@@ -436,6 +446,7 @@ def build_backbone_actors(
             shutdown_s=shutdown_s,
             lag=_live_detector(rows, detectors, LAG_ROW, AgeOfNewestDetector),
             restart_sinks=() if restarts is None else (restarts,),
+            redact=phi_rules(config.phi).redact_bytes,  # row 11: dead letters redacted
             **common,
         )
         # The relay under its own intensity ([supervisors.relay]): a poison event
@@ -463,6 +474,23 @@ def build_backbone_actors(
         restart=Restart.PERMANENT,
         **common,
     )
+    late: list[ChildSpec] = [inbox_spec]
+    budget: ActorRef[ErrorBudgetMessage] | None = None
+    if config.slo.enabled:
+        budget_spec, budget = actor_child(
+            "error_budget",
+            partial(
+                ErrorBudget,
+                backbone.pool,
+                config.slo,
+                registry=runtime.metrics.registry if runtime.metrics is not None else None,
+            ),
+            **_mailbox(config, "error_budget"),
+            restart=Restart.PERMANENT,
+            shutdown_s=shutdown_s,
+            **common,
+        )
+        late.append(budget_spec)
     return BackboneActors(
         db_breaker=db_breaker,
         db_health=health,
@@ -471,6 +499,7 @@ def build_backbone_actors(
         relay=relay,
         relay_pool=relay_pool,
         inbox=inbox,
+        error_budget=budget,
         early=tuple(early),
-        late=(inbox_spec,),
+        late=tuple(late),
     )

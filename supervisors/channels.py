@@ -25,6 +25,11 @@ DLR ingress (row 13)       ``/webhooks/dlr/{ghasi,twilio}``,
                            ``/webhooks/bounces/smtp``; ``[dlr]``
 push feedback (row 2)      ``[push_feedback]``: FCM and APNs feedback sources,
                            the stall watchdog, the stale sweep
+crash backlog              ``[dispatch] requeue_after_s / resume_lease_s /
+                           resume_interval_s / backlog_batch``: queued rows of
+                           every tenant, claimed, to their dispatchers
+status sweep               ``[status_sweep]``: SMS/email rows without a receipt,
+                           asked (Ghasi, Twilio), then ``unknown``
 bounce tracker (row 3)     ``[bounces]`` and the row's detector
 template registry (19)     ``[dispatch] template_cache_*``
 =========================  ===================================================
@@ -43,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 
+from actors.backlog_resumer import BacklogMessage, DbBacklogStore, backlog_resumer_child
 from actors.bounce_tracker import ROW as BOUNCE_ROW
 from actors.bounce_tracker import (
     BounceBoard,
@@ -60,6 +66,7 @@ from actors.dlr_ingress import ROW as DLR_ROW
 from actors.dlr_ingress import DlrIngress, dlr_pool_child
 from actors.failover import ROW as SMS_ROW
 from actors.failover import Failover, Route
+from actors.group_commit import GroupCommit, group_commit_child
 from actors.push_feedback import ROW as FEEDBACK_ROW
 from actors.push_feedback import (
     FeedbackHistory,
@@ -70,6 +77,12 @@ from actors.push_feedback import (
     stale_sweep_child,
 )
 from actors.receipt_applier import ReceiptApplier
+from actors.status_sweep import (
+    DbUnsettledStore,
+    StatusQuery,
+    StatusSweepMessage,
+    status_sweep_child,
+)
 from actors.templates import ROW as TEMPLATE_ROW
 from actors.templates import TemplateRegistry
 from config import Catalog, ConfigError, ConfigProblem, TriageConfig, engine_kwargs, located
@@ -94,20 +107,32 @@ from providers.apns import ApnsAdapter, apns_client
 from providers.bounces import bounce_parser
 from providers.channel import Adapter, ChannelName, Receipt
 from providers.db.dispatches import (
+    AcceptRequest,
+    AcceptResult,
+    OutcomeRecord,
+    ReceiptResult,
+    TransitionResult,
+    accept_batch_async,
+    apply_receipt_batch_async,
     mark_stale_unknown_async,
     outstanding_async,
+    record_outcomes_async,
 )
 from providers.fcm import FcmAdapter
 from providers.ghasi import GhasiAdapter, parse_ghasi_receipt
+from providers.http_transport import Http1Transport
 from providers.push_feedback import FeedbackSource
+from providers.services import postgres_url_with
 from providers.smtp import SmtpAdapter
 from providers.twilio import TwilioAdapter, parse_twilio_receipt
 from supervisors.dispatch_api import DispatchApi
 from supervisors.emulated import Endpoints, ghasi_wire
+from supervisors.singleton import singleton_specs
 
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
 
+    from actors.phi_guard import PhiGuard
     from supervisors.backbone import Backbone
 
 __all__ = [
@@ -134,6 +159,8 @@ def channel_profiles(config: TriageConfig) -> list[tuple[str, str]]:
     p = config.providers
     needed = [("mailboxes", "dispatcher"), ("mailboxes", "bounces"), ("mailboxes", "push_feedback")]
     needed.append(("mailboxes", "commands"))
+    needed.append(("mailboxes", "sweeps"))
+    needed.append(("mailboxes", "commits"))  # the group commits (build_channels reads it)
     needed.append(("supervisors", "providers"))
     needed += [("guards", getattr(p, vendor).guard) for vendor in _VENDORS]
     needed.append(("rate_limits", config.dlr.rate_limit))
@@ -171,6 +198,7 @@ def channel_problems(config: TriageConfig, source: str = "<config>") -> list[Con
                 " report back through their mailboxes)",
             )
         )
+    problems += _sweep_problems(config, source)
     for vendor in _VENDORS:
         guard = config.guards.get(getattr(config.providers, vendor).guard)
         if guard is not None and guard.retry not in config.retries:
@@ -182,6 +210,35 @@ def channel_problems(config: TriageConfig, source: str = "<config>") -> list[Con
                     message=f"unknown retries profile {guard.retry!r}",
                 )
             )
+    return problems
+
+
+def _sweep_problems(config: TriageConfig, source: str) -> list[ConfigProblem]:
+    """What the backlog resumer and the status sweep would refuse (issue 13)."""
+    problems: list[ConfigProblem] = []
+    sweeps = config.mailboxes.get("sweeps")
+    if sweeps is not None and sweeps.overflow != "wait":
+        problems.append(
+            ConfigProblem(
+                source=source,
+                line=None,
+                path="$.mailboxes.sweeps.overflow",
+                message=f"must be 'wait', got {sweeps.overflow!r} (the backlog resumer's and"
+                " the status sweep's tasks report back through their mailboxes)",
+            )
+        )
+    dispatch = config.dispatch
+    if not dispatch.resume_lease_s > 2 * dispatch.resume_interval_s:
+        problems.append(
+            ConfigProblem(
+                source=source,
+                line=None,
+                path="$.dispatch.resume_lease_s",
+                message=f"must be more than twice resume_interval_s"
+                f" ({dispatch.resume_interval_s:g}), got {dispatch.resume_lease_s:g} (the"
+                " claims of held rows are renewed when they would lapse within two turns)",
+            )
+        )
     return problems
 
 
@@ -200,6 +257,8 @@ class Channels:
     tracker: BounceFeed
     feedback: ActorRef[FeedbackMessage]
     sweep: ActorRef[SweepMessage]
+    backlog: ActorRef[BacklogMessage]
+    status_sweep: ActorRef[StatusSweepMessage]
     sources: list[FeedbackSource] = field(default_factory=list)
     specs: list[ChildSpec] = field(default_factory=list)
     mounts: dict[str, ASGIFramework] = field(default_factory=dict)
@@ -255,6 +314,7 @@ def _guard(config: TriageConfig, vendor: str, runtime: Runtime) -> tuple[Guard, 
         events=runtime.events,
         metrics=runtime.metrics,
     )
+    runtime.tunables.breaker(profile.breaker, breaker)  # a reload retunes it in place
     bulkhead = Bulkhead(vendor, **engine_kwargs(config.bulkheads[profile.bulkhead]), **common)
     limiter = None
     if profile.rate_limit is not None:
@@ -295,8 +355,10 @@ def _adapters(
     wall: Callable[[], float],
 ) -> dict[str, Adapter]:
     """One adapter per vendor; those that read the wall clock (token lifetimes,
-    Retry-After dates, Twilio's status window) read ``wall``."""
+    Retry-After dates, Twilio's status window) read ``wall``. The HTTP/1.1 vendors each
+    get their own ``[providers.http]`` pool (:class:`Http1Transport`)."""
     p = config.providers
+    http = engine_kwargs(p.http)
     return {
         "ghasi": GhasiAdapter(
             "ghasi",
@@ -305,6 +367,7 @@ def _adapters(
             sender=p.ghasi.sender,
             timeout_s=guards["ghasi"].timeout_s,
             wire=ghasi_wire(config),
+            transport=Http1Transport(**http),
         ),
         "twilio": TwilioAdapter(
             "twilio",
@@ -314,11 +377,14 @@ def _adapters(
             from_number=p.twilio.from_number,
             timeout_s=guards["twilio"].timeout_s,
             callback_base=config.dlr.callback_base_url,
+            transport=Http1Transport(**http),
             clock=wall,
         ),
         "fcm": FcmAdapter(
             "fcm",
-            client=httpx.AsyncClient(timeout=guards["fcm"].timeout_s),
+            client=httpx.AsyncClient(
+                timeout=guards["fcm"].timeout_s, transport=Http1Transport(**http)
+            ),
             account=endpoints.fcm_account,
             refresh_margin_s=p.fcm.refresh_margin_s,
             token_lifetime_s=p.fcm.assertion_lifetime_s,
@@ -365,6 +431,7 @@ def build_channels(
     idempotency: Any = None,
     wall: Callable[[], float] = time.time,
     source: str = "<config>",
+    phi_guard: PhiGuard | None = None,
 ) -> Channels:
     """Wire the channels (nothing runs yet); see the module docstring.
 
@@ -413,9 +480,7 @@ def build_channels(
 
     # Row 1: one error-ratio detector per SMS provider.
     sms_ratio = {
-        vendor: _detector(
-            config, catalog, runtime, detectors, SMS_ROW, RatioDetector, f"_{vendor}"
-        )
+        vendor: _detector(config, catalog, runtime, detectors, SMS_ROW, RatioDetector, f"_{vendor}")
         for vendor in config.channels.sms
     }
 
@@ -445,6 +510,26 @@ def build_channels(
         metrics=runtime.metrics,
     )
 
+    # The group commits (actors/group_commit.py): accepts and send outcomes, one
+    # statement / one transaction per batch instead of one transaction per request.
+    commits = config.mailboxes["commits"]
+    accepts: GroupCommit[AcceptRequest, AcceptResult] = GroupCommit(
+        "accept_commit", accept_batch_async, batch_max=dispatch.accept_batch_max
+    )
+    outcomes: GroupCommit[OutcomeRecord, list[TransitionResult]] = GroupCommit(
+        "outcome_commit", record_outcomes_async, batch_max=dispatch.outcome_batch_max
+    )
+    receipts: GroupCommit[Receipt, ReceiptResult] = GroupCommit(
+        "receipt_commit", apply_receipt_batch_async, batch_max=config.dlr.commit_batch_max
+    )
+    commit_specs = [
+        group_commit_child(
+            board, backbone.pool, mailbox=commits, shutdown_s=shutdown_s,
+            deadlines=runtime.deadlines, metrics=runtime.metrics,
+        )[0]
+        for board in (accepts, outcomes, receipts)
+    ]  # fmt: skip
+
     def dispatcher(channel: ChannelName, routes: Mapping[str, Failover]) -> DispatcherChild:
         return dispatcher_child(
             channel,
@@ -459,14 +544,13 @@ def build_channels(
             throttle=throttle,
             shutdown_s=shutdown_s,
             metrics=runtime.metrics,
+            outcomes=outcomes,
         )
 
     dispatchers = [
         dispatcher(ChannelName.SMS, {"default": failovers["sms"]}),
         dispatcher(ChannelName.EMAIL, {"default": failovers["email"]}),
-        dispatcher(
-            ChannelName.PUSH, {v: failovers[f"push_{v}"] for v in config.channels.push}
-        ),
+        dispatcher(ChannelName.PUSH, {v: failovers[f"push_{v}"] for v in config.channels.push}),
     ]
     templates = TemplateRegistry(
         backbone.pool,
@@ -486,18 +570,28 @@ def build_channels(
         dispatchers,
         limits=DispatchLimits.of(dispatch),
         key_ttl_s=config.idempotency.key_ttl_s,
-        backlog_older_than_s=dispatch.requeue_after_s,
-        backlog_batch=dispatch.backlog_batch,
-        backlog_interval_s=dispatch.resume_interval_s,
-        max_tenants=dispatch.max_tenants,
-        phi_fields=dispatch.phi_fields,
-        phi_patterns=dispatch.phi_patterns,
+        phi_guard=phi_guard,  # row 11 (supervisors/phi.py)
         idempotency=idempotency,
+        accepts=accepts,
         registry=registry,
         runtime=runtime,
         channels_supervisor=engine_kwargs(config.supervisors["providers"]),
     )
-    sink = ReceiptApplier(backbone.pool, tracker, db_units=config.dlr.db_units)
+    sweeps_mailbox = config.mailboxes["sweeps"]
+    backlog_spec, backlog = backlog_resumer_child(
+        DbBacklogStore(backbone.pool),
+        dispatchers,
+        older_than_s=dispatch.requeue_after_s,
+        lease_s=dispatch.resume_lease_s,
+        batch=dispatch.backlog_batch,
+        interval_s=dispatch.resume_interval_s,
+        capacity=sweeps_mailbox.capacity,
+        overflow=Overflow(sweeps_mailbox.overflow),
+        shutdown_s=shutdown_s,
+        registry=registry,
+        metrics=runtime.metrics,
+    )
+    sink = ReceiptApplier(backbone.pool, tracker, db_units=config.dlr.db_units, commits=receipts)
 
     # Row 13: the DLR and bounce webhooks.
     dlr = config.dlr
@@ -547,9 +641,7 @@ def build_channels(
         ack_timeout_s=dlr.ack_timeout_s,
         retry_after_s=dlr.retry_after_s,
         public_base_url=dlr.callback_base_url,
-        detector=_detector(
-            config, catalog, runtime, detectors, DLR_ROW, SpikeOverBaselineDetector
-        ),
+        detector=_detector(config, catalog, runtime, detectors, DLR_ROW, SpikeOverBaselineDetector),
         registry=registry,
     )
 
@@ -578,6 +670,7 @@ def build_channels(
         return count
 
     push_mailbox = config.mailboxes["push_feedback"]
+    feedback_age = _detector(config, catalog, runtime, detectors, FEEDBACK_ROW, AgeOfNewestDetector)
     feedback_spec, feedback = push_feedback_child(
         sources=sources,
         sink=sink,
@@ -591,7 +684,7 @@ def build_channels(
         capacity=push_mailbox.capacity,
         overflow=Overflow(push_mailbox.overflow),
         shutdown_s=shutdown_s,
-        detector=_detector(config, catalog, runtime, detectors, FEEDBACK_ROW, AgeOfNewestDetector),
+        detector=feedback_age,
         events=runtime.events,
         registry=registry,
         metrics=runtime.metrics,
@@ -599,7 +692,9 @@ def build_channels(
     )
 
     async def sweeper(channel: str, older_than_s: float, limit: int) -> int:
-        marked = await backbone.pool.run_unit(mark_stale_unknown_async, channel, older_than_s, limit)
+        marked = await backbone.pool.run_unit(
+            mark_stale_unknown_async, channel, older_than_s, limit
+        )
         return len(marked)
 
     sweep_spec, sweep = stale_sweep_child(
@@ -609,6 +704,35 @@ def build_channels(
         sweep_limit=pf.sweep_batch,
         capacity=push_mailbox.capacity,
         overflow=Overflow(push_mailbox.overflow),
+        shutdown_s=shutdown_s,
+        registry=registry,
+        metrics=runtime.metrics,
+    )
+
+    # SMS and email rows whose receipt never came: asked about, then unknown (issue 13).
+    ss = config.status_sweep
+    queries = {
+        name: adapter
+        for name, adapter in adapters.items()
+        if adapter.channel in (ChannelName.SMS, ChannelName.EMAIL)
+        and isinstance(adapter, StatusQuery)
+    }
+    status_spec, status = status_sweep_child(
+        store=DbUnsettledStore(backbone.pool),
+        sink=sink,
+        queries=queries,
+        deadlines={
+            ChannelName.SMS: ss.sms_stale_after_s,
+            ChannelName.EMAIL: ss.email_stale_after_s,
+        },
+        query_after_s=ss.query_after_s,
+        query_interval_s=ss.query_interval_s,
+        query_timeout_s=ss.query_timeout_s,
+        sweep_interval_s=ss.sweep_interval_s,
+        batch=ss.batch,
+        concurrency=ss.concurrency,
+        capacity=sweeps_mailbox.capacity,
+        overflow=Overflow(sweeps_mailbox.overflow),
         shutdown_s=shutdown_s,
         registry=registry,
         metrics=runtime.metrics,
@@ -640,13 +764,25 @@ def build_channels(
         registry=registry,
     )
     specs = [
+        *commit_specs,
         *service.child_specs(),
+        backlog_spec,
         tracker_spec,
         pool_spec,
         feedback_spec,
         sweep_spec,
+        status_spec,
         commands_spec,
     ]
+    # One replica at a time pulls the push feedback (supervisors/singleton.py); on a
+    # standby, row 2's age detector is kept quiet: the holder's watches the feedback.
+    specs = singleton_specs(
+        specs,
+        config.singletons,
+        postgres_url_with(backbone.services.postgres_url, user=config.database.daemon_role),
+        on_standby={} if feedback_age is None else {"push_feedback": feedback_age.touch},
+        registry=registry,
+    )
     return Channels(
         service=service,
         adapters=adapters,
@@ -659,6 +795,8 @@ def build_channels(
         tracker=tracker,
         feedback=feedback,
         sweep=sweep,
+        backlog=backlog,
+        status_sweep=status,
         sources=sources,
         specs=specs,
         mounts={"/v1/dispatches": api, "/webhooks/": ingress},

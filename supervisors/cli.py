@@ -8,8 +8,15 @@
                                           the failure catalog as a table (or JSON): each
                                           row's owner, module and chaos scenario
     triage rules [--config F | --catalog F] [-o FILE]
-                                          Prometheus alert rules from the catalog
-    triage run [--config FILE]            run the daemon
+                                          Prometheus alert rules from the catalog, and
+                                          the error budget's burn-rate alerts ([slo])
+    triage dashboard [--config F | --catalog F] [-o FILE]
+                                          a Grafana dashboard of the catalog (JSON)
+    triage run [--config FILE] [--break-glass REASON]
+                                          run the daemon (REASON: let changed adapters
+                                          through an error-budget freeze, recorded)
+    triage budget [--config F] [--dsn DSN] [--json]
+                                          each SLO's error budget, and the freeze
     triage migrate [--config FILE] [--dsn DSN]
                                           apply the pending database migrations
     triage dlq list [--config F] [--dsn DSN] [--all] [--json]
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,7 +59,7 @@ from config import (
 )
 from config.catalog import project_root
 from providers.services import ENV_POSTGRES_URL
-from supervisors import cli_category, cli_send
+from supervisors import cli_budget, cli_category, cli_config, cli_erase, cli_send
 from supervisors.cli_common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -176,9 +184,27 @@ def _catalog(args: argparse.Namespace) -> int:
 def _rules(args: argparse.Namespace) -> int:
     try:
         _, catalog = _catalog_from_args(args)
+        # The burn-rate alerts of [slo]: the --config file's, else the shipped default's.
+        slo_source = args.config if args.config is not None else default_path("default.toml")
+        slo = load_config(slo_source).slo
     except ConfigError as exc:
         return report(exc)
-    text = rules_yaml(catalog)
+    text = rules_yaml(catalog, slo if slo.enabled else None)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return EXIT_OK
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from config.grafana import dashboard
+
+    try:
+        _, catalog = _catalog_from_args(args)
+    except ConfigError as exc:
+        return report(exc)
+    text = json.dumps(dashboard(catalog), indent=2) + "\n"
     if args.output is None:
         sys.stdout.write(text)
     else:
@@ -192,6 +218,10 @@ def _run(args: argparse.Namespace) -> int:
     # subcommands do not need.
     daemon = importlib.import_module("supervisors.daemon")
     main_run = cast("Callable[[str], int]", daemon.main_run)
+    if args.break_glass:
+        from actors.error_budget import BREAK_GLASS_ENV
+
+        os.environ[BREAK_GLASS_ENV] = args.break_glass
     try:
         return main_run(config)
     except ConfigError as exc:
@@ -291,8 +321,7 @@ def _dlq_redrive(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if redriven is None:
         return EXIT_FAILED
-    outbox_id, seq = redriven
-    print(f"dead letter {args.id} redriven: outbox event {outbox_id} (seq {seq} of its aggregate)")
+    print(f"dead letter {args.id} redriven: {redriven.what}")
     return EXIT_OK
 
 
@@ -316,6 +345,13 @@ def _parser() -> argparse.ArgumentParser:
     catalog.add_argument("--json", action="store_true", help="print JSON instead of a table")
     catalog.set_defaults(handler=_catalog)
 
+    board = sub.add_parser("dashboard", help="print a Grafana dashboard (JSON) of the catalog")
+    source = board.add_mutually_exclusive_group()
+    source.add_argument("--catalog", metavar="FILE", help="the catalog file")
+    source.add_argument("--config", metavar="FILE", help="use the catalog this config names")
+    board.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    board.set_defaults(handler=_dashboard)
+
     rules = sub.add_parser("rules", help="print Prometheus alert rules derived from the catalog")
     source = rules.add_mutually_exclusive_group()
     source.add_argument("--catalog", metavar="FILE", help="the catalog file")
@@ -325,6 +361,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", metavar="FILE", help="config file (default: shipped default.toml)")
+    run.add_argument(
+        "--break-glass",
+        metavar="REASON",
+        help="start with changed adapter sections during an error-budget freeze"
+        " (recorded with REASON; the same as TRIAGE_BREAK_GLASS=REASON)",
+    )
     run.set_defaults(handler=_run)
 
     migrate = sub.add_parser(
@@ -358,7 +400,10 @@ def _parser() -> argparse.ArgumentParser:
     dlq_list.set_defaults(handler=_dlq_list)
     dlq_redrive.set_defaults(handler=_dlq_redrive)
     cli_send.add_parser(sub)
+    cli_erase.add_parser(sub)
     cli_category.add_parser(sub)
+    cli_budget.add_parser(sub)
+    cli_config.add_parser(sub)
     return parser
 
 

@@ -28,7 +28,7 @@ import httpx
 from config import ConfigError, load_config
 from supervisors.demo import DEMO_TENANT_ID
 
-__all__ = ["add_parser", "send"]
+__all__ = ["add_parser", "base_url", "send"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -45,14 +45,15 @@ def _data(pairs: list[str]) -> dict[str, str] | None:
     return out
 
 
-def _base_url(args: argparse.Namespace) -> str | None:
+def base_url(args: argparse.Namespace, command: str = "triage send") -> str | None:
+    """The daemon's base URL from ``--url`` or ``--config`` (None: the error is printed)."""
     if args.url:
         return str(args.url).rstrip("/")
     if args.config:
         try:
             daemon = load_config(args.config).daemon
         except ConfigError as exc:
-            print(f"triage send: {exc}", file=sys.stderr)
+            print(f"{command}: {exc}", file=sys.stderr)
             return None
         host = f"[{daemon.host}]" if ":" in daemon.host else daemon.host
         return f"http://{host}:{daemon.port}"
@@ -64,7 +65,7 @@ def send(args: argparse.Namespace) -> int:
     if data is None:
         print("triage send: --data takes KEY=VALUE", file=sys.stderr)
         return EXIT_INVALID
-    base = _base_url(args)
+    base = base_url(args)
     if base is None:
         return EXIT_INVALID
     key = args.idempotency_key or str(uuid.uuid4())

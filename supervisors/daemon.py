@@ -17,7 +17,10 @@ A :class:`Daemon` run, step by step:
    NATS when no URL is configured; open the bridge; migrate; open the pool as
    ``[database].daemon_role`` and verify RLS holds it (a role that could see
    across tenants is refused: ``database role refused``, exit 1). A drain
-   requested meanwhile abandons the start (exit 0);
+   requested meanwhile abandons the start (exit 0); with ``[slo] enabled``, the
+   error-budget policy (:mod:`actors.error_budget`): while the budget is frozen,
+   adapter sections changed since the last start are refused (exit 2, one line
+   per section with the reason) unless ``TRIAGE_BREAK_GLASS`` gives one;
 5. build the tree (:mod:`supervisors.tree`) and start the root supervisor,
    which starts its children in order; the HTTP child reports started only once
    its socket listens (the bound port is logged, port 0 included);
@@ -55,11 +58,15 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Final, TypeVar
 
 import trio
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
+from actors.error_budget import BREAK_GLASS_ENV, enforce_freeze
+from actors.phi_rules import phi_rules
 from config import (
     Catalog,
     ConfigError,
@@ -78,6 +85,7 @@ from supervisors.backbone import Backbone, StartAbandoned, StartGuard, open_back
 from supervisors.demo import seed_demo_async
 from supervisors.emulated import Emulated, Endpoints, open_emulators, resolve_endpoints
 from supervisors.logging import json_logging
+from supervisors.reload import Reloader
 from supervisors.tree import (
     Phase,
     Readiness,
@@ -98,6 +106,8 @@ EXIT_INVALID: Final = 2
 
 #: The signals that start a drain.
 DRAIN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+#: The signal that reloads the config file (:mod:`supervisors.reload`).
+RELOAD_SIGNAL: Final = signal.SIGHUP
 
 log = logging.getLogger("triage.daemon")
 
@@ -194,6 +204,9 @@ class Daemon:
         self._failure: BaseException | None = None
         self._root_scope = trio.CancelScope()
         self._start_guard = StartGuard()  # the backbone's start; a drain abandons it
+        self.reloader: Reloader | None = None  # once the tree runs
+        # SIGHUP before the reloader exists waits here (one pending reload is enough).
+        self._reload_send, self._reload_receive = trio.open_memory_channel[str](1)
 
     # ------------------------------------------------------------------ control
 
@@ -205,6 +218,11 @@ class Daemon:
     def port(self) -> int | None:
         """The port the HTTP child is bound to (None before it listens)."""
         return self.tree.http.port if self.tree is not None else None
+
+    def request_reload(self, trigger: str = "SIGHUP") -> None:
+        """Ask for a config reload (what SIGHUP does); several pending ones make one."""
+        with contextlib.suppress(trio.WouldBlock):
+            self._reload_send.send_nowait(trigger)
 
     def request_drain(self, reason: str) -> None:
         """Start a drain (what SIGTERM does). ``/readyz`` turns 503 before this returns."""
@@ -275,6 +293,8 @@ class Daemon:
             if self.tree is not None:
                 self.tree.readiness.mark_stopped()
                 self.tree.unsubscribe()
+                if self.tree.dashboard is not None:
+                    self.tree.dashboard.close()
             log.info(
                 "stopped",
                 extra={
@@ -297,6 +317,16 @@ class Daemon:
                     log.info("start abandoned", extra={"reason": self.drain_reason})
                     task_status.started(0)  # nothing listens: port 0
                     return EXIT_OK
+                if self.config.slo.enabled:
+                    # The error-budget policy: changed adapters are refused during a freeze
+                    # (BudgetFrozen, a ConfigError: one line per section, exit 2).
+                    await enforce_freeze(
+                        self.backbone.pool,
+                        self.config,
+                        source=self.source,
+                        today=datetime.fromtimestamp(self.wall(), UTC).date(),
+                        break_glass=self.env.get(BREAK_GLASS_ENV) or None,
+                    )
                 endpoints = await self._open_providers(stack)
             return await self._run(runtime, self.backbone, task_status, endpoints)
         raise AssertionError("unreachable")  # pragma: no cover - mypy: the stack may swallow
@@ -325,7 +355,11 @@ class Daemon:
         if tree.http.port is None:
             return
         host = self.config.daemon.host
-        base = f"http://[{host}]:{tree.http.port}" if ":" in host else f"http://{host}:{tree.http.port}"
+        base = (
+            f"http://[{host}]:{tree.http.port}"
+            if ":" in host
+            else f"http://{host}:{tree.http.port}"
+        )
         if self.emulated is not None:
             self.emulated.point_receipts_at(base)
         if tree.channels is not None:
@@ -354,6 +388,9 @@ class Daemon:
             if tree.channels is not None:
                 with trio.CancelScope(shield=True):
                     await tree.channels.aclose()
+            if tree.virtual is not None:
+                with trio.CancelScope(shield=True):
+                    await tree.virtual.aclose()
 
     async def _serve(self, tree: Tree, task_status: trio.TaskStatus[int]) -> int:
         if self.drain_reason is not None:  # requested before the tree existed
@@ -372,8 +409,11 @@ class Daemon:
                         "children": [c.id for c in tree.root.which_children()],
                     },
                 )
+            reloads = trio.CancelScope()
+            nursery.start_soon(self._watch_reloads, tree, reloads)
             task_status.started(tree.http.port if tree.http.port is not None else 0)
             await self._wake.wait()
+            reloads.cancel()  # no reload during a drain
             if self.drain_reason is not None and not root_stopped.is_set():
                 await self._drain(tree, root_stopped, self.drain_reason)
         if self._failure is not None:
@@ -408,10 +448,34 @@ class Daemon:
             self._wake.set()
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
-        with trio.open_signal_receiver(*DRAIN_SIGNALS) as signals:
+        with trio.open_signal_receiver(*DRAIN_SIGNALS, RELOAD_SIGNAL) as signals:
             task_status.started()
             async for signum in signals:
-                self.request_drain(signal.Signals(signum).name)
+                if signum == RELOAD_SIGNAL:
+                    self.request_reload(signal.Signals(signum).name)
+                else:
+                    self.request_drain(signal.Signals(signum).name)
+
+    async def _watch_reloads(self, tree: Tree, scope: trio.CancelScope) -> None:
+        """Reload on request (SIGHUP) and when the file changes (``daemon.reload_poll_s``)."""
+        assert self.runtime is not None
+        reloader = self.reloader = Reloader(
+            self.config,
+            self.catalog,
+            self.runtime,
+            tree.detectors,
+            source=self.source,
+            pool=self.backbone.pool if self.backbone is not None else None,
+            env=self.env,
+            started_at=datetime.fromtimestamp(self.wall(), UTC),
+        )
+        with scope:
+            async with trio.open_nursery() as nursery:
+                if reloader.watchable:
+                    nursery.start_soon(reloader.poll, self.request_reload)
+                async for trigger in self._reload_receive:
+                    await reloader.reload(trigger)
+                    self.config = reloader.config
 
     async def _drain(self, tree: Tree, root_stopped: trio.Event, reason: str) -> None:
         drain_s = self.config.daemon.drain_s
@@ -475,11 +539,20 @@ def main_run(config_path: str) -> int:
     config = load_config(config_path)
     catalog_file = catalog_path(config, config_path)
     catalog = load_catalog(catalog_file, metrics=METRICS, mitigations=MITIGATIONS)
-    check_config(config, catalog, config_path)  # what `triage check-config` checks
-    if not config.emulators.enabled:
-        resolve_endpoints(config)  # every provider's address and secrets, or a ConfigError now
+    try:
+        check_config(config, catalog, config_path)  # what `triage check-config` checks
+        if not config.emulators.enabled:
+            resolve_endpoints(config)  # every provider's address and secrets, or a ConfigError
+    except ConfigError as exc:
+        # resolve_endpoints knows no file: its problems are in this one.
+        placed = (replace(p, source=config_path) if p.source == "<config>" else p
+                  for p in exc.problems)  # fmt: skip
+        raise ConfigError(placed) from exc
     wall = time.time
-    with json_logging(config.daemon.log_level, wall=wall):
+    redact = phi_rules(config.phi).redact_value  # row 11: no PHI value reaches a log line
+    with json_logging(
+        config.daemon.log_level, wall=wall, log_file=config.daemon.log_file, redact=redact
+    ):
         daemon = Daemon(
             config,
             catalog,

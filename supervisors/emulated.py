@@ -27,6 +27,7 @@ from pathlib import Path
 
 from config import ConfigError, ConfigProblem, TriageConfig
 from providers.emulators.base import Emulator, EmulatorServer, serve_emulator
+from providers.emulators.jitsi import JitsiBridgeEmulator
 from providers.emulators.push import (
     ApnsEmulator,
     FcmEmulator,
@@ -37,6 +38,7 @@ from providers.emulators.sms import GhasiEmulator, TwilioEmulator
 from providers.emulators.smtp import SmtpEmulator, serve_smtp_emulator
 from providers.fcm import ServiceAccount
 from providers.ghasi import GhasiWire
+from providers.presigned import load_secret
 
 __all__ = ["Emulated", "Endpoints", "ghasi_wire", "open_emulators", "resolve_endpoints"]
 
@@ -72,6 +74,10 @@ class Endpoints:
     smtp_username: str | None
     smtp_password: str | None
     smtp_bounce_secret: str
+    #: The pre-signed upload URLs' HMAC key ([uploads]); None: a random one per process.
+    upload_secret: bytes | None = None
+    #: the videobridge nodes of ``[jitsi] nodes``: (name, base URL)
+    jitsi_nodes: tuple[tuple[str, str], ...] = ()
 
 
 def _problem(path: str, message: str) -> ConfigProblem:
@@ -131,10 +137,29 @@ def resolve_endpoints(config: TriageConfig, env: Mapping[str, str] | None = None
             problems.append(
                 _problem("$.providers.fcm.service_account_file", f"not a service account: {exc}")
             )
+    upload_secret: bytes | None = None
+    if config.uploads.enabled:
+        u = config.uploads
+        where = "$.uploads.signing_secret_" + ("file" if u.signing_secret_file else "env")
+        try:
+            upload_secret = load_secret(
+                file=u.signing_secret_file, env_name=u.signing_secret_env, env=env
+            )
+        except ValueError as exc:
+            problems.append(_problem(where, str(exc)))
+        else:
+            if upload_secret is None:
+                problems.append(
+                    _problem(where, f"environment variable {u.signing_secret_env} is not set")
+                )
+    jitsi_nodes: list[tuple[str, str]] = []
+    for index, node in enumerate(config.jitsi.nodes):
+        jitsi_nodes.append((node.name, need_url(f"$.jitsi.nodes[{index}].url", node.url)))
     if problems:
         raise ConfigError(problems)
     assert account is not None
     return Endpoints(
+        upload_secret=upload_secret,
         ghasi_url=ghasi_url,
         ghasi_api_key=ghasi_key,
         ghasi_receipt_secret=ghasi_receipts or "",
@@ -151,6 +176,7 @@ def resolve_endpoints(config: TriageConfig, env: Mapping[str, str] | None = None
         smtp_username=username,
         smtp_password=password,
         smtp_bounce_secret=bounce,
+        jitsi_nodes=tuple(jitsi_nodes),
     )
 
 
@@ -165,6 +191,8 @@ class Emulated:
     apns: ApnsEmulator
     smtp: SmtpEmulator
     servers: dict[str, EmulatorServer] = field(default_factory=dict)
+    #: the videobridge emulators, by node name (nodes of [jitsi] without a url)
+    bridges: dict[str, JitsiBridgeEmulator] = field(default_factory=dict)
 
     @property
     def http(self) -> tuple[Emulator, ...]:
@@ -248,6 +276,16 @@ async def open_emulators(config: TriageConfig) -> AsyncIterator[Emulated]:
         )
         smtp = SmtpEmulator(bounce_secret=bounce_secret, bounce_delay_s=delay)
         await stack.enter_async_context(serve_smtp_emulator(smtp, host=host, port=0))
+        bridges: dict[str, JitsiBridgeEmulator] = {}
+        jitsi_nodes: list[tuple[str, str]] = []
+        for node in config.jitsi.nodes:
+            if node.url is not None:
+                jitsi_nodes.append((node.name, node.url))
+                continue
+            bridge = bridges[node.name] = JitsiBridgeEmulator(node.name)
+            server = await stack.enter_async_context(serve_emulator(bridge, host=host))
+            servers[f"jitsi_{node.name}"] = server
+            jitsi_nodes.append((node.name, server.url))
         http_emulators: tuple[Emulator, ...] = (ghasi, twilio, fcm, apns)
         for each in http_emulators:
             each.receipt_attempts = settings.receipt_attempts
@@ -269,6 +307,7 @@ async def open_emulators(config: TriageConfig) -> AsyncIterator[Emulated]:
             smtp_username=None,
             smtp_password=None,
             smtp_bounce_secret=bounce_secret,
+            jitsi_nodes=tuple(jitsi_nodes),
         )
         yield Emulated(
             endpoints=endpoints,
@@ -278,4 +317,5 @@ async def open_emulators(config: TriageConfig) -> AsyncIterator[Emulated]:
             apns=apns,
             smtp=smtp,
             servers=servers,
+            bridges=bridges,
         )

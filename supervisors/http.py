@@ -1,4 +1,4 @@
-"""The daemon's HTTP face: ``/livez``, ``/readyz`` and ``/metrics``, served by hypercorn on Trio.
+"""The daemon's HTTP face: ``/livez``, ``/readyz`` and ``/metrics``, served over HTTP/1.1 on Trio.
 
 :class:`HealthApp` is a plain ASGI application::
 
@@ -11,29 +11,26 @@
     other paths   404 {"error": "not found", "path": ...}
     other methods 405 {"error": "method not allowed", ...}, with ``Allow: GET``
 
-It implements the ASGI lifespan protocol, which hypercorn 0.18 requires (an app
-that returns on the lifespan scope crashes the server at start). Websocket
-connections are refused.
+It implements the ASGI lifespan protocol (the server runs its startup and
+shutdown around serving). Websocket connections are refused.
 
-:class:`HttpServer` runs the app as a supervised child: ``run`` calls
-``task_status.started()`` only once the socket is bound and listening (port 0
-picks a free port, then :attr:`HttpServer.port` holds the real one), and
-:meth:`HttpServer.shutdown` starts hypercorn's graceful shutdown: the listener
-closes, requests in flight finish within ``graceful_timeout_s``, then ``run``
-returns normally.
+:class:`HttpServer` runs the app as a supervised child on our own HTTP/1.1
+server (:mod:`providers.http_server`, bounded by ``[daemon.http]``): ``run``
+calls ``task_status.started()`` only once the socket is bound and listening
+(port 0 picks a free port, then :attr:`HttpServer.port` holds the real one), and
+:meth:`HttpServer.shutdown` starts the graceful shutdown: the listener closes,
+idle keep-alive connections close at once, requests in flight finish within
+``graceful_timeout_s`` (the rest are cancelled), then ``run`` returns normally.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from functools import partial
 from typing import Any, Final, Protocol
 
 import msgspec
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
@@ -43,7 +40,9 @@ from hypercorn.typing import (
 )
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from config.schema import HttpConfig
 from providers.asgi import respond, send_json, serve_scope
+from providers.http_server import Http1Server
 
 __all__ = ["HealthApp", "HttpServer", "ReadinessProbe"]
 
@@ -70,7 +69,7 @@ class HealthApp:
         # Longest prefix first, so "/webhooks/dlr/" wins over "/webhooks/".
         self._mounts = sorted((mounts or {}).items(), key=lambda item: -len(item[0]))
 
-    def _mounted(self, path: str) -> ASGIFramework | None:
+    def mounted(self, path: str) -> ASGIFramework | None:
         for prefix, app in self._mounts:
             if path == prefix.rstrip("/") or (prefix.endswith("/") and path.startswith(prefix)):
                 return app
@@ -87,7 +86,7 @@ class HealthApp:
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         path = scope["path"]
-        app = self._mounted(path)
+        app = self.mounted(path)
         if app is not None:
             await app(scope, receive, send)
             return
@@ -121,8 +120,10 @@ async def _json(
     await send_json(send, status, msgspec.json.encode(body), extra_headers=extra_headers)
 
 
-def _bind_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _bind_of(listener: trio.SocketListener) -> str:
+    """``http://127.0.0.1:8080`` or ``http://[::1]:8080``: where ``listener`` listens."""
+    host, port = listener.socket.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _port_of(bind: str) -> int:
@@ -131,11 +132,13 @@ def _port_of(bind: str) -> int:
 
 
 class HttpServer:
-    """Serves an ASGI app with hypercorn on Trio; one :meth:`run` per incarnation.
+    """Serves an ASGI app over HTTP/1.1 on Trio (:class:`providers.http_server.Http1Server`);
+    one :meth:`run` per incarnation.
 
     Every value comes from the caller (the daemon reads it from config):
     ``graceful_timeout_s`` is how long requests in flight may take once
-    :meth:`shutdown` was called.
+    :meth:`shutdown` was called; ``limits`` is ``[daemon.http]`` (the schema's
+    defaults when not given).
     """
 
     def __init__(
@@ -145,47 +148,46 @@ class HttpServer:
         host: str,
         port: int,
         graceful_timeout_s: float,
+        limits: HttpConfig | None = None,
         log: logging.Logger | None = None,
     ) -> None:
         self.app = app
         self.host = host
         self.requested_port = port
         self.graceful_timeout_s = graceful_timeout_s
+        self.limits = limits if limits is not None else HttpConfig()
         self.log = log if log is not None else logging.getLogger("triage.http")
         self.binds: list[str] = []
         self.port: int | None = None
         self._shutdown = trio.Event()
         self._stopped: trio.Event | None = None
 
-    def _config(self) -> HypercornConfig:
-        config = HypercornConfig()
-        config.bind = [_bind_address(self.host, self.requested_port)]
-        config.graceful_timeout = self.graceful_timeout_s
-        config.accesslog = None
-        config.errorlog = self.log
-        return config
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, report started once listening, serve until :meth:`shutdown` (then return)."""
+        """Bind, run the app's lifespan startup, report started once listening, serve
+        until :meth:`shutdown` (then drain, run the lifespan shutdown and return)."""
         stopped = self._stopped = trio.Event()
         try:
-            async with trio.open_nursery() as nursery:
-                binds: list[str] = await nursery.start(
-                    partial(
-                        serve,
-                        self.app,
-                        self._config(),
-                        shutdown_trigger=self._shutdown.wait,
-                        mode="asgi",
+            listeners = await trio.open_tcp_listeners(
+                self.requested_port, host=self.host, backlog=self.limits.backlog
+            )
+            server = Http1Server(self.app, self.limits, log=self.log)
+            try:
+                self.binds = [_bind_of(listener) for listener in listeners]
+                self.port = _port_of(self.binds[0]) if self.binds else None
+                async with server.lifespan():
+                    self.log.info(
+                        "http listening",
+                        extra={"host": self.host, "port": self.port, "binds": self.binds},
                     )
-                )
-                self.binds = binds
-                self.port = _port_of(binds[0]) if binds else None
-                self.log.info(
-                    "http listening",
-                    extra={"host": self.host, "port": self.port, "binds": binds},
-                )
-                task_status.started()
+                    await server.serve(
+                        listeners,
+                        shutdown=self._shutdown,
+                        grace_s=self.graceful_timeout_s,
+                        task_status=task_status,
+                    )
+            finally:
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
         finally:
             stopped.set()
         self.log.info("http stopped", extra={"port": self.port})

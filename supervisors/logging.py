@@ -15,11 +15,19 @@ newlines escaped), so one record is always exactly one line.
 
 Writing is synchronous, as :mod:`logging` is: the daemon logs state changes,
 not traffic, and stderr is a pipe read by the container runtime.
+
+**Redaction at the source** (catalog row 11): given ``redact`` (the daemon passes
+:meth:`actors.phi_rules.PhiRules.redact_value`), every entry -- message, extra
+fields, traceback -- is redacted before it is encoded, so a PHI value never reaches
+stderr or the file. **The file sink** (``[daemon] log_file``): the same lines are
+appended to that file too, reopened when its inode changes (an outside rotation:
+``logging.handlers.WatchedFileHandler``); the PII scanner reads it.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,9 +60,12 @@ def _encode_other(value: object) -> object:
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object on one line (see the module docstring)."""
 
-    def __init__(self, wall: Callable[[], float]) -> None:
+    def __init__(
+        self, wall: Callable[[], float], redact: Callable[[Any], Any] | None = None
+    ) -> None:
         super().__init__()
         self._wall = wall
+        self._redact = redact
         self._encoder = msgspec.json.Encoder(enc_hook=_encode_other)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -73,6 +84,9 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
+        if self._redact is not None:
+            # Values JSON cannot hold become their text first, so that text is redacted too.
+            entry = self._redact(msgspec.json.decode(self._encoder.encode(entry)))
         return self._encoder.encode(entry).decode()
 
 
@@ -86,22 +100,32 @@ def json_logging(
     *,
     wall: Callable[[], float],
     stream: TextIO | None = None,
+    log_file: str | None = None,
+    redact: Callable[[Any], Any] | None = None,
 ) -> Iterator[logging.Handler]:
-    """Send every log record at ``level`` or above to ``stream`` as JSON lines.
+    """Send every log record at ``level`` or above to ``stream`` as JSON lines (and,
+    with ``log_file``, to that file), each entry passed through ``redact`` first.
 
-    Installs one handler on the root logger for the duration of the block and
+    Installs the handlers on the root logger for the duration of the block and
     restores the root logger's handlers and level afterwards. ``stream``
-    defaults to ``sys.stderr`` as it is when the block is entered.
+    defaults to ``sys.stderr`` as it is when the block is entered. Yields the
+    stream's handler.
     """
     try:
         threshold = LEVELS[level]
     except KeyError:
         raise ValueError(f"unknown log level {level!r}; known: {', '.join(LEVELS)}") from None
+    formatter = JsonFormatter(wall, redact)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter(wall))
+    handler.setFormatter(formatter)
+    handlers: list[logging.Handler] = [handler]
+    if log_file is not None:
+        file_handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(formatter)
+        handlers.append(file_handler)
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
-    root.handlers = [handler]
+    root.handlers = handlers
     root.setLevel(threshold)
     # The HTTP client libraries log every request at info/debug: one line per SMS
     # is noise at any level we run at. Their warnings still come through.
@@ -116,4 +140,5 @@ def json_logging(
         root.setLevel(saved_level)
         for logger, saved in zip(quiet, saved_quiet, strict=True):
             logger.setLevel(saved)
-        handler.close()
+        for installed in handlers:
+            installed.close()

@@ -6,6 +6,9 @@ Servers (session-scoped, synchronous; each has ``.url``)
     ``nats_server``      EmbeddedNats (JetStream on), or ``TRIAGE_NATS_URL``.
     ``redis_server``     EmbeddedRedis, or ``TRIAGE_REDIS_URL``. Fails (never
                          skips) when neither is available.
+    ``clamd_server``     EmbeddedClamd (Debian's clamav-daemon) with the signatures
+                         in tests/data/clamd (see tests/clamd_fixture.py). Fails
+                         (never skips) when clamd is not installed.
 
 Per-test URLs (isolated, cleaned at teardown)
     ``postgres_url``         a fresh database ``test_<hex>`` on ``postgres_server``,
@@ -44,12 +47,14 @@ from providers.embedded import (
     EmbeddedRedis,
     find_redis_server,
 )
+from providers.embedded_clamd import EmbeddedClamd
 from providers.services import (
     ENV_NATS_URL,
     ENV_POSTGRES_URL,
     ENV_REDIS_URL,
     postgres_url_with,
 )
+from tests.clamd_fixture import clamd_or_fail
 
 # Tests trade durability for speed; restarts are clean shutdowns or SIGKILLs of the
 # server only, which lose nothing even with fsync off (only an OS crash would).
@@ -182,3 +187,9 @@ def redis_url(redis_server: EmbeddedRedis | ExternalServer) -> Iterator[str]:
 async def bridge() -> AsyncIterator[asyncio.AbstractEventLoop]:
     async with open_bridge() as loop:
         yield loop
+
+
+@pytest.fixture(scope="session")
+def clamd_server() -> Iterator[EmbeddedClamd]:
+    with clamd_or_fail() as server:
+        yield server

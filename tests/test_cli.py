@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -23,6 +24,7 @@ def good(catalog: str) -> str:
     line = 'catalog = "failures.toml"'
     assert DEFAULT_TEXT.count(line) == 1
     return DEFAULT_TEXT.replace(line, f"catalog = {json.dumps(catalog)}")
+
 
 BAD = """\
 [daemon]
@@ -49,7 +51,7 @@ def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
     out, err = capsys.readouterr()
     assert out.startswith(f"ok: {path}\n")
     assert "13 breakers" in out
-    assert "20 rows, 10 built" in out
+    assert "20 rows, 20 built" in out
     assert err == ""
 
 
@@ -183,14 +185,15 @@ def test_catalog_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows[0].split()[-4:] == [
         "failover", "actors/failover.py", "bench/chaos/scenario_sms.py", "built"
     ]  # fmt: skip
-    assert "actors/jitsi_pool.py (not built)" in rows[3]
+    assert "not built" not in rows[14]  # row 15, the erasure saga (issue 11)
     # Each row's module and scenario: an existing file, or marked not built.
     for line in rows:
         for path in (w for w in line.split() if w.endswith(".py")):
             assert (ROOT / path).is_file() or f"{path} (not built)" in line, path
     assert rows[0].endswith("built") and "not built" not in rows[0]  # built by issue 4
     assert rows[4].endswith("built") and "not built" not in rows[4]
-    assert rows[3].endswith("not built (later)")
+    assert rows[3].endswith("built") and "not built" not in rows[3]  # built by issue 10
+    assert rows[14].endswith("built")
 
 
 def test_catalog_json_from_a_config(capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,7 +202,9 @@ def test_catalog_json_from_a_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert [row["id"] for row in rows] == list(range(1, 21))
     assert rows[0]["detector"]["kind"] == "ratio"
     assert rows[0]["state"] == "built"
-    assert rows[7]["state"] == "not built (later)"
+    assert rows[7]["state"] == "built"  # row 8 (issue 10)
+    assert rows[10]["state"] == "built"  # row 11 (issue 11)
+    assert rows[14]["state"] == "built"  # row 15, the erasure saga (issue 11)
     assert (rows[0]["owner"], rows[0]["module"], rows[0]["scenario"]) == (
         "failover", "actors/failover.py", "bench/chaos/scenario_sms.py"
     )  # fmt: skip
@@ -210,7 +215,7 @@ def test_catalog_json_from_a_config(capsys: pytest.CaptureFixture[str]) -> None:
             assert row["module_exists"] and row["scenario_exists"], row["id"]
         else:
             assert row["state"].startswith("not built")
-    assert sum(row["built"] for row in rows) == 10
+    assert sum(row["built"] for row in rows) == 20
     assert rows[0]["detector_text"].startswith("ratio triage_sms_provider_error_ratio > 0.2")
 
 
@@ -225,7 +230,9 @@ def test_catalog_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rules"]) == 0
     out = capsys.readouterr().out
-    assert out.count("\n      - alert: ") == 20
+    # The catalog's twenty rows, and the error budget's 2 SLOs x 4 burn-rate pairs.
+    assert out.count("\n      - alert: ") == 20 + 8
+    assert out.count('\n      - alert: "TriageErrorBudgetBurn"') == 8
     assert "expr: " in out
     target = tmp_path / "rules.yml"
     assert main(["rules", "--catalog", str(default_path("failures.toml")), "-o", str(target)]) == 0
@@ -259,6 +266,11 @@ def test_run_hands_the_config_to_the_daemon(monkeypatch: pytest.MonkeyPatch) -> 
     assert main(["run", "--config", "x.toml"]) == 7
     assert main(["run"]) == 7
     assert seen == ["x.toml", str(default_path("default.toml"))]
+    # --break-glass hands its reason to the daemon as TRIAGE_BREAK_GLASS.
+    monkeypatch.delenv("TRIAGE_BREAK_GLASS", raising=False)
+    assert main(["run", "--config", "x.toml", "--break-glass", "INC-9 vendor cutover"]) == 7
+    assert os.environ["TRIAGE_BREAK_GLASS"] == "INC-9 vendor cutover"
+    monkeypatch.delenv("TRIAGE_BREAK_GLASS")
 
 
 def test_module_entry_point() -> None:

@@ -16,13 +16,16 @@ Detection windows are shortened through the scenario's config
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 import trio
 
+from bench.chaos import timeline
 from config import Catalog, TriageConfig
 
 __all__ = ["ChaosContext", "Ledger", "Outcome", "Scenario", "ScenarioResult", "run_scenarios"]
@@ -55,10 +58,12 @@ class Ledger:
 
     def accept(self, key: str) -> None:
         self.accepted.add(key)
+        timeline.note("accept", key)
 
     def settle(self, key: str) -> None:
         self.settled.add(key)
         self.queued.discard(key)
+        timeline.note("settle", key)
 
     def still_queued(self, keys: Iterable[str]) -> None:
         """Items found durably queued (in the outbox, the spool …) at the end of the run."""
@@ -67,6 +72,7 @@ class Ledger:
     def receive(self, key: str) -> None:
         """The far side (a NATS subscriber, a provider emulator) got ``key`` once more."""
         self.received[key] += 1
+        timeline.note("receive", key)
 
     @property
     def lost(self) -> int:
@@ -130,32 +136,69 @@ async def run_scenarios(
     ids: Iterable[int],
     scenarios: Mapping[int, Scenario],
     context: ChaosContext,
+    *,
+    timelines: list[timeline.Timeline] | None = None,
+    progress: Progress | None = None,
 ) -> list[ScenarioResult]:
-    """Run each requested scenario in turn; a scenario that raises fails with the error as its note."""
-    results = []
-    for row_id in ids:
-        try:
-            row = context.catalog.row(row_id)
-        except KeyError:
-            results.append(_not_run(row_id, "?", f"no catalog row {row_id}"))
-            continue
-        scenario = scenarios.get(row_id)
-        if scenario is None:
-            results.append(
-                _not_run(row_id, row.name, f"scenario not implemented yet ({context.catalog.state(row)})")
-            )
-            continue
-        try:
-            outcome = await scenario.run(context)
-        except Exception as exc:  # a broken scenario is a failed scenario, never a crash of the run
-            results.append(_not_run(row_id, row.name, f"scenario raised {exc!r}"))
-            continue
-        results.append(_verdict(row_id, row.name, outcome))
+    """Run each requested scenario in turn; a scenario that raises fails with the error as its note.
+
+    With ``timelines``, each scenario run is recorded (:mod:`bench.chaos.timeline`) and its
+    timeline appended; ``progress(index, total, row_id, name, result)`` is called before
+    each scenario that runs (``result`` None) and after every one."""
+    ids = list(ids)
+    results: list[ScenarioResult] = []
+    for index, row_id in enumerate(ids, 1):
+        result = await _run_one(row_id, scenarios, context, timelines, (index, len(ids), progress))
+        results.append(result)
+        if progress is not None:
+            progress(index, len(ids), row_id, result.name, result)
     return results
 
 
+#: ``progress(index, total, row_id, name, result or None)``.
+Progress = Callable[[int, int, int, str, "ScenarioResult | None"], None]
+
+
+async def _run_one(
+    row_id: int,
+    scenarios: Mapping[int, Scenario],
+    context: ChaosContext,
+    timelines: list[timeline.Timeline] | None,
+    where: tuple[int, int, Progress | None],
+) -> ScenarioResult:
+    try:
+        row = context.catalog.row(row_id)
+    except KeyError:
+        return _not_run(row_id, "?", f"no catalog row {row_id}")
+    scenario = scenarios.get(row_id)
+    if scenario is None:
+        state = context.catalog.state(row)
+        return _not_run(row_id, row.name, f"scenario not implemented yet ({state})")
+    index, total, progress = where
+    if progress is not None:
+        progress(index, total, row_id, row.name, None)
+    with contextlib.ExitStack() as stack:
+        if timelines is not None:
+            timelines.append(stack.enter_context(timeline.recording(row_id)))
+        try:
+            outcome = await scenario.run(context)
+        except Exception as exc:  # a broken scenario is a failed scenario, never a crash
+            return _not_run(row_id, row.name, f"scenario raised {exc!r}")
+    return _verdict(row_id, row.name, outcome)
+
+
 def run(
-    ids: Iterable[int], scenarios: Mapping[int, Scenario], context: ChaosContext
+    ids: Iterable[int],
+    scenarios: Mapping[int, Scenario],
+    context: ChaosContext,
+    *,
+    timelines: list[timeline.Timeline] | None = None,
+    progress: Progress | None = None,
 ) -> list[ScenarioResult]:
     """Synchronous entry: one ``trio.run`` for the whole batch."""
-    return trio.run(run_scenarios, list(ids), scenarios, context)
+    return trio.run(
+        partial(run_scenarios, timelines=timelines, progress=progress),
+        list(ids),
+        scenarios,
+        context,
+    )

@@ -46,6 +46,7 @@ from actors.db_writer import (
     apply_inbox,
     db_writer_child,
 )
+from bench.chaos import timeline
 from bench.chaos.fixtures import create_tenants, evaluate_every, wait_until
 from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from config import engine_kwargs
@@ -236,6 +237,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
 
                         # 2. PostgreSQL stops; writes and reads go on
                         await trio.to_thread.run_sync(postgres.stop)
+                        timeline.fault_started("PostgreSQL stopped")
                         stopped_at = trio.current_time()
                         with trio.move_on_after(window_s + 20):
                             while watch.fired_at is None or len(load.spooled_order) < per_phase:
@@ -251,6 +253,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
 
                         # 3. PostgreSQL is back; writes go on; the spool replays
                         await trio.to_thread.run_sync(postgres.start)
+                        timeline.fault_ended("PostgreSQL stopped")
                         restarted_at = trio.current_time()
                         await load.run(per_phase, 0.002)
                         replayed = await wait_until(

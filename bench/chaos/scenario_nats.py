@@ -35,6 +35,7 @@ import asyncpg
 import trio
 
 from actors.outbox_relay import RelayState, RelayStatistics, relay_child
+from bench.chaos import timeline
 from bench.chaos.fixtures import create_tenants, evaluate_every, wait_until
 from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from config import TriageConfig, engine_kwargs
@@ -262,6 +263,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
 
             # 2. NATS stops; writes go on
             await trio.to_thread.run_sync(backbone.nats.stop)
+            timeline.fault_started("NATS stopped")
             stopped_at = trio.current_time()
             with trio.move_on_after(threshold + 20):
                 while watch.fired_at is None:
@@ -275,6 +277,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
 
             # 3. NATS is back; writes go on; the backlog replays
             await trio.to_thread.run_sync(backbone.nats.start)
+            timeline.fault_ended("NATS stopped")
             restarted_at = trio.current_time()
             await writer.write(per_phase, pace_s=0.002)
             replayed = await wait_until(

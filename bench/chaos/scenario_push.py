@@ -69,6 +69,7 @@ async def _statistics(ref: ActorRef[Any], kind: type[S], wait_s: float) -> S:
     assert isinstance(stats, kind)
     return stats
 
+
 # Load shape (not detection tuning: windows and thresholds come from the config).
 PACE_S = 0.1  # one push every PACE_S, platforms in turn
 TICK_S = 0.05  # how often the scenario looks at the bus and the rows

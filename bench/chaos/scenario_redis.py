@@ -37,6 +37,7 @@ import asyncpg
 import trio
 
 from actors.idempotency import IdempotencyStore, warmer_child
+from bench.chaos import timeline
 from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from engine.detectors import DetectorSet, DetectorState
 from engine.runtime import Runtime
@@ -204,12 +205,14 @@ async def _drive(
                 hits_before = store.statistics().hits
                 # The trigger: the cache loses every key, then the server is gone.
                 await _flushall(cache_server.url)
+                timeline.fault_started("Redis flushed and stopped")
                 state.flushed = True
                 trigger_at = trio.current_time()
                 await trio.to_thread.run_sync(cache_server.stop)
                 await trio.sleep(timing.outage_s)
 
                 await trio.to_thread.run_sync(cache_server.start)
+                timeline.fault_ended("Redis flushed and stopped")
                 restart_at = trio.current_time()
                 with trio.move_on_after(timing.recover_max_s):
                     await cleared.wait()

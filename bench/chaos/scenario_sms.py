@@ -44,6 +44,7 @@ from typing import Any
 
 import trio
 
+from bench.chaos import timeline
 from bench.chaos.channels_rig import Rig, open_rig
 from bench.chaos.harness import ChaosContext, Outcome, Scenario
 from config.catalog import alert_name
@@ -180,6 +181,7 @@ async def run_scenario(ctx: ChaosContext, *, hold_hung_receipts: bool = False) -
             # 1. 5xx ----------------------------------------------------------------
             state.phase = "5xx"
             ghasi.set_faults(status=503)
+            timeline.fault_started("Ghasi 503")
             trigger = state.marks["trigger"] = trio.current_time()
 
             nursery.start_soon(_watch_failover, rig, state, trigger)
@@ -198,11 +200,13 @@ async def run_scenario(ctx: ChaosContext, *, hold_hung_receipts: bool = False) -
             await _wait(timing.fault_max_s, outage_seen)
 
             # 2. hang after accept: only probes get through ----------------------------
+            timeline.fault_ended("Ghasi 503")
             state.phase = "hang"
             settled_before = failover.stats.settled_taken
             accepted_before = dict(ghasi.accepted)
             ghasi.set_faults(hang_after_accept=True, receipts_paused=hold_hung_receipts)
             state.marks["hang"] = trio.current_time()
+            timeline.fault_started("Ghasi hangs after accept")
 
             def hung_keys() -> set[str]:
                 return {k for k, n in ghasi.accepted.items() if n > accepted_before.get(k, 0)}
@@ -220,9 +224,11 @@ async def run_scenario(ctx: ChaosContext, *, hold_hung_receipts: bool = False) -
             hang_settled = failover.stats.settled_taken - settled_before
             ghasi.set_faults(hang_after_accept=True)  # the held receipts go out now
 
+            timeline.fault_ended("Ghasi hangs after accept")
             # 3. the port goes down: connection refused ----------------------------------
             state.phase = "down"
             await server.go_down()
+            timeline.fault_started("Ghasi port down")
             down_at = state.marks["down"] = trio.current_time()
 
             async def probe_refused() -> bool:
@@ -235,6 +241,7 @@ async def run_scenario(ctx: ChaosContext, *, hold_hung_receipts: bool = False) -
             state.phase = "recovered"
             ghasi.clear_faults()
             await server.come_up()
+            timeline.fault_ended("Ghasi port down")
             up_at = state.marks["up"] = trio.current_time()
 
             async def recovered() -> bool:

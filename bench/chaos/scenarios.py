@@ -14,15 +14,25 @@ from typing import Final
 
 from bench.chaos import (
     scenario_bounces,
+    scenario_clock_skew,
+    scenario_cross_tenant,
     scenario_db,
     scenario_dlr,
+    scenario_erasure,
+    scenario_fallback_loop,
+    scenario_jitsi,
+    scenario_join_token,
     scenario_nats,
+    scenario_phi_leak,
     scenario_poison,
     scenario_push,
+    scenario_recording,
     scenario_redelivery,
     scenario_redis,
+    scenario_scanner,
     scenario_sms,
     scenario_templates,
+    scenario_upload,
 )
 from bench.chaos.harness import Scenario
 
@@ -35,9 +45,19 @@ MODULES: Final[tuple[ModuleType, ...]] = (
     scenario_nats,
     scenario_redis,
     scenario_poison,
+    scenario_join_token,
     scenario_dlr,
     scenario_redelivery,
     scenario_templates,
+    scenario_scanner,
+    scenario_upload,
+    scenario_jitsi,
+    scenario_fallback_loop,
+    scenario_recording,
+    scenario_cross_tenant,
+    scenario_clock_skew,
+    scenario_phi_leak,
+    scenario_erasure,
 )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from bench.perf import actors, dispatch, relay
+from bench.perf import actors, dispatch, http1, relay, scale
 from bench.perf.common import Result, render_table
 
 SuiteRunner = Callable[[bool, int, Callable[[str], None] | None], list[Result]]
@@ -39,7 +39,21 @@ def _dispatch(quick: bool, repeat: int, progress: Callable[[str], None] | None) 
     return dispatch.run_suite(sizes, repeat=repeat, progress=progress)
 
 
-SUITES: dict[str, SuiteRunner] = {"actors": _actors, "dispatch": _dispatch, "relay": _relay}
+def _http1(quick: bool, repeat: int, progress: Callable[[str], None] | None) -> list[Result]:
+    return http1.run_suite(300 if quick else http1.REQUESTS, repeat=repeat, progress=progress)
+
+
+def _scale(quick: bool, repeat: int, progress: Callable[[str], None] | None) -> list[Result]:
+    return scale.run_suite(200 if quick else 2_000, repeat=repeat, progress=progress)
+
+
+SUITES: dict[str, SuiteRunner] = {
+    "actors": _actors,
+    "dispatch": _dispatch,
+    "http1": _http1,
+    "relay": _relay,
+    "scale": _scale,
+}
 
 
 class Report(msgspec.Struct):

@@ -588,7 +588,7 @@ def run_suite(
             samples=_field(teardown["teardown_ours"], "seconds"),
             baseline_samples=_field(teardown["teardown_raw"], "seconds"),
             better=Better.LOWER,
-            targets=[Target("ratio", "<=", 2.0)],
+            targets=[Target("ratio", "<=", 1.5)],
             note=(
                 f"{k} actors; value = spawn (start_child_nowait) + wait until all are parked"
                 " + cancel the running supervisor and wait for it to exit (its own start is"

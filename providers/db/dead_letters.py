@@ -17,6 +17,11 @@ relay's unit of work (``SET LOCAL ROLE triage_relay``), all in one transaction:
 If the DLQ publish fails, the transaction rolls back: the event stays in the
 outbox and nothing is half-done.
 
+**Redaction at the source** (catalog row 11): given ``redact`` (the relay passes
+:meth:`actors.phi_rules.PhiRules.redact_bytes`), each payload is read from the
+outbox row, redacted in Python and only then written to ``dead_letters`` and the
+DLQ message; the error text is redacted too. A PHI value never reaches either.
+
 Order per aggregate: the later events of the aggregate go on (the aggregate is
 not blocked behind a poison event). A consumer sees a gap in ``Triage-Seq``;
 the DLQ message and the dead letter say which seq was skipped. A redrive
@@ -27,7 +32,9 @@ higher seq): it is delivered after the events that went on meanwhile.
 :func:`redrive`) run with the owner/admin URL (the ``migrate`` URL): a superuser
 sees every dead letter; any other role runs the statements as ``triage_relay``
 (it must be a member), which sees every tenant's dead letters and may re-insert
-outbox events.
+outbox events. A recording's dead letter (row 20, ``source = 'recording'``) is
+redriven by putting the recording back to ``pending`` with a fresh retry budget
+(as its tenant); the ingest claims it at its next resume.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 
 from engine.errors import TriageError
+from providers.db.recordings import DLQ_SOURCE as RECORDING_DLQ_SOURCE
 from providers.jetstream import PublishItem
 
 if TYPE_CHECKING:
@@ -53,7 +61,9 @@ __all__ = [
     "SOURCE_OUTBOX",
     "DeadLetter",
     "DlqPublish",
+    "Redact",
     "RedriveError",
+    "Redriven",
     "dead_letter_async",
     "dlq_items",
     "list_dead_letters",
@@ -61,6 +71,7 @@ __all__ = [
 ]
 
 SOURCE_OUTBOX = "outbox"
+SOURCE_RECORDING = RECORDING_DLQ_SOURCE  # row 20's dead letters (providers.db.recordings)
 DLQ_MSG_ID_PREFIX = "dlq-outbox-"
 
 HEADER_DEAD_LETTER = "Triage-Dead-Letter"
@@ -72,6 +83,8 @@ HEADER_TRUNCATED = "Triage-Truncated"
 
 #: ``publish(items)``: publish the DLQ messages; raise if any was not acknowledged.
 DlqPublish: TypeAlias = Callable[[Sequence[PublishItem]], Awaitable[None]]
+#: ``redact(payload)``: the payload with every PHI value replaced (row 11).
+Redact: TypeAlias = Callable[[bytes], bytes]
 
 _DEAD_LETTER = """
 WITH moved AS (
@@ -86,6 +99,24 @@ WITH moved AS (
 )
 SELECT * FROM moved ORDER BY ref::bigint
 """
+
+# The same move with the payloads (and errors) given, redacted by the caller.
+_DEAD_LETTER_GIVEN = """
+WITH moved AS (
+    INSERT INTO dead_letters (tenant_id, source, ref, subject, payload, headers, error, attempts)
+    SELECT o.tenant_id, 'outbox', o.id::text, o.subject, f.payload,
+           jsonb_build_object('aggregate_type', o.aggregate_type, 'aggregate_id', o.aggregate_id,
+                              'seq', o.seq, 'headers', o.headers),
+           f.error, o.attempts + 1
+    FROM outbox AS o
+    JOIN unnest($1::bigint[], $2::text[], $3::bytea[]) AS f(id, error, payload) ON o.id = f.id
+    ON CONFLICT (source, ref) WHERE redriven_at IS NULL DO NOTHING
+    RETURNING id, tenant_id, ref, payload, headers::text AS headers, error
+)
+SELECT * FROM moved ORDER BY ref::bigint
+"""
+
+_PAYLOADS = "SELECT id, convert_to(payload::text, 'UTF8') AS payload FROM outbox WHERE id = ANY($1)"
 
 _DELETE = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 
@@ -108,7 +139,25 @@ RETURNING id, seq
 
 _MARK_REDRIVEN = "UPDATE dead_letters SET redriven_at = clock_timestamp() WHERE id = $1"
 
+_RECORDING_PENDING_AGAIN = """
+UPDATE recordings SET status = 'pending', attempts = 0, last_error = NULL,
+    claimed_until = NULL, updated_at = now()
+WHERE tenant_id = $1 AND recording_id = $2 AND status = 'failed'
+RETURNING status
+"""
+_RECORDING_STATUS = "SELECT status FROM recordings WHERE tenant_id = $1 AND recording_id = $2"
+
 _IS_SUPERUSER = "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"
+
+
+@dataclass(frozen=True, slots=True)
+class Redriven:
+    """What a redrive did: ``what`` in words; for an outbox event its new id and seq."""
+
+    letter_id: int
+    what: str
+    outbox_id: int | None = None
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,16 +235,35 @@ async def dead_letter_async(
     publish: DlqPublish,
     dlq_subject: str,
     max_payload: int,
+    redact: Redact | None = None,
 ) -> int:
     """Inside a relay transaction: move ``(outbox id, error)`` to dead_letters + DLQ; delete them.
 
-    Returns the number of events dead-lettered. Raises (and the caller's
+    With ``redact``, payloads and errors are redacted before they are written (module
+    docstring). Returns the number of events dead-lettered. Raises (and the caller's
     transaction rolls back) if the DLQ publish fails.
     """
     if not failures:
         return 0
     ids = [i for i, _ in failures]
-    records = await conn.fetch(_DEAD_LETTER, ids, [e[:2000] for _, e in failures])
+    errors = [e[:2000] for _, e in failures]
+    if redact is None:
+        records = await conn.fetch(_DEAD_LETTER, ids, errors)
+    else:
+        payloads = {
+            int(r["id"]): redact(bytes(r["payload"])) for r in await conn.fetch(_PAYLOADS, ids)
+        }
+        given = [i for i in ids if i in payloads]
+        records = await conn.fetch(
+            _DEAD_LETTER_GIVEN,
+            given,
+            [
+                redact(e.encode()).decode("utf-8", "replace")
+                for i, e in zip(ids, errors, strict=True)
+                if i in payloads
+            ],
+            [payloads[i] for i in given],
+        )
     if records:
         await publish(dlq_items(records, dlq_subject, max_payload))
     await conn.execute(_DELETE, ids)
@@ -233,12 +301,14 @@ async def list_dead_letters(url: str, *, include_redriven: bool = False) -> list
         await conn.close()
 
 
-async def redrive(url: str, letter_id: int) -> tuple[int, int]:
-    """asyncio side: re-insert dead letter ``letter_id``'s event into the outbox; its (id, seq).
+async def redrive(url: str, letter_id: int) -> Redriven:
+    """asyncio side: redrive dead letter ``letter_id``; what was done.
 
-    Same tenant, aggregate, subject, payload and headers; a new outbox id and the
-    aggregate's next seq. The dead letter is marked redriven in the same
-    transaction. Raises :class:`RedriveError` when it cannot be redriven.
+    An outbox event is re-inserted into the outbox: same tenant, aggregate, subject,
+    payload and headers; a new outbox id and the aggregate's next seq. A recording's
+    letter (row 20) puts the recording back to ``pending`` with a fresh retry budget.
+    The dead letter is marked redriven in the same transaction. Raises
+    :class:`RedriveError` when it cannot be redriven.
     """
     conn = await asyncpg.connect(url)
     try:
@@ -251,10 +321,12 @@ async def redrive(url: str, letter_id: int) -> tuple[int, int]:
                 raise RedriveError(
                     f"dead letter {letter_id} was already redriven at {record['redriven_at']}"
                 )
+            if record["source"] == SOURCE_RECORDING and record["tenant_id"] is not None:
+                return await _redrive_recording(conn, letter_id, record)
             if record["source"] != SOURCE_OUTBOX or record["tenant_id"] is None:
                 raise RedriveError(
                     f"dead letter {letter_id} comes from {record['source']!r}: only outbox events"
-                    " can be redriven"
+                    " and recordings can be redriven"
                 )
             meta = json.loads(record["headers"])
             try:
@@ -272,6 +344,32 @@ async def redrive(url: str, letter_id: int) -> tuple[int, int]:
             )
             assert row is not None
             await conn.execute(_MARK_REDRIVEN, letter_id)
-            return int(row["id"]), int(row["seq"])
+            return Redriven(
+                letter_id, f"outbox event {row['id']} (seq {row['seq']} of its aggregate)",
+                outbox_id=int(row["id"]), seq=int(row["seq"]),
+            )  # fmt: skip
     finally:
         await conn.close()
+
+
+async def _redrive_recording(conn: Connection, letter_id: int, record: asyncpg.Record) -> Redriven:
+    """A recording's dead letter: its row back to ``pending`` with a fresh budget (the
+    ingest claims it at its next resume), in the letter's transaction. The row is
+    moved as its tenant (``triage_app``), the letter marked as the relay."""
+    tenant = record["tenant_id"]
+    recording = str(record["ref"]).partition("/")[2]
+    superuser = bool(await conn.fetchval(_IS_SUPERUSER))
+    if not superuser:
+        await conn.execute("SET LOCAL ROLE triage_app")
+    await conn.execute("SELECT set_config('triage.tenant_id', $1, true)", str(tenant))
+    status = await conn.fetchval(_RECORDING_PENDING_AGAIN, tenant, recording)
+    if status is None:
+        now = await conn.fetchval(_RECORDING_STATUS, tenant, recording)
+        raise RedriveError(
+            f"dead letter {letter_id}: recording {recording} of tenant {tenant} is"
+            f" {'gone' if now is None else now}, not failed: nothing to ingest again"
+        )
+    if not superuser:
+        await conn.execute("SET LOCAL ROLE triage_relay")
+    await conn.execute(_MARK_REDRIVEN, letter_id)
+    return Redriven(letter_id, f"recording {recording} pending again (ingested at the next resume)")

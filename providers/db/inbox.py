@@ -10,7 +10,8 @@ row-level security on)::
 
 The effect is the appointment's session thread: one ``threads`` row whose topic
 is ``appointment:<appointment_id>`` (the catalog's impact for row 18 is
-"duplicate sessions"). The inbox primary key (tenant_id, appointment_id) is the
+"duplicate sessions"), and its virtual session (``virtual_sessions``, pending until
+the Jitsi pool places it: rows 4, 14). The inbox primary key (tenant_id, appointment_id) is the
 truth: a redelivered or republished event finds the row and commits nothing, so
 however often JetStream delivers it there is exactly one inbox row and one
 thread per appointment. Because both inserts share the transaction, a crash
@@ -37,6 +38,7 @@ import msgspec
 
 from providers.bridge import translate_error
 from providers.db.tenancy import run_as_relay, run_in_tenant
+from providers.db.virtual_sessions import insert_session
 
 if TYPE_CHECKING:
     from providers.db.tenancy import Connection
@@ -66,6 +68,8 @@ class SchedulingEvent(msgspec.Struct, frozen=True, kw_only=True):
     appointment_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     kind: Literal["appointment.booked"]
     starts_at: dt.datetime | None = None
+    #: who the visit is for (rows 4, 14 key fallback threads per patient and day)
+    patient_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
 
 def session_topic(appointment_id: str) -> str:
@@ -122,6 +126,9 @@ async def _record(conn: Connection, item: InboxItem) -> bool:
     if inserted is None:
         return False  # seen before: the effect is already committed
     await conn.execute(_INSERT_SESSION, event.tenant_id, session_topic(event.appointment_id))
+    await insert_session(
+        conn, event.tenant_id, event.appointment_id, event.patient_id, event.starts_at
+    )
     return True
 
 

@@ -52,6 +52,12 @@ Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"  # asyncpg.Pool is generic only
 SERVICE = "postgres"
 
 
+async def _keep_session(_conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """The pool's reset on release without the reset query (``[database]
+    reset_on_release = false``): asyncpg still rolls back an open transaction and drops
+    listeners first; the session has nothing else to restore (see DatabaseConfig)."""
+
+
 async def _create_async(dsn: str, config: DatabaseConfig, verify: bool) -> Pool:
     """asyncio side: create the pool and (optionally) verify its role, closing it on failure."""
     pool: Pool = await asyncpg.create_pool(
@@ -60,6 +66,7 @@ async def _create_async(dsn: str, config: DatabaseConfig, verify: bool) -> Pool:
         max_size=config.pool_max,
         timeout=config.connect_timeout_s,
         command_timeout=config.command_timeout_s,
+        reset=None if config.reset_on_release else _keep_session,
     )
     try:
         if verify:

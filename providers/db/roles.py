@@ -60,6 +60,15 @@ TENANT_TABLES = (
     "category_blocks",
     "dead_recipients",
     "early_receipts",
+    "attachments",
+    "virtual_sessions",
+    "fallback_threads",
+    "join_tokens",
+    "recordings",
+    "read_receipts",
+    "incidents",  # 0012: row 11's privacy incidents
+    "erasures",  # 0013: row 15's erasure requests and their recorded steps
+    "erasure_steps",
 )
 # Every table under row-level security (tenants: a tenant sees its own row).
 RLS_TABLES = ("tenants", *TENANT_TABLES)

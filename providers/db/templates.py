@@ -4,7 +4,9 @@ Asyncio units of work, one bridge crossing each (``await db.run_unit(fn, ...)``)
 run in the tenant's transaction so row-level security applies. A version is
 immutable in spirit (a change is a new version); at most one version of a name
 is active (``templates_one_active``). A retired version is never returned: a
-dispatch that names it fails closed like a missing one (catalog row 19).
+lookup that finds one (the version asked for, or -- no version active -- the newest)
+answers a :class:`RetiredVersion` with its reason, and the dispatch that names it
+fails closed like one naming a missing version (rows 19 and 11).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
 
-__all__ = ["TemplateRow", "lookup_template_async", "put_template_async"]
+__all__ = ["RetiredVersion", "TemplateRow", "lookup_template_async", "put_template_async"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +38,27 @@ class TemplateRow:
     body: str
 
 
+@dataclass(frozen=True, slots=True)
+class RetiredVersion:
+    """The version a lookup named is retired (or, asking for the active one, the newest is)."""
+
+    version: int
+    reason: str
+
+
 _COLUMNS = "name, version, channel::text AS channel, category, subject, body"
 _ACTIVE = f"SELECT {_COLUMNS} FROM templates WHERE name = $1 AND active"
 _VERSION = (
     f"SELECT {_COLUMNS} FROM templates WHERE name = $1 AND version = $2 AND retired_at IS NULL"
 )
+_RETIRED = """
+SELECT version, coalesce(retired_reason, 'retired') AS reason FROM templates
+WHERE name = $1 AND ($2::integer IS NULL OR version = $2) AND retired_at IS NOT NULL
+  AND ($2::integer IS NOT NULL OR NOT EXISTS (
+      SELECT 1 FROM templates n WHERE n.name = $1 AND n.retired_at IS NULL
+                                  AND n.version > templates.version))
+ORDER BY version DESC LIMIT 1
+"""
 _DEACTIVATE = "UPDATE templates SET active = false WHERE name = $1 AND active AND version <> $2"
 _INSERT = """
 INSERT INTO templates (tenant_id, name, version, channel, category, subject, body, active)
@@ -62,18 +80,23 @@ def _row(tenant: str, record: asyncpg.Record) -> TemplateRow:
 
 async def _lookup(
     conn: Connection, tenant: str, name: str, version: int | None
-) -> TemplateRow | None:
+) -> TemplateRow | RetiredVersion | None:
     if version is None:
         record = await conn.fetchrow(_ACTIVE, name)
     else:
         record = await conn.fetchrow(_VERSION, name, version)
-    return None if record is None else _row(tenant, record)
+    if record is not None:
+        return _row(tenant, record)
+    retired = await conn.fetchrow(_RETIRED, name, version)
+    return None if retired is None else RetiredVersion(int(retired["version"]), retired["reason"])
 
 
 async def lookup_template_async(
     pool: Pool, tenant_id: str | uuid.UUID, name: str, version: int | None
-) -> TemplateRow | None:
-    """Unit of work: the tenant's template ``name`` at ``version`` (None: the active one)."""
+) -> TemplateRow | RetiredVersion | None:
+    """Unit of work: the tenant's template ``name`` at ``version`` (None: the active one);
+    a :class:`RetiredVersion` when that version (or, for the active one, the newest) is
+    retired; None when there is none."""
     tenant = str(tenant_id)
     return await run_in_tenant(pool, tenant, _lookup, tenant, name, version)
 

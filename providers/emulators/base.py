@@ -20,10 +20,14 @@ subclass speaks the vendor's routes and wire format; the base owns everything sh
 * **Receipts**: after accepting, the emulator POSTs the vendor's receipt (DLR, push
   feedback) to the message's callback URL or the emulator's ``receipt_url``, after
   ``receipt_delay_s``; :meth:`Emulator.emit_receipt` and :meth:`Emulator.flood` send
-  them on demand. While ``receipts_paused`` they are held, not dropped.
-* **Serving**: :func:`serve_emulator` runs the ASGI app on hypercorn's Trio protocol
-  stack (HTTP/1.1, and HTTP/2 cleartext with prior knowledge) over our own accept loop,
-  so the emulator can reset one client's connection (``reset_after_accept``) and the
+  them on demand. While ``receipts_paused`` they are held, not dropped; while
+  ``receipts_dropped`` they are lost (the message's state still moves on).
+  :meth:`Emulator.forget` drops a message from the vendor's records.
+* **Serving**: :func:`serve_emulator` runs the ASGI app over our own accept loop:
+  HTTP/1.1 on the daemon's server (:mod:`providers.http_server`, a fraction of
+  hypercorn's CPU: the gateway's process is part of the benchmarks), HTTP/2
+  cleartext with prior knowledge (the first bytes are its preface) on hypercorn's
+  Trio protocol stack, so the emulator can reset one client's connection (``reset_after_accept``) and the
   whole port can go down and come back on the same port
   (:meth:`EmulatorServer.go_down` / :meth:`EmulatorServer.come_up`).
 
@@ -38,6 +42,7 @@ Control routes (JSON)::
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import struct
 import time
@@ -55,6 +60,10 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
+
+from config.schema import HttpConfig
+from providers.http_server import Http1Server
+from providers.http_transport import Http1Transport
 
 __all__ = [
     "CONTROL_PREFIX",
@@ -98,6 +107,9 @@ class FaultPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retry_after_s: NonNegative = 1.0
     remaining: Annotated[int, msgspec.Meta(ge=1)] | None = None
     receipts_paused: bool = False
+    #: receipts are lost: the message's state moves on (a status query sees it), its
+    #: receipt is never posted (a gateway whose DLR retries ran out)
+    receipts_dropped: bool = False
 
 
 @dataclass
@@ -201,6 +213,7 @@ class Emulator:
         self.messages: dict[str, StoredMessage] = {}
         self.by_provider_ref: dict[str, StoredMessage] = {}
         self.receipts_sent = 0
+        self.receipts_dropped = 0
         #: automatic receipts are re-sent on no answer / 429 / 5xx (see _receipt_later)
         self.receipt_attempts = 5
         self.receipt_retry_s = 0.5
@@ -250,6 +263,7 @@ class Emulator:
             "duplicates": self.duplicates(),
             "messages": len(self.messages),
             "receipts_sent": self.receipts_sent,
+            "receipts_dropped": self.receipts_dropped,
             "receipt_retries": self.receipt_retries,
             "receipt_statuses": {str(k): v for k, v in self.receipt_statuses.items()},
             "faults": msgspec.to_builtins(self.faults),
@@ -264,6 +278,12 @@ class Emulator:
     def _bump(self) -> None:
         self._activity.set()
         self._activity = trio.Event()
+
+    def forget(self, reference: str) -> None:
+        """Drop the message with this client reference from the vendor's records (a
+        gateway that lost them): its status query answers "no such message" from now."""
+        message = self.messages.pop(reference)
+        self.by_provider_ref.pop(message.provider_ref, None)
 
     def next_id(self, prefix: str) -> str:
         self._seq += 1
@@ -415,6 +435,10 @@ class Emulator:
         while self.faults.receipts_paused:
             await self._faults_changed.wait()
         message.status = state
+        if self.faults.receipts_dropped:
+            self.receipts_dropped += 1
+            self._bump()
+            return None
         post = self.receipt_for(message, state)
         if post is None or self._http is None:
             return None
@@ -551,6 +575,12 @@ class EmulatorServer:
         self._config.errorlog = None
         self._app = wrap_app(emulator, self._config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]  # ASGI typed loosely here; hypercorn uses TypedDicts
         self._context = WorkerContext(None)
+        self._http1 = Http1Server(
+            emulator,  # type: ignore[arg-type]  # ASGI typed loosely here; the server uses hypercorn's TypedDicts
+            msgspec.structs.replace(HttpConfig(), keepalive_timeout_s=keep_alive_timeout_s),
+            log=logging.getLogger("triage.emulators.http"),
+        )
+        self._keep_alive_timeout_s = keep_alive_timeout_s
         self._backlog = backlog
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -602,10 +632,55 @@ class EmulatorServer:
         key = (peer[0], int(peer[1]))
         self.emulator._streams[key] = stream
         try:
-            await TCPServer(self._app, self._config, self._context, ConnectionState({}), stream)  # type: ignore[arg-type]  # hypercorn types the stream as SSL; plain streams are handled
+            first = b""
+            with trio.move_on_after(self._keep_alive_timeout_s):
+                while len(first) < len(_H2_PREFACE_START):
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    first += data
+            if first.startswith(_H2_PREFACE_START):
+                again, state = _Replayed(stream, first), ConnectionState({})
+                await TCPServer(self._app, self._config, self._context, state, again)  # type: ignore[arg-type]  # hypercorn types the stream as SSL; plain streams are handled
+            elif first:
+                await self._http1.serve_connection(stream, initial=first)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # reset before its first bytes (or by reset_after_accept)
         finally:
             self.emulator._streams.pop(key, None)
             stream.socket.close()
+
+
+_H2_PREFACE_START = b"PRI "  # "PRI * HTTP/2.0": no HTTP/1.1 method starts so
+
+
+class _Replayed(trio.abc.HalfCloseableStream):
+    """``stream`` with ``first`` (bytes already read from it) read again first."""
+
+    def __init__(self, stream: trio.SocketStream, first: bytes) -> None:
+        self.stream = stream
+        self.socket = stream.socket
+        self._first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._first:
+            cut = len(self._first) if max_bytes is None else max_bytes
+            data, self._first = self._first[:cut], self._first[cut:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -629,7 +704,9 @@ async def serve_emulator(
         # A gateway queues its outgoing receipts: waiting for a free connection is not
         # a failed post (no pool timeout); the answer gets ``receipt_timeout_s``.
         http = receipt_client or await stack.enter_async_context(
-            httpx.AsyncClient(timeout=httpx.Timeout(receipt_timeout_s, pool=None))
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(receipt_timeout_s, pool=None), transport=Http1Transport()
+            )
         )
         nursery = await stack.enter_async_context(trio.open_nursery())
         server = EmulatorServer(

@@ -2,7 +2,8 @@
 
 Both validate credentials (401 in the vendor's error shape), validate the request
 (the vendor's 4xx), run sends through the base's fault plan, count by idempotency
-key, answer status queries, and POST signed receipts: Ghasi's JSON DLR to
+key, answer status queries (Ghasi by client reference; Twilio's message list and its
+``Messages/{sid}.json`` resource), and POST signed receipts: Ghasi's JSON DLR to
 ``receipt_url`` (signed with ``receipt_secret``), Twilio's form callback to each
 message's ``StatusCallback`` (signed with the auth token).
 """
@@ -183,6 +184,9 @@ class TwilioEmulator(Emulator):
     async def handle(self, request: Request) -> Response | None:
         if not self._authorized(request):
             return self._error(401, 20003, "Authenticate")
+        sid = self._fetched_sid(request.path)
+        if sid is not None and request.method == "GET":
+            return self._fetch(sid, request.path)
         if request.path != self._path:
             return self._error(404, 20404, "The requested resource was not found")
         if request.method == "POST":
@@ -234,10 +238,29 @@ class TwilioEmulator(Emulator):
             "status": message.status,
             "date_created": stamp,
             "date_sent": stamp,
-            "error_code": None,
+            "error_code": (
+                int(self.failed_error_code)
+                if message.status in ("failed", "undelivered") and self.failed_error_code.isdigit()
+                else None
+            ),
             "api_version": "2010-04-01",
             "uri": f"{self._path[:-5]}/{message.provider_ref}.json",
         }
+
+    def _fetched_sid(self, path: str) -> str | None:
+        """The sid of a Message resource path (``.../Messages/{sid}.json``), else None."""
+        prefix = self._path[: -len(".json")] + "/"
+        if path.startswith(prefix) and path.endswith(".json"):
+            sid = urllib.parse.unquote(path[len(prefix) : -len(".json")])
+            return sid or None
+        return None
+
+    def _fetch(self, sid: str, path: str) -> Response:
+        """One Message resource, as Twilio answers ``GET .../Messages/{sid}.json``."""
+        message = self.by_provider_ref.get(sid)
+        if message is None:
+            return self._error(404, 20404, f"The requested resource {path} was not found")
+        return Response.json(200, self._resource(message))
 
     def _list(self, request: Request) -> Response:
         to = request.query_one("To")

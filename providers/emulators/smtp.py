@@ -60,6 +60,7 @@ import msgspec
 import trio
 
 from engine.clock import Chance, Clock
+from providers.http_transport import Http1Transport
 
 __all__ = [
     "BounceRule",
@@ -694,7 +695,10 @@ async def serve_smtp_emulator(
     """
     emulator.host = host
     emulator.port = port
-    async with httpx.AsyncClient(timeout=bounce_timeout_s) as http, trio.open_nursery() as nursery:
+    async with (
+        httpx.AsyncClient(timeout=bounce_timeout_s, transport=Http1Transport()) as http,
+        trio.open_nursery() as nursery,
+    ):
         emulator._http = http
         emulator._nursery = nursery
         try:

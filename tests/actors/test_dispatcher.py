@@ -15,6 +15,7 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
+from actors.backlog_resumer import DbBacklogStore, backlog_resumer_child
 from actors.dispatch_request import DispatchLimits, InvalidRequest, RequestDecoder, SubmitRequest
 from actors.dispatcher import (
     CategoryDisabled,
@@ -32,8 +33,10 @@ from actors.dispatcher import (
 )
 from actors.failover import Failover, Outcome, OutcomeKind, Route
 from actors.idempotency import IdempotencyConflict, IdempotencyStore
-from actors.templates import TemplateMissing, TemplateNotFound, TemplateRegistry
-from config.schema import DatabaseConfig
+from actors.phi_guard import PhiGuard
+from actors.phi_rules import phi_rules
+from actors.templates import TemplateMissing, TemplateNotFound, TemplateRegistry, TemplateRetired
+from config.schema import DatabaseConfig, PhiConfig
 from engine.actor import Overflow
 from engine.breaker import Breaker
 from engine.detectors import RatioDetector
@@ -166,19 +169,20 @@ async def settled(d: DispatcherChild, timeout_s: float = 10.0) -> None:
             await trio.sleep(0.01)
 
 
+PHI = PhiConfig(fields=["diagnosis"], patterns={"hiv": r"\bHIV\b"})
+
+
 def service(world: World, *dispatchers: DispatcherChild, **kw: Any) -> DispatchService:
+    guard = PhiGuard(
+        world.db, phi_rules(kw.pop("phi", PHI)), registry=world.metrics, events=world.bus
+    )
     return DispatchService(
         world.db,
         world.templates,
         dispatchers,
         limits=LIMITS,
         key_ttl_s=3600.0,
-        backlog_older_than_s=0.0,
-        backlog_batch=100,
-        backlog_interval_s=60.0,
-        max_tenants=100,
-        phi_fields=kw.pop("phi_fields", ("diagnosis",)),
-        phi_patterns=kw.pop("phi_patterns", (r"\bHIV\b",)),
+        phi_guard=guard,
         registry=world.metrics,
         **kw,
     )
@@ -317,16 +321,6 @@ async def test_push_phi_guard_and_platform_routing(world: World) -> None:
     push = {"channel": "push", "template": "ping"}
     async with trio.open_nursery() as nursery:
         await nursery.start(p.spec.start)
-        with pytest.raises(PhiRefused) as by_field:
-            await svc.submit(
-                sms(
-                    world, "p1", recipient="fcm:tok1", data={"topic": "x", "Diagnosis": "y"}, **push
-                )
-            )
-        with pytest.raises(PhiRefused):
-            await svc.submit(
-                sms(world, "p2", recipient="fcm:tok1", data={"topic": "your HIV test"}, **push)
-            )
         ok_fcm = await svc.submit(
             sms(world, "p3", recipient="fcm:tok1", data={"topic": "x"}, **push)
         )
@@ -334,11 +328,27 @@ async def test_push_phi_guard_and_platform_routing(world: World) -> None:
             sms(world, "p4", recipient="apns:tok2", data={"topic": "y"}, **push)
         )
         await settled(p)
+        with pytest.raises(PhiRefused) as by_field:
+            await svc.submit(
+                sms(
+                    world, "p1", recipient="fcm:tok1", data={"topic": "x", "Diagnosis": "y"}, **push
+                )
+            )
+        # The trip retired ping@1: the next push naming it is refused with the reason.
+        with pytest.raises(TemplateRetired) as retired:
+            await svc.submit(
+                sms(world, "p2", recipient="fcm:tok1", data={"topic": "your HIV test"}, **push)
+            )
         nursery.cancel_scope.cancel()
     assert by_field.value.dispatch_id is not None
     record = await row(world, by_field.value.dispatch_id)
     assert (record["status"], record["reason"]) == ("failed", "phi_guard")
-    assert world.metrics.get_sample_value("triage_phi_guard_hits_total", {"channel": "push"}) == 2
+    assert retired.value.why == "phi_guard: field:diagnosis"
+    assert retired.value.dispatch_id is not None
+    again = await row(world, retired.value.dispatch_id)
+    assert (again["status"], again["reason"]) == ("failed", "template_retired")
+    hits = world.metrics.get_sample_value("triage_phi_guard_hits_total", {"source": "push_guard"})
+    assert hits == 1
     # The adapter gets the recipient whole: it reads the platform prefix itself.
     assert [m.recipient for _, m in fcm.sent] == ["fcm:tok1"]
     assert [m.recipient for _, m in apns.sent] == ["apns:tok2"]
@@ -427,9 +437,14 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> No
 
 
 async def test_backlog_resumes_crash_leftovers_under_the_supervisor(world: World) -> None:
+    # The row's tenant never sent anything to this process: found in the database.
     adapter = FakeAdapter("ghasi")
     d = dispatcher(world, ChannelName.SMS, {"default": failover(adapter)})
-    svc = service(world, d, tenants=[world.tenant])
+    svc = service(world, d)
+    backlog_spec, backlog = backlog_resumer_child(
+        DbBacklogStore(world.db), [d], older_than_s=0.0, lease_s=30.0, batch=100,
+        interval_s=10.0, capacity=16, overflow=Overflow.WAIT, shutdown_s=1.0,
+    )  # fmt: skip
     left = AcceptRequest(
         dispatch_id=uuid.uuid4(), tenant_id=world.tenant, idempotency_key="crash",
         request_hash="h", channel="sms", template="reminder", template_version=1,
@@ -437,16 +452,17 @@ async def test_backlog_resumes_crash_leftovers_under_the_supervisor(world: World
         data={}, key_ttl_s=60.0,
     )  # fmt: skip
     await world.db.run_unit(accept_async, left)
-    top = Supervisor("dispatch", svc.child_specs(), runtime=Runtime())
+    top = Supervisor("dispatch", [*svc.child_specs(), backlog_spec], runtime=Runtime())
     async with trio.open_nursery() as nursery:
         await nursery.start(top.run)
         await wait_for(lambda: bool(adapter.sent))
         await settled(d)
+        stats = backlog.statistics()
         nursery.cancel_scope.cancel()
     assert [m.body for _, m in adapter.sent] == ["left behind"]
     assert adapter.sent[0][1].idempotency_key == "crash"
     assert (await row(world, str(left.dispatch_id)))["status"] == "dispatched"
-    assert svc.stats.resumed == 1
+    assert (stats.claimed, stats.offered, stats.released) == (1, 1, 0)
 
 
 async def test_throttled_category_is_paced_by_the_limiter(world: World) -> None:
@@ -497,7 +513,10 @@ async def test_redis_fast_path_answers_duplicates(world: World, redis_url: str) 
         again = await svc.submit(sms(world))
         assert again.replay and again.dispatch_id == first.dispatch_id
         assert svc.stats.cache_duplicates == 1 and svc.stats.duplicates == 0
-        assert (store.statistics().hits, store.statistics().misses) == (2, 0)  # the dispatcher's lookups count
+        assert (store.statistics().hits, store.statistics().misses) == (
+            2,
+            0,
+        )  # the dispatcher's lookups count
         with pytest.raises(IdempotencyConflict):
             await svc.submit(sms(world, data={"time": "12:00"}))
         # A failed accept forgets its cache entry: the key is free again.

@@ -29,11 +29,13 @@ from config.schema import MailboxConfig, RelayConfig
 from engine.actor import ActorRef
 from engine.breaker import Breaker, CircuitState
 from engine.detectors import AgeOfNewestDetector, CountInWindowDetector
+from engine.errors import ProviderUnavailable
 from engine.supervisor import ChildSpec, Supervisor
 from providers import jetstream
 from providers.bridge import run
 from providers.db import DAEMON_ROLE, migrate, run_as_relay
 from providers.db.outbox import (
+    BatchReport,
     NewEvent,
     OutboxRow,
     Publish,
@@ -41,6 +43,7 @@ from providers.db.outbox import (
     claim_batch_async,
     enqueue_async,
     relay_batch,
+    relay_session,
 )
 from providers.embedded import EmbeddedPostgres
 from providers.services import postgres_url_with
@@ -278,7 +281,7 @@ async def test_warns_when_the_duplicate_window_is_short_and_replicas_are_few(wor
         warnings = _stats(relay).warnings
         nursery.cancel_scope.cancel()
     horizon = retry_horizon_s(config, breaker)
-    assert horizon == pytest.approx(2.0 + 30.0 + 0.02)
+    assert horizon == pytest.approx(2.0 + 30.0 + 0.02 + config.session_s)
     assert len(warnings) == 3
     text = " | ".join(warnings)
     assert f"retry horizon {horizon:g}s" in text
@@ -500,3 +503,192 @@ async def test_a_crash_loop_under_a_supervisor_quarantines_the_row_and_goes_on(
     assert [m.msg_id for m in stored] == [str(i) for i in ids if i != victim]
     dlq = await run(jetstream.read_stream, world.client, dlq_stream_name(config))
     assert [m.msg_id for m in dlq] == [f"dlq-outbox-{victim}"]
+
+
+# -- sessions: batches back to back in one crossing ------------------------------------
+
+
+async def _locked_by_others(url: str) -> int:
+    """Outbox rows that another transaction holds (FOR UPDATE SKIP LOCKED skips them)."""
+    conn = await asyncpg.connect(url)
+    try:
+        total = await conn.fetchval("SELECT count(*) FROM outbox")
+        free = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT id FROM outbox FOR UPDATE SKIP LOCKED) AS free"
+        )
+        return int(total) - int(free)
+    finally:
+        await conn.close()
+
+
+def _acks(rows: Sequence[OutboxRow]) -> list[object]:
+    return ["ack"] * len(rows)
+
+
+async def test_a_session_claims_ahead_and_publishes_each_batch_after_the_acks_before(
+    world: World,
+) -> None:
+    ids = await _write(world, 30)
+    log: list[tuple[str, list[int]]] = []
+
+    async def publish(rows: Sequence[OutboxRow]) -> list[object]:
+        batch = [row.id for row in rows]
+        log.append(("start", batch))
+        if len(log) == 1:  # hold the first batch's "acks" until the next batch is claimed
+            for _ in range(1000):
+                if await _locked_by_others(world.admin_url) >= 14:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the next batch was not claimed while this one was out")
+        log.append(("end", batch))
+        return _acks(rows)
+
+    claimed: list[int] = []
+    report = await run(relay_session, world.pool, publish, 7, None, claimed, 60.0)
+    assert (report.batches, report.claimed, report.published, report.failed) == (5, 30, 30, 0)
+    assert report.lag_s is None and not report.more and report.stopped_by is None
+    assert [kind for kind, _ in log] == ["start", "end"] * 5  # one batch out at a time
+    assert [i for kind, batch in log if kind == "start" for i in batch] == ids
+    assert claimed == ids[28:]
+    assert all(done for _, done, _, _ in await run(_published_flags, world.admin_url))
+
+
+async def test_a_session_ends_at_a_failure_and_sends_nothing_of_that_aggregate_after_it(
+    world: World,
+) -> None:
+    await run(jetstream.ensure_stream, world.client, world.config.stream,
+              [world.config.subjects], 60.0)  # fmt: skip
+    ids = await _write(world, 30)
+    victim = ids[9]  # the second batch
+    batches: list[list[int]] = []
+
+    async def flaky(rows: Sequence[OutboxRow]) -> list[object]:
+        batches.append([row.id for row in rows])
+        return [TimeoutError("no ack") if row.id == victim else "ack" for row in rows]
+
+    report = await run(relay_session, world.pool, flaky, 7, None, None, 60.0)
+    assert batches == [ids[:7], ids[7:14]]  # the third batch (claimed ahead) never went out
+    assert (report.batches, report.claimed, report.failed) == (2, 14, 1)
+    assert not report.more
+    n = ids.index(victim)
+    same = [i for k, i in enumerate(ids[7:14], 7) if k % 6 == n % 6]  # _write's aggregates
+    assert report.published == 14 - len(same)
+    flags = {i: (done, attempts) for i, done, attempts, _ in await run(_published_flags,
+                                                                        world.admin_url)}  # fmt: skip
+    assert flags[victim] == (False, 1)
+    assert [i for i in ids if not flags[i][0]] == same + ids[14:]
+    # The next session picks the aggregate up again from the failed row, in order.
+    again = await run(relay_session, world.pool, _real_publish(world), 7, None, None, 60.0)
+    assert again.published == len(same) + 16 and again.failed == 0
+    stored = await run(jetstream.read_stream, world.client, world.config.stream)
+    assert [int(m.msg_id) for m in stored] == same + ids[14:]  # the failed row first
+
+
+def _real_publish(world: World) -> Publish:
+    """The relay's own publish step (to JetStream), for a session run without the actor."""
+    from actors.outbox_relay import _Limits, _publish_rows
+
+    limits = _Limits([world.config.subjects], 1024 * 1024)
+    return functools.partial(_publish_rows, world.client, world.config.ack_timeout_s, limits)
+
+
+async def test_a_crash_keeps_what_the_batches_before_marked_and_names_the_batch_in_flight(
+    world: World,
+) -> None:
+    await run(jetstream.ensure_stream, world.client, world.config.stream,
+              [world.config.subjects], 60.0)  # fmt: skip
+    ids = await _write(world, 30)
+    real = _real_publish(world)
+
+    async def crashing(rows: Sequence[OutboxRow]) -> Sequence[object]:
+        if any(row.id == ids[16] for row in rows):
+            raise RuntimeError("cannot render this event")
+        return await real(rows)
+
+    claimed: list[int] = []
+    before: list[BatchReport] = []
+    session = functools.partial(
+        relay_session, world.pool, crashing, 7, None, claimed, 60.0, before_crash=before
+    )
+    with pytest.raises(RuntimeError, match="cannot render"):
+        await run(session)
+    assert claimed == ids[14:21]
+    [done] = before
+    assert (done.batches, done.published) == (2, 14)
+    flags = await run(_published_flags, world.admin_url)
+    assert [i for i, published, _, _ in flags if published] == ids[:14]  # committed
+    assert [int(m.msg_id) for m in await run(jetstream.read_stream, world.client,
+                                              world.config.stream)] == ids[:14]  # fmt: skip
+
+
+async def test_nats_refusing_a_batch_ends_the_session_and_keeps_the_marks_before(
+    world: World,
+) -> None:
+    ids = await _write(world, 30)
+    calls: list[int] = []
+
+    async def going_away(rows: Sequence[OutboxRow]) -> list[object]:
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise ProviderUnavailable("nats: not connected")
+        return _acks(rows)
+
+    report = await run(relay_session, world.pool, going_away, 7, None, None, 60.0)
+    assert isinstance(report.stopped_by, ProviderUnavailable)
+    assert (report.batches, report.claimed, report.published, report.failed) == (1, 7, 7, 0)
+    assert report.lag_s is not None
+    flags = await run(_published_flags, world.admin_url)
+    assert [i for i, published, attempts, _ in flags if published] == ids[:7]
+    assert all(attempts == 0 for _, _, attempts, _ in flags)  # an outage is no attempt
+
+
+async def test_a_session_of_zero_seconds_is_one_batch_and_says_whether_more_wait(
+    world: World,
+) -> None:
+    await _write(world, 10)
+    first = await run(relay_session, world.pool, _async_acks, 7, None, None, 0.0)
+    assert (first.batches, first.published, first.more) == (1, 7, True)
+    second = await run(relay_session, world.pool, _async_acks, 7, None, None, 0.0)
+    assert (second.batches, second.published, second.more) == (1, 3, False)
+    assert second.lag_s is None
+
+
+async def _async_acks(rows: Sequence[OutboxRow]) -> list[object]:
+    await asyncio.sleep(0)
+    return _acks(rows)
+
+
+def test_the_session_must_end_within_the_duplicate_window() -> None:
+    import msgspec
+
+    with pytest.raises(ValueError, match="session_s: 120 must be shorter than duplicate_window_s"):
+        RelayConfig(session_s=120.0, duplicate_window_s=120.0)
+    with pytest.raises(msgspec.ValidationError, match="session_s"):
+        msgspec.convert({"session_s": -1.0}, RelayConfig)
+    assert RelayConfig(session_s=0.0).session_s == 0.0  # one batch per turn
+
+
+async def test_a_cancelled_session_rolls_back_and_leaves_the_connection_usable(
+    world: World,
+) -> None:
+    ids = await _write(world, 30)
+    started: list[int] = []
+    stalled = trio.Event()  # set from the asyncio side: trio-asyncio runs in Trio's thread
+
+    async def stalling(rows: Sequence[OutboxRow]) -> list[object]:
+        started.append(len(rows))
+        if len(started) == 2:  # the second batch never gets its acks
+            stalled.set()
+            await asyncio.Event().wait()
+        return _acks(rows)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, relay_session, world.pool, stalling, 7, None, None, 60.0)
+        with trio.fail_after(10):
+            await stalled.wait()
+        nursery.cancel_scope.cancel()  # a claim ahead may be running on the connection
+    flags = await run(_published_flags, world.admin_url)
+    assert not any(done for _, done, _, _ in flags)  # the session's marks rolled back
+    report = await run(relay_session, world.pool, _async_acks, 7, None, None, 60.0)
+    assert report.published == len(ids)

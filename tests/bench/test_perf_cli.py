@@ -138,9 +138,14 @@ def test_dispatch_suite_tiny_run_delivers_and_fails_over() -> None:
     """Both contenders and the failover trials once, tiny: the shape and the counts."""
     from bench.perf import dispatch
 
-    results = dispatch.run_suite(dispatch.Sizes(n=20, trials=2), repeat=1)
-    assert [r.name for r in results] == ["dispatch", "failover_p50", "failover_p99"]
-    throughput, p50, p99 = results
+    results = dispatch.run_suite(dispatch.Sizes(n=20, trials=2, pgbench_s=1), repeat=1)
+    names = ["dispatch", "accept_vs_asyncpg", "accept_vs_pgbench", "failover_p50", "failover_p99"]
+    assert [r.name for r in results] == names
+    throughput, raw, pgbench, p50, p99 = results
+    for accept in (raw, pgbench):  # the baselines ran and the ratio is ours / theirs
+        assert accept.unit == "accepts/s" and accept.value > 0 and accept.baseline_value > 0
+        assert accept.ratio == pytest.approx(accept.value / accept.baseline_value)
+        assert 0 < accept.details["accept_p50_s"] <= accept.details["accept_p99_s"]
     assert throughput.unit == "dispatches/s" and p50.unit == p99.unit == "s"
     assert throughput.value > 0 and throughput.baseline_value > 0
     assert throughput.ratio == pytest.approx(throughput.value / throughput.baseline_value)
@@ -152,3 +157,20 @@ def test_dispatch_suite_tiny_run_delivers_and_fails_over() -> None:
     assert p99.details["lost"] == 0 and p99.details["duplicates"] == 0
     assert 0 < p50.value <= p99.value < math.inf
     assert p99.target == "value <= 1"
+
+
+def test_scale_suite_is_registered_and_a_tiny_run_delivers_on_one_and_two_replicas() -> None:
+    """Two ``triage run`` replicas against one, tiny: the shape, the counts, the figure."""
+    from bench.perf import scale
+    from bench.perf.__main__ import SUITES
+
+    assert "scale" in SUITES
+    (result,) = scale.run_suite(40, repeat=1)
+    assert result.name == "scale_2_vs_1" and result.unit == "dispatches/s"
+    assert result.value > 0 and result.baseline_value > 0
+    assert result.ratio == pytest.approx(result.value / result.baseline_value)
+    assert result.details["two_replicas_per_s"] == result.value
+    assert result.details["one_replica_per_s"] == result.baseline_value
+    assert result.details["lost"] == 0 and result.details["duplicates"] == 0
+    assert result.passed  # no target: it passes iff nothing was lost or sent twice
+    assert len(result.samples) == len(result.baseline_samples) == 1

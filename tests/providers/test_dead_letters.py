@@ -84,7 +84,8 @@ def test_dead_letter_list_and_redrive(postgres_url: str) -> None:
     assert (letter.source, letter.ref, letter.attempts) == ("outbox", str(ids[1]), 1)
     assert letter.error == "PoisonEvent: bad\nthing" and letter.redriven_at is None
 
-    new_id, seq = asyncio.run(redrive(postgres_url, letter.id))
+    redriven = asyncio.run(redrive(postgres_url, letter.id))
+    new_id, seq = redriven.outbox_id, redriven.seq
     assert new_id > ids[2] and seq == 4  # appended at the end of its aggregate
     assert asyncio.run(_outbox(postgres_url))[-1] == (new_id, 4, '{"n": 1}')
     assert asyncio.run(list_dead_letters(postgres_url)) == []

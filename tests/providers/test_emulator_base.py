@@ -313,3 +313,25 @@ async def test_a_refused_automatic_receipt_is_sent_again_like_a_gateway_does() -
             await trio.sleep(0.3)
             assert toy.receipt_statuses == {503: 2, 200: 1} and toy.receipt_retries == 2
             assert len(sink.bodies) == 3
+
+
+async def test_dropped_receipts_are_lost_but_the_status_moves_on_and_forget_forgets() -> None:
+    sink = Sink()
+    async with serve_emulator(sink) as sink_server:
+        toy = ToyEmulator("toy", receipt_url=f"{sink_server.url}/dlr")
+        async with serve_emulator(toy) as server, httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+            put = await client.put(f"{server.url}/_emulator/faults", json={"receipts_dropped": True})
+            assert put.status_code == 200 and put.json()["receipts_dropped"] is True
+            await send(client, server, "k1", "t:1")
+            await toy.wait_until(lambda: toy.receipts_dropped == 1)
+            # Delivered as far as the vendor knows (a status query sees it), never posted.
+            assert toy.messages["t:1"].status == "delivered"
+            assert sink.bodies == [] and toy.receipts_sent == 0 and toy.receipt_retries == 0
+            stats = (await client.get(f"{server.url}/_emulator/stats")).json()
+            assert stats["receipts_dropped"] == 1
+            assert (await client.get(f"{server.url}/msg", params={"ref": "t:1"})).status_code == 200
+            toy.forget("t:1")  # the vendor's records of it are gone
+            assert (await client.get(f"{server.url}/msg", params={"ref": "t:1"})).status_code == 404
+            assert "T00000001" not in toy.by_provider_ref
+            with pytest.raises(KeyError):
+                toy.forget("t:1")

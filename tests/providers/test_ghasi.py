@@ -20,7 +20,7 @@ from engine.errors import (
     RateLimited,
     Rejected,
 )
-from providers.channel import Adapter, ChannelName, DeliveryState, Message
+from providers.channel import Adapter, ChannelName, DeliveryState, Message, StatusAnswer
 from providers.emulators.base import Emulator, EmulatorServer, Request, Response, serve_emulator
 from providers.emulators.sms import GhasiEmulator
 from providers.ghasi import GhasiAdapter, GhasiWire, parse_ghasi_receipt
@@ -121,6 +121,21 @@ async def test_status_found_and_not_found(rig: Rig) -> None:
     delivered = await rig.adapter.status(message(1))
     assert delivered is not None
     assert delivered.state is DeliveryState.DELIVERED
+
+
+async def test_query_status_asks_by_the_wire_reference(rig: Rig) -> None:
+    assert (await rig.adapter.query_status("t1:d1")) == StatusAnswer(
+        state=DeliveryState.NOT_FOUND
+    )
+    await rig.adapter.send(message(1))
+    rig.emulator.messages["t1:d1"].status = "expired"
+    answer = await rig.adapter.query_status("t1:d1", "ignored")
+    assert answer == StatusAnswer(
+        state=DeliveryState.FAILED, provider_ref="GH00000001", reason="expired"
+    )
+    rig.emulator.forget("t1:d1")
+    forgotten = await rig.adapter.query_status("t1:d1")
+    assert forgotten is not None and forgotten.state is DeliveryState.NOT_FOUND
 
 
 @pytest.mark.parametrize(

@@ -98,3 +98,69 @@ async def test_publish_fails_fast_while_the_server_is_down(
             assert not isinstance(ack, Exception) and ack.stream == "DOWN"
         finally:
             await run(jetstream.close, client)
+
+
+async def test_acks_come_back_on_one_inbox_and_nothing_stays_awaited(
+    nats_url: str, bridge: asyncio.AbstractEventLoop
+) -> None:
+    stream, subject = _names()
+    client = await run(jetstream.connect, nats_url)
+    try:
+        await run(jetstream.ensure_stream, client, stream, [f"{subject}.>"], 60.0)
+        subscriptions = len(client.nc._subs)
+        for batch in range(3):
+            items = [
+                PublishItem(msg_id=f"{batch}-{i}", subject=f"{subject}.a", payload=b"x")
+                for i in range(40)
+            ]
+            acks = await run(jetstream.publish_batch, client, items, 2.0)
+            assert [a.seq for a in acks if isinstance(a, jetstream.Ack)] == list(
+                range(batch * 40 + 1, batch * 40 + 41)
+            )
+            assert client.acks is not None and client.acks.awaited == 0
+        assert len(client.nc._subs) == subscriptions + 1  # one ack inbox, whatever the batches
+    finally:
+        await run(jetstream.close, client)
+
+
+async def _subscribe_silently(client: jetstream.JetStreamClient, subject: str) -> None:
+    """A core subscriber that never answers: a publish to it gets no ack and no 503."""
+
+    async def ignore(_msg: object) -> None:
+        return None
+
+    await client.nc.subscribe(subject, cb=ignore)
+    await client.nc.flush()
+
+
+async def test_each_message_gets_its_own_result_ack_refusal_silence_or_no_stream(
+    nats_url: str, bridge: asyncio.AbstractEventLoop
+) -> None:
+    import nats.errors
+    import nats.js.api
+    import nats.js.errors
+
+    stream, subject = _names()
+    client = await run(jetstream.connect, nats_url)
+    try:
+        config = nats.js.api.StreamConfig(
+            name=stream, subjects=[f"{subject}.>"], duplicate_window=60.0, max_msg_size=64
+        )
+        await run(client.js.add_stream, config)
+        await run(_subscribe_silently, client, f"silent{stream}")
+        items = [
+            PublishItem(msg_id="1", subject=f"{subject}.a", payload=b"small"),
+            PublishItem(msg_id="2", subject=f"{subject}.a", payload=b"x" * 200),  # over 64 B
+            PublishItem(msg_id="3", subject=f"silent{stream}", payload=b"x"),  # nobody acks
+            PublishItem(msg_id="4", subject=f"nostream{stream}", payload=b"x"),  # no responders
+            PublishItem(msg_id="5", subject=f"{subject}.a", payload=b"small"),
+        ]
+        ok, refused, silent, nobody, last = await run(jetstream.publish_batch, client, items, 0.3)
+        assert isinstance(ok, jetstream.Ack) and (ok.stream, ok.seq) == (stream, 1)
+        assert isinstance(refused, nats.js.errors.APIError) and refused.err_code == 10054
+        assert isinstance(silent, TimeoutError)
+        assert isinstance(nobody, nats.errors.NoRespondersError)
+        assert isinstance(last, jetstream.Ack) and last.seq == 2
+        assert client.acks is not None and client.acks.awaited == 0  # the silent one given up
+    finally:
+        await run(jetstream.close, client)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import nats.errors
 import pytest
 
 from providers import jetstream, jetstream_consumer
@@ -97,3 +98,28 @@ async def test_reopening_updates_the_durable_consumer(
         assert info.config.backoff == [0.5, 1.0]
     finally:
         await run(jetstream.close, client)
+
+
+class _Expiring:
+    """A pull subscription whose fetch ends as nats-py's does when its own wait runs out."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    async def fetch(self, *_args: object, **_kwargs: object) -> list[object]:
+        raise self.error
+
+
+# asyncio.TimeoutError is the builtin since 3.11; nats' TimeoutError derives from it.
+@pytest.mark.parametrize(
+    "error", [TimeoutError(), nats.errors.TimeoutError()], ids=["asyncio", "nats"]
+)
+async def test_a_fetch_that_times_out_either_way_is_an_empty_batch(
+    error: BaseException, bridge: asyncio.AbstractEventLoop
+) -> None:
+    consumer = jetstream_consumer.PullConsumer(
+        client=None,  # type: ignore[arg-type]  # fetch_batch touches only the subscription
+        settings=_settings(),
+        subscription=_Expiring(error),  # type: ignore[arg-type]
+    )
+    assert await run(jetstream_consumer.fetch_batch, consumer, 10, 0.1) == []

@@ -72,6 +72,27 @@ SEED = {
     " VALUES ($1, 'push', 'token-1', 'UNREGISTERED') RETURNING recipient",
     "early_receipts": "INSERT INTO early_receipts (tenant_id, dispatch_id, state, provider)"
     " VALUES ($1, gen_random_uuid(), 'delivered', 'ghasi') RETURNING dispatch_id",
+    "attachments": "INSERT INTO attachments (id, tenant_id, blob_key, size_bytes, sha256)"
+    " VALUES (gen_random_uuid(), $1, gen_random_uuid()::text, 1, repeat('a', 64)) RETURNING id",
+    "virtual_sessions": "INSERT INTO virtual_sessions (tenant_id, appointment_id, patient_id)"
+    " VALUES ($1, 'appt-1', 'patient') RETURNING id",
+    # The cap trigger reads triage.fallback_cap (0007): set for the seeding session.
+    "fallback_threads": "INSERT INTO fallback_threads (tenant_id, patient_id, day, slot,"
+    " thread_id, appointment_id) SELECT $1, 'patient', current_date, 1, t.id, 'appt-1'"
+    " FROM threads t, (SELECT set_config('triage.fallback_cap', '3', false)) c"
+    " WHERE t.tenant_id = $1 RETURNING slot",
+    "join_tokens": "INSERT INTO join_tokens (jti, tenant_id, session_id, room, kid, user_id,"
+    " issued_at, expires_at) VALUES (gen_random_uuid(), $1, 's1', 'visit', 'k1', 'u1', now(),"
+    " now() + interval '1 hour') RETURNING jti",
+    "recordings": "INSERT INTO recordings (tenant_id, recording_id, path)"
+    " VALUES ($1, 'rec-1', 'visit/rec-1.mp4') RETURNING recording_id",
+    "incidents": "INSERT INTO incidents (tenant_id, kind, source, ref, rule, location, excerpt)"
+    " VALUES ($1, 'phi_leak', 'push_guard', gen_random_uuid()::text, 'field:dob', 'data.dob',"
+    " 'dob=[redacted]') RETURNING id",
+    "erasures": "INSERT INTO erasures (tenant_id, patient_id) VALUES ($1, 'patient') RETURNING id",
+    "erasure_steps": "INSERT INTO erasure_steps (erasure_id, tenant_id, data_class, status)"
+    " SELECT e.id, $1, 'dispatches', 'done' FROM erasures e WHERE e.tenant_id = $1"
+    " RETURNING data_class",
 }
 # thread_participants needs the tenant's thread: seeded apart. outbox_sequences is
 # filled by the outbox trigger.
@@ -79,6 +100,8 @@ PARTICIPANT = (
     "INSERT INTO thread_participants (thread_id, tenant_id, participant_id, role)"
     " VALUES ($1, $2, $3, 'patient')"
 )
+# read_receipts needs the participant: seeded after it (read_at is the database's).
+RECEIPT = "INSERT INTO read_receipts (tenant_id, thread_id, participant_id) VALUES ($1, $2, $3)"
 
 
 async def seed(admin_url: str) -> tuple[Tenant, Tenant]:
@@ -91,6 +114,7 @@ async def seed(admin_url: str) -> tuple[Tenant, Tenant]:
             )
             ids = {table: await conn.fetchval(sql, tenant) for table, sql in SEED.items()}
             await conn.execute(PARTICIPANT, ids["threads"], tenant, f"patient-{name}")
+            await conn.execute(RECEIPT, tenant, ids["threads"], f"patient-{name}")
             tenants.append(Tenant(tenant, ids["dispatches"], ids["threads"]))
         # A dead letter whose tenant is unknown (a poison message that did not parse).
         await conn.execute(
@@ -323,12 +347,27 @@ INSERT_FOR = {
     " WHERE tenant_id = $1",
     "templates": "INSERT INTO templates (tenant_id, name, version, channel, body)"
     " VALUES ($1, 'reminder', 2, 'sms', 'x')",
+    "read_receipts": "INSERT INTO read_receipts (tenant_id, thread_id, participant_id)"
+    " SELECT tenant_id, thread_id, participant_id FROM thread_participants WHERE tenant_id = $1",
     "category_blocks": "INSERT INTO category_blocks (tenant_id, channel, category, state, reason)"
     " VALUES ($1, 'sms', 'alerts', 'throttled', 'x')",
     "dead_recipients": "INSERT INTO dead_recipients (tenant_id, channel, recipient, reason)"
     " VALUES ($1, 'email', 'gone@example.org', '5.1.1')",
     "early_receipts": "INSERT INTO early_receipts (tenant_id, dispatch_id, state, provider)"
     " VALUES ($1, gen_random_uuid(), 'failed', 'twilio')",
+    "attachments": SEED["attachments"],
+    "virtual_sessions": "INSERT INTO virtual_sessions (tenant_id, appointment_id)"
+    " VALUES ($1, 'appt-2')",
+    "fallback_threads": "INSERT INTO fallback_threads (tenant_id, patient_id, day, slot,"
+    " thread_id, appointment_id) SELECT $1, 'other', current_date, 1, gen_random_uuid(), 'x'"
+    " FROM (SELECT set_config('triage.fallback_cap', '3', true)) c",
+    "join_tokens": SEED["join_tokens"],
+    "recordings": "INSERT INTO recordings (tenant_id, recording_id, path)"
+    " VALUES ($1, 'rec-2', 'visit/rec-2.mp4')",
+    "incidents": SEED["incidents"],
+    "erasures": "INSERT INTO erasures (tenant_id, patient_id) VALUES ($1, 'other')",
+    # erasure_steps selects B's erasure: invisible to A, so nothing to insert.
+    "erasure_steps": SEED["erasure_steps"],
 }
 
 
@@ -353,7 +392,7 @@ async def test_daemon_cannot_write_another_tenants_rows_in_any_table(
     # Either the role has no such grant at all, or RLS hides B's rows: 0 rows.
     assert update == "UPDATE 0" or update[0] == INSUFFICIENT_PRIVILEGE, update
     assert delete == "DELETE 0" or delete[0] == INSUFFICIENT_PRIVILEGE, delete
-    if table == "thread_participants":
+    if table in ("thread_participants", "read_receipts", "erasure_steps"):
         assert insert == "INSERT 0 0"
     else:
         assert insert[0] == INSUFFICIENT_PRIVILEGE, insert
@@ -472,8 +511,10 @@ async def test_thread_participant_cannot_join_another_tenants_thread(world: Worl
         ],
     )
     sqlstate, message = results[0]
-    assert sqlstate == "23503", message  # foreign_key_violation
-    assert "thread_participants_same_tenant" in message
+    # Migration 0011: RLS itself refuses a thread the tenant cannot see (before 0011
+    # the foreign key did, as 23503, once RLS had admitted the row).
+    assert sqlstate == INSUFFICIENT_PRIVILEGE, message
+    assert 'row-level security policy "participant_joins_own_thread"' in message
     assert str(b.id) not in message  # the refusal does not reveal B
     assert results[1][0] == INSUFFICIENT_PRIVILEGE
     assert results[2] == "INSERT 0 1"

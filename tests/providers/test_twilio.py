@@ -20,7 +20,7 @@ from engine.errors import (
     RateLimited,
     Rejected,
 )
-from providers.channel import Adapter, ChannelName, DeliveryState, Message
+from providers.channel import Adapter, ChannelName, DeliveryState, Message, StatusAnswer
 from providers.emulators.base import Emulator, EmulatorServer, Request, Response, serve_emulator
 from providers.emulators.sms import TwilioEmulator
 from providers.receipts import BadSignature, MalformedReceipt
@@ -99,15 +99,21 @@ async def rig() -> AsyncIterator[Rig]:
         yield Rig(emulator, server, adapter, client, sink, sink_server.url)
 
 
-async def test_send_speaks_the_wire_format(rig: Rig) -> None:
+def spy_on(emulator: TwilioEmulator) -> list[Request]:
+    """Every raw request the emulator is sent from now on."""
     seen: list[Request] = []
-    original = rig.emulator.handle
+    original = emulator.handle
 
     async def spy(request: Request) -> Response | None:
         seen.append(request)
         return await original(request)
 
-    rig.emulator.handle = spy  # type: ignore[method-assign]  # observe the raw request
+    emulator.handle = spy  # type: ignore[method-assign]  # observe the raw request
+    return seen
+
+
+async def test_send_speaks_the_wire_format(rig: Rig) -> None:
+    seen = spy_on(rig.emulator)
     assert isinstance(rig.adapter, Adapter)
     accepted = await rig.adapter.send(message(1))
     assert accepted.provider == "twilio"
@@ -155,6 +161,31 @@ async def test_status_by_recipient_day_and_body(rig: Rig) -> None:
     delivered = await rig.adapter.status(message(1))
     assert delivered is not None
     assert delivered.state is DeliveryState.DELIVERED
+
+
+async def test_query_status_fetches_the_message_resource_by_sid(rig: Rig) -> None:
+    seen = spy_on(rig.emulator)
+    accepted = await rig.adapter.send(message(1))
+    sid = accepted.provider_ref
+    queued = await rig.adapter.query_status("t1:d1", sid)
+    assert queued == StatusAnswer(state=DeliveryState.ACCEPTED, provider_ref=sid, reason="queued")
+    assert (seen[-1].method, seen[-1].path) == (
+        "GET", f"/2010-04-01/Accounts/{SID}/Messages/{sid}.json",
+    )  # fmt: skip
+    rig.emulator.messages["t1:d1"].status = "delivered"
+    delivered = await rig.adapter.query_status("t1:d1", sid)
+    assert delivered is not None and delivered.state is DeliveryState.DELIVERED
+    rig.emulator.messages["t1:d1"].status = "undelivered"
+    gone = await rig.adapter.query_status("t1:d1", sid)
+    assert gone == StatusAnswer(
+        state=DeliveryState.UNDELIVERABLE, provider_ref=sid, reason="undelivered:30003"
+    )
+    rig.emulator.forget("t1:d1")  # Twilio's records lost: its 404, code 20404
+    missing = await rig.adapter.query_status("t1:d1", sid)
+    assert missing == StatusAnswer(state=DeliveryState.NOT_FOUND)
+    assert await rig.adapter.query_status("t1:d1", None) is None  # no sid: cannot tell
+    with pytest.raises(AuthFailed):
+        await rig.adapter_with(auth_token="wrong").query_status("t1:d1", sid)
 
 
 async def test_status_cannot_tell_between_two_identical_messages(rig: Rig) -> None:

@@ -26,8 +26,10 @@ import pytest
 import trio
 
 from actors.alerts import ActiveAlerts
+from actors.clock_monitor import Verdict
 from actors.db_health import UNAVAILABLE, DbHealth, HealthState, unavailable
 from actors.outbox_relay import RelayState
+from actors.thread_service import CrossTenantParticipant, Participant
 from config import engine_kwargs, load_config_text
 from engine.actor import Overflow, actor_child
 from engine.breaker import Breaker, CircuitState
@@ -35,6 +37,7 @@ from engine.errors import ProviderUnavailable
 from engine.runtime import open_runtime
 from engine.supervisor import Supervisor
 from providers import jetstream
+from providers.db.migrate import load_migrations
 from providers.db.pool import DbPool, Pool
 from providers.services import (
     ENV_NATS_URL,
@@ -58,6 +61,20 @@ from tests.supervisors.test_daemon import (
 
 def service_env(postgres_url: str, nats_url: str) -> dict[str, str]:
     return {ENV_POSTGRES_URL: postgres_url, ENV_NATS_URL: nats_url}
+
+
+VERSIONS = [m.version for m in load_migrations()]  # the shipped migrations, in order
+
+
+async def _new_tenant(pool: Pool, owner_url: str) -> uuid.UUID:
+    conn = await asyncpg.connect(owner_url)
+    try:
+        tenant: uuid.UUID = await conn.fetchval(
+            "INSERT INTO tenants (name) VALUES ('t12') RETURNING id"
+        )
+        return tenant
+    finally:
+        await conn.close()
 
 
 async def _whoami(pool: Pool) -> tuple[str, int]:
@@ -84,13 +101,13 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             running = await start(nursery, daemon)
         backbone = daemon.backbone
         assert backbone is not None
-        assert backbone.migrated == ["0001", "0002", "0003"]
+        assert backbone.migrated == VERSIONS
         assert backbone.services.embedded == frozenset()
         async with httpx.AsyncClient(base_url=running.url) as client:
             readyz = await client.get("/readyz")
             assert (readyz.status_code, readyz.json()) == (200, {"status": "ready", "alerts": []})
             metrics = await client.get("/metrics")
-            assert 'triage_supervisor_children{supervisor="root"} 15.0' in metrics.text
+            assert 'triage_supervisor_children{supervisor="root"} 29.0' in metrics.text
             assert 'triage_breaker_state{breaker="postgres_primary"} 0.0' in metrics.text
             assert 'triage_breaker_state{breaker="nats_publish"} 0.0' in metrics.text
             tree = daemon.tree
@@ -99,9 +116,28 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             assert actors.relay is not None
             assert [c.id for c in tree.root.which_children()] == [
                 "alerts", "detectors", "db_health", "db_writer", "relay", "idempotency",
-                "inbox_consumer", "channels", "dispatch_backlog", "bounce_tracker", "dlr_ingress",
-                "push_feedback", "push_stale_sweep", "dispatch_commands", "http",
+                "inbox_consumer", "error_budget", "clock_monitor", "accept_commit",
+                "outcome_commit", "receipt_commit", "channels",
+                "dispatch_backlog", "bounce_tracker", "dlr_ingress", "push_feedback",
+                "push_stale_sweep", "status_sweep", "dispatch_commands", "phi_scanner", "jitsi_pool",
+                "key_ring", "recording_ingest", "erasure_saga", "clamd", "upload_admission", "scanner_pool",
+                "http",
             ]  # fmt: skip
+            # The virtual rooms (rows 4, 14): one supervisor, the fallback actor, the
+            # pool and one poller per node of [jitsi] nodes.
+            assert tree.virtual is not None
+            assert [c.id for c in tree.virtual.supervisor.which_children()] == [
+                "fallback_threads", "jitsi_pool",
+                *(f"jitsi_node_{n.name}" for n in config.jitsi.nodes),
+            ]  # fmt: skip
+            # Rows 10 and 20: their detectors are evaluated, their doors mounted.
+            assert [d.kind.value for d in tree.detectors.for_row(10)] == ["spike_over_baseline"]
+            assert [d.kind.value for d in tree.detectors.for_row(20)] == ["count_in_window"]
+            assert tree.join_tokens is not None and tree.recordings is not None
+            refused = await client.post(
+                "/v1/join-tokens/verify", json={"token": "x.y.z", "room": "r"}
+            )
+            assert (refused.status_code, refused.json()["error"]) == (401, "malformed")
             # End to end: an event committed to the outbox reaches JetStream through
             # the daemon's own relay, with the outbox id as its Nats-Msg-Id.
             # (The test task has no bridge loop: cross on the daemon's, through its pool.)
@@ -114,13 +150,34 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
                 await trio.sleep(0.05)
             assert [m.msg_id for m in stored] == [str(event_id)]
             # Queries run as the daemon's role, never the owner URL's.
-            assert await backbone.pool.run_unit(_whoami) == ("triage_daemon", 3)
+            assert await backbone.pool.run_unit(_whoami) == ("triage_daemon", len(VERSIONS))
             # The relay has a pool of its own, as the daemon's role too.
             assert backbone.relay_pool is not None and backbone.relay_pool is not backbone.pool
-            assert await backbone.relay_pool.run_unit(_whoami) == ("triage_daemon", 3)
+            assert await backbone.relay_pool.run_unit(_whoami) == ("triage_daemon", len(VERSIONS))
             assert actors.relay_pool is backbone.relay_pool
             relay = actors.relay.statistics()
             assert relay.state is RelayState.RELAYING and relay.published >= 1
+
+            # Rows 12 and 16 on the daemon's pool: the clock monitor has read the
+            # database's clock (same machine: in sync), the thread service refuses a
+            # participant of another tenant.
+            safeguards = tree.safeguards
+            assert safeguards is not None
+            for _ in range(100):  # the first reading runs as the monitor starts
+                if safeguards.clock_board.reading is not None:
+                    break
+                await trio.sleep(0.05)
+            reading = safeguards.clock_board.reading
+            assert reading is not None and reading.verdict is Verdict.IN_SYNC
+            metrics = await client.get("/metrics")
+            assert "triage_clock_skew_seconds 0.0" in metrics.text
+            tenant = await backbone.pool.run_unit(_new_tenant, postgres_url)
+            thread = await safeguards.threads.create_thread(tenant)
+            with pytest.raises(CrossTenantParticipant):
+                await safeguards.threads.add_participant(
+                    tenant, thread,
+                    Participant(tenant_id=uuid.uuid4(), participant_id="x", role="patient"),
+                )  # fmt: skip
 
             # The probe's breaker open: unready, named; closed again: ready.
             health = actors.db_health.statistics()
@@ -131,7 +188,8 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             assert readyz.status_code == 503
             assert readyz.json()["reason"] == UNAVAILABLE == "database unavailable"
             actors.db_breaker.reset("test")
-            assert (await client.get("/readyz")).status_code == 200
+            again = await client.get("/readyz")
+            assert again.status_code == 200, again.text
         daemon.request_drain("test")
         with trio.fail_after(config.daemon.drain_s):
             await running.done.wait()
@@ -148,7 +206,7 @@ async def test_a_second_start_finds_the_schema_up_to_date(
     postgres_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    for expected in (["0001", "0002", "0003"], []):
+    for expected in (VERSIONS, []):
         daemon = Daemon(
             dev_config(),
             shipped_catalog(),
@@ -369,10 +427,10 @@ async def test_reads_fall_to_the_configured_replica_when_the_primary_is_gone(
         assert tree is not None and tree.backbone_actors is not None
         assert backbone is not None and backbone.replica is not None
         actors = tree.backbone_actors
-        assert await actors.db.read(_whoami) == ("triage_daemon", 3)
+        assert await actors.db.read(_whoami) == ("triage_daemon", len(VERSIONS))
         assert actors.db_writer.statistics().replica_reads == 0
         actors.db_breaker.force_open("test: primary failed over")
-        assert await actors.db.read(_whoami) == ("triage_daemon", 3)
+        assert await actors.db.read(_whoami) == ("triage_daemon", len(VERSIONS))
         stats = actors.db_writer.statistics()
         assert (stats.replica_reads, stats.written, stats.backlog) == (1, 0, 0)
         actors.db_breaker.reset()

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -44,14 +44,29 @@ from tests.supervisors.test_daemon import DEV_TEXT, REPO, Lines, dev_config
 
 KEYS = 400  # dispatches posted before the kill
 IN_FLIGHT = 48  # concurrent requests (the client's connection pool)
+#: Tries of a retried request whose connection dropped unanswered (same key each time).
+RETRIES = 5
 KILL_AFTER = 150  # acknowledgements seen before the SIGKILL
 START_S = 30.0
 SETTLE_S = 25.0
 
-def _config_text(emulated: Emulated, tmp_path: Path) -> str:
+#: The fast resume of what a crash left queued (config, like every number).
+FAST_RESUME: Mapping[str, float] = {
+    "requeue_after_s": 1.0,
+    "resume_interval_s": 0.5,
+    "resume_lease_s": 2.0,
+}
+
+
+def _config_text(
+    emulated: Emulated,
+    tmp_path: Path,
+    *,
+    dispatch: Mapping[str, float] = FAST_RESUME,
+    extra: str = "",
+) -> str:
     """An overlay on dev.toml: the emulators off, every provider at this process's
-    emulators, and the fast resume of what the crash left queued (config, like every
-    number)."""
+    emulators, ``dispatch`` as its ``[dispatch]`` keys, and ``extra`` (more tables)."""
     e = emulated.endpoints
     account = tmp_path / "fcm.json"
     account.write_bytes(json.dumps({
@@ -64,6 +79,11 @@ def _config_text(emulated: Emulated, tmp_path: Path) -> str:
     dev = tmp_path / "dev.toml"
     dev.write_text(DEV_TEXT)
     q = json.dumps
+    dispatch_keys = "\n".join(f"{key} = {value!r}" for key, value in dispatch.items())
+    # The videobridges too, each at its emulator (the nodes of [jitsi], rows 4 and 14).
+    bridges = "".join(
+        f"\n[[jitsi.nodes]]\nname = {q(name)}\nurl = {q(url)}\n" for name, url in e.jitsi_nodes
+    )
     return f"""extends = {q(str(dev))}
 catalog = {q(str(default_path("failures.toml")))}
 
@@ -72,8 +92,7 @@ port = 0
 log_level = "info"
 
 [dispatch]
-requeue_after_s = 1.0
-resume_interval_s = 0.5
+{dispatch_keys}
 
 [emulators]
 enabled = false
@@ -95,7 +114,7 @@ key_file = {q(str(apns_key))}
 [providers.smtp]
 host = {q(e.smtp_host)}
 port = {e.smtp_port}
-"""
+{bridges}{extra}"""
 
 
 def _env(emulated: Emulated, postgres_url: str, nats_url: str, redis_url: str) -> dict[str, str]:
@@ -110,6 +129,7 @@ def _env(emulated: Emulated, postgres_url: str, nats_url: str, redis_url: str) -
         "TRIAGE_GHASI_RECEIPT_SECRET": e.ghasi_receipt_secret,
         "TRIAGE_TWILIO_AUTH_TOKEN": e.twilio_auth_token,
         "TRIAGE_SMTP_BOUNCE_SECRET": e.smtp_bounce_secret,
+        "TRIAGE_UPLOAD_SIGNING_SECRET": "u" * 40,  # [uploads]: the pre-signed URLs' key
     }
 
 
@@ -232,9 +252,16 @@ async def test_a_sigkill_mid_accept_loses_no_acknowledged_dispatch(
             async with httpx.AsyncClient(base_url=second.url, limits=limits, timeout=20) as client:
 
                 async def retry(n: int) -> None:
-                    answer = await client.post(
-                        "/v1/dispatches", json=body(n), headers={"Idempotency-Key": keys[n]}
-                    )
+                    for _ in range(RETRIES):  # a client retries a request left unanswered
+                        try:
+                            answer = await client.post(
+                                "/v1/dispatches", json=body(n), headers={"Idempotency-Key": keys[n]}
+                            )
+                            break
+                        except httpx.TransportError:
+                            await trio.sleep(0.2)
+                    else:
+                        raise AssertionError(f"key {keys[n]}: no answer in {RETRIES} tries")
                     assert answer.status_code in (200, 202), answer.text
                     if keys[n] in acked:
                         assert answer.status_code == 200, answer.text

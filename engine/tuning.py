@@ -1,0 +1,40 @@
+"""The live tunables: which breakers run on which ``[breakers.*]`` profile.
+
+A config reload (:mod:`supervisors.reload`) retunes objects in place instead of
+rebuilding them, so it must find them: every breaker built from a profile is
+registered here, under that profile's name, where it is created. The detectors
+need no registry of their own: they all live in the tree's
+:class:`~engine.detectors.DetectorSet`, by name.
+"""
+
+from __future__ import annotations
+
+from .breaker import Breaker
+
+__all__ = ["Tunables"]
+
+
+class Tunables:
+    """The breakers of each ``[breakers.<profile>]`` (several may share one profile)."""
+
+    __slots__ = ("_breakers",)
+
+    def __init__(self) -> None:
+        self._breakers: dict[str, list[Breaker]] = {}
+
+    def breaker(self, profile: str, breaker: Breaker) -> Breaker:
+        """Register ``breaker`` as built from ``[breakers.<profile>]``; returns it."""
+        self._breakers.setdefault(profile, []).append(breaker)
+        return breaker
+
+    def breakers(self) -> dict[str, tuple[Breaker, ...]]:
+        """Profile name -> the breakers built from it, in registration order."""
+        return {profile: tuple(found) for profile, found in self._breakers.items()}
+
+    def find(self, name: str) -> Breaker | None:
+        """The registered breaker named ``name``, if any."""
+        for found in self._breakers.values():
+            for breaker in found:
+                if breaker.name == name:
+                    return breaker
+        return None

@@ -1,0 +1,326 @@
+"""The hot reload (issue 12): a Reloader on a real config file (on the autojump clock,
+with exact values), then ``triage run`` as a process reloading on SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from datetime import date, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from actors.error_budget import BudgetReport, budget_report
+from config import load_config
+from config.schema import SloConfig
+from engine.breaker import CircuitState
+from engine.detectors import CountInWindowDetector
+from engine.events import Event, ReloadFailed
+from engine.metrics import Metrics
+from engine.runtime import Runtime
+from providers.db.slo import DayCount
+from supervisors.backbone import _breaker
+from supervisors.reload import Reloader, classify
+from supervisors.tree import build_detectors
+from tests.engine.test_breaker import fail_n
+from tests.supervisors.test_daemon import DEV_TEXT, REPO, Lines, shipped_catalog
+
+VIRTUAL_METRIC = "triage_virtual_session_failed_total"  # a count_in_window row: 5 in 300 s
+
+
+class World:
+    """A base file (dev.toml, standalone), an overlay the test edits, and a Reloader on it
+    with the postgres_primary breaker and the virtual-sessions row's detector."""
+
+    def __init__(self, tmp_path: Path, budget: Any = None) -> None:
+        self.base = tmp_path / "base.toml"
+        self.base.write_text(DEV_TEXT)
+        self.path = tmp_path / "triage.toml"
+        self.write("")
+        config = load_config(self.path)
+        catalog = shipped_catalog()
+        self.registry = CollectorRegistry()
+        self.runtime = Runtime(metrics=Metrics(self.registry))
+        self.events: list[Event] = []
+        self.runtime.events.on(ReloadFailed, self.events.append)
+        self.breaker = _breaker(config, "postgres_primary", self.runtime)
+        [row] = [r for r in catalog.rows if r.detector.metric == VIRTUAL_METRIC]
+        self.detectors = build_detectors(config, [row], self.runtime, catalog)
+        [detector] = self.detectors
+        self.detector = detector.expect(CountInWindowDetector)
+        self.reloader = Reloader(
+            config, catalog, self.runtime, self.detectors, source=str(self.path), budget=budget
+        )
+
+    def write(self, text: str) -> None:
+        self.path.write_text(f"extends = {json.dumps(str(self.base))}\n{text}")
+
+    def reloads(self, result: str) -> float | None:
+        return self.registry.get_sample_value("triage_config_reloads_total", {"result": result})
+
+
+async def test_a_half_open_breaker_stays_half_open_with_its_new_thresholds(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    world = World(tmp_path)
+    breaker = world.breaker
+    assert breaker.settings()["fail_max"] == 3
+    await fail_n(breaker, 3)
+    await trio.sleep(5.0)  # dev's reset_timeout_s
+    assert breaker.state is CircuitState.HALF_OPEN
+    trips = breaker.statistics().trips
+    world.write("[breakers.postgres_primary]\nfail_max = 7\nreset_timeout_s = 9.0\n")
+    report = await world.reloader.reload()
+    assert report.ok and report.restart == [] and report.problems == []
+    assert report.applied == [
+        "breaker postgres_primary: fail_max 3 -> 7",
+        "breaker postgres_primary: reset_timeout_s 5.0 -> 9.0",
+    ]
+    assert [str(c) for c in report.changes] == [
+        "$.breakers.postgres_primary.fail_max: 3 -> 7 (live)",
+        "$.breakers.postgres_primary.reset_timeout_s: 5.0 -> 9.0 (live)",
+        "$.breakers.postgres_replica.fail_max: 3 -> 7 (live)",  # its base is postgres_primary
+        "$.breakers.postgres_replica.reset_timeout_s: 5.0 -> 9.0 (live)",
+    ]
+    assert breaker.state is CircuitState.HALF_OPEN  # never dropped to CLOSED by a reload
+    assert breaker.statistics().trips == trips
+    assert (
+        breaker.fail_max == 7 and world.reloader.config.breakers["postgres_primary"].fail_max == 7
+    )
+    assert world.reloads("ok") == 1.0 and world.reloads("failed") == 0.0
+    # The same file again: nothing to change, nothing said.
+    again = await world.reloader.reload()
+    assert again.ok and again.changes == [] and again.applied == []
+
+
+async def test_a_bad_file_is_refused_with_its_path_and_the_running_config_stays(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="triage.reload")
+    world = World(tmp_path)
+    running = world.reloader.config
+    before = world.breaker.settings(), world.detector.settings()
+    world.path.write_text("[breakers.postgres_primary\nfail_max = 7\n")  # malformed TOML
+    report = await world.reloader.reload()
+    assert not report.ok
+    [problem] = report.problems
+    assert problem.startswith(f"{world.path}:1") and "malformed TOML" in problem
+    # A value the schema refuses, next to a good one: neither applies.
+    world.write("[breakers.postgres_primary]\nfail_max = 0\nreset_timeout_s = 9.0\n")
+    report = await world.reloader.reload()
+    assert not report.ok
+    [problem] = report.problems
+    assert (
+        problem.startswith(f"{world.path}:3") and "$.breakers.postgres_primary.fail_max" in problem
+    )
+    assert (world.breaker.settings(), world.detector.settings()) == before
+    assert world.reloader.config is running
+    assert [type(e) for e in world.events] == [ReloadFailed, ReloadFailed]
+    assert world.events[-1].problems == report.problems  # type: ignore[attr-defined]
+    assert world.reloads("failed") == 2.0 and world.reloads("ok") == 0.0
+    failed = [r.getMessage() for r in caplog.records if r.msg.startswith("config reload failed")]
+    assert len(failed) == 2 and "$.breakers.postgres_primary.fail_max" in failed[1]
+    assert msgspec.json.encode(ReloadFailed(at=0, wall=0, source="f", problems=[])).startswith(
+        b'{"type":"reload_failed"'
+    )
+
+
+async def test_a_reshaped_detector_window_is_migrated_and_said_so(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = World(tmp_path)
+    detector = world.detector
+    assert (detector.threshold, detector.window_s) == (5.0, 300.0)
+    detector.observe(2)
+    await trio.sleep(10.0)
+    detector.observe(1)
+    world.write(
+        f'[detectors.virtual]\nkind = "count_in_window"\nmetric = "{VIRTUAL_METRIC}"\n'
+        "threshold = 2.5\nwindow_s = 600.0\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="triage.reload"):
+        report = await world.reloader.reload()
+    assert report.ok
+    name = detector.name
+    assert report.restart == []  # a row's override, added: the row's detector takes it
+    assert report.applied == [
+        f"detector {name}: threshold 5.0 -> 2.5",
+        f"detector {name}: clear_threshold 5.0 -> 2.5",
+        f"detector {name}: window_s 300.0 -> 600.0",
+        f"detector {name}: window reshaped to 600.0s in 60 buckets; 3 of 3 counted events kept",
+    ]
+    assert report.migrated == report.applied[-1:]
+    assert any(r.msg.startswith("window reshaped") for r in caplog.records)
+    state = detector.evaluate()
+    assert state.value == 3.0 and state.firing  # the 3 counts kept: above the new 2.5
+
+
+async def test_paths_that_need_a_restart_are_reported_not_applied(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    world = World(tmp_path)
+    world.write(
+        "[daemon]\nport = 9191\nreload_poll_s = 0.5\n[breakers.postgres_primary]\nfail_max = 4\n"
+    )
+    report = await world.reloader.reload()
+    assert report.ok and report.restart == ["$.daemon.port"]
+    assert report.applied == ["breaker postgres_primary: fail_max 3 -> 4"]
+    config = world.reloader.config
+    assert (config.daemon.port, config.daemon.reload_poll_s) == (8080, 0.5)
+    assert classify("$.breakers.x.fail_max") == "live" and classify("$.daemon.host") == "restart"
+
+
+async def test_the_poll_sees_an_edit_of_the_file(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    world = World(tmp_path)
+    asked: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(world.reloader.poll, asked.append))
+        await trio.sleep(5.0)
+        assert asked == []
+        world.write("[breakers.postgres_primary]\nfail_max = 4\n\n")
+        await trio.sleep(2.5)  # dev's reload_poll_s is the default 2.0
+        assert asked == ["file changed"]
+        nursery.cancel_scope.cancel()
+
+
+def _frozen(config: SloConfig, *, today: date) -> BudgetReport:
+    days = [DayCount("dispatch_success", today - timedelta(days=1), 90, 10)]
+    report = budget_report(config, days, (), today=today)
+    assert report.frozen
+    return report
+
+
+async def test_a_frozen_budget_refuses_an_adapter_change_and_applies_the_rest(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def frozen(config: SloConfig, *, today: date) -> BudgetReport:
+        return _frozen(config, today=today)
+
+    world = World(tmp_path, budget=frozen)
+    world.write(
+        "[providers.ghasi]\nreceipt_tolerance_s = 120.0\n[breakers.postgres_primary]\nfail_max = 4\n"
+    )
+    report = await world.reloader.reload()
+    assert report.ok
+    [refused] = report.refused
+    assert refused.startswith(
+        "$.providers.ghasi.receipt_tolerance_s: changed while the error budget is frozen"
+    )
+    assert "dispatch_success burned" in refused and "TRIAGE_BREAK_GLASS" in refused
+    assert report.restart == []  # refused, not "needs a restart"
+    assert report.applied == ["breaker postgres_primary: fail_max 3 -> 4"]
+
+
+# ------------------------------------------------------------------ triage run, SIGHUP
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search(rf"(?m)^{name}\{{{re.escape(want)}\}} (\S+)$", metrics)
+    return None if found is None else float(found.group(1))
+
+
+async def _wait_sample(
+    client: httpx.AsyncClient, want: float, name: str, **labels: str
+) -> tuple[float, str]:
+    """Poll /metrics until the sample is ``want``; (seconds it took, the last text)."""
+    begun = trio.current_time()
+    while True:
+        text = (await client.get("/metrics")).text
+        if _sample(text, name, **labels) == want:
+            return trio.current_time() - begun, text
+        await trio.sleep(0.01)
+
+
+async def test_triage_run_reloads_on_sighup_and_refuses_a_bad_edit(tmp_path: Path) -> None:
+    base = tmp_path / "base.toml"
+    text = re.sub(r"(?m)^port = 8080$", "port = 0", DEV_TEXT)
+    base.write_text(text)
+    config = tmp_path / "triage.toml"
+    head = f"extends = {json.dumps(str(base))}\n[daemon]\nreload_poll_s = 0.0\n"
+    config.write_text(head)
+    stderr = Lines()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "supervisors.cli", "run", "--config", str(config)]
+    primary = {"breaker": "postgres_primary"}
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                command,
+                cwd=REPO,
+                env=env,
+                check=False,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
+        assert process.stderr is not None
+        nursery.start_soon(stderr.read, process.stderr)
+        with trio.fail_after(60):
+            ready = await stderr.wait_for(lambda e: e["msg"] == "ready")
+        url = f"http://127.0.0.1:{ready['port']}"
+        async with httpx.AsyncClient(base_url=url) as client:
+            metrics = (await client.get("/metrics")).text
+            assert _sample(metrics, "triage_breaker_setting", **primary, setting="fail_max") == 3.0
+            calls = _sample(metrics, "triage_breaker_window_calls", **primary)
+            assert calls is not None
+            # A good edit: the new threshold is in effect within 1 s of SIGHUP.
+            config.write_text(head + "[breakers.postgres_primary]\nfail_max = 6\n")
+            process.send_signal(signal.SIGHUP)
+            with trio.fail_after(1.0):
+                took, metrics = await _wait_sample(
+                    client, 6.0, "triage_breaker_setting", **primary, setting="fail_max"
+                )
+            print(f"reload latency (SIGHUP -> /metrics shows it): {took * 1000:.0f} ms")
+            print(
+                f"postgres_primary window calls: {calls} before, {_sample(metrics, 'triage_breaker_window_calls', **primary)} after"
+            )
+            kept = _sample(metrics, "triage_breaker_window_calls", **primary)
+            assert kept is not None and kept >= calls  # the window's counts kept, not reset
+            assert _sample(metrics, "triage_config_reloads_total", result="ok") == 1.0
+            reloaded = await stderr.wait_for(lambda e: e["msg"] == "config reloaded")
+            assert reloaded["applied"] == ["breaker postgres_primary: fail_max 3 -> 6"]
+            assert reloaded["trigger"] == "SIGHUP"
+            print(f"reload duration (its own report): {reloaded['duration_s'] * 1000:.0f} ms")
+            # Malformed TOML, then a value the schema refuses: the running config stays.
+            for n, (edit, where) in enumerate(
+                [
+                    ("[breakers.postgres_primary\n", "malformed TOML"),
+                    ("[breakers.postgres_primary]\nfail_max = 0\n",
+                     "$.breakers.postgres_primary.fail_max"),
+                ],
+                start=1,
+            ):  # fmt: skip
+                config.write_text(head + edit)
+                process.send_signal(signal.SIGHUP)
+                with trio.fail_after(5.0):
+                    _, metrics = await _wait_sample(
+                        client, float(n), "triage_config_reloads_total", result="failed"
+                    )
+                failed = [
+                    json.loads(line) for line in stderr.lines if '"config reload failed' in line
+                ]
+                assert len(failed) == n and where in failed[-1]["msg"]
+                assert failed[-1]["source"] == str(config) and str(config) in failed[-1]["msg"]
+                setting = _sample(metrics, "triage_breaker_setting", **primary, setting="fail_max")
+                assert setting == 6.0
+            assert (await client.get("/readyz")).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            code = await process.wait()
+    assert code == 0
