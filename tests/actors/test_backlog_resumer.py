@@ -81,7 +81,9 @@ class Backlog:
             row = self.rows.get(dispatch_id)
             if row is None or not row.queued:
                 continue
-            lapses = row.claimed_until if row.claimed_until is not None else row.created + older_than_s
+            lapses = (
+                row.claimed_until if row.claimed_until is not None else row.created + older_than_s
+            )
             if lapses < now + renew_within_s:
                 row.claimed_until = now + lease_s
                 renewed += 1

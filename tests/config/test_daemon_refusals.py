@@ -28,7 +28,9 @@ def write(tmp_path: Path, overlay: str, *, default_edit: tuple[str, str] | None 
     (tmp_path / "default.toml").write_text(default)
     base = json.dumps(str(default_path("default.toml")))
     assert DEV_TEXT.count(f"extends = {base}") == 1
-    (tmp_path / "dev.toml").write_text(DEV_TEXT.replace(f"extends = {base}", 'extends = "default.toml"'))
+    (tmp_path / "dev.toml").write_text(
+        DEV_TEXT.replace(f"extends = {base}", 'extends = "default.toml"')
+    )
     path = tmp_path / "triage.toml"
     path.write_text('extends = "dev.toml"\n' + overlay)
     return path

@@ -344,7 +344,7 @@ def test_drain_grace_must_fit_inside_the_drain_budget() -> None:
 
 
 def test_channel_sections_decode_with_their_defaults_and_refuse_bad_values() -> None:
-    base = '[daemon]\ndrain_s = 5.0\nmax_label_values = 10\ndetector_tick_s = 1.0\n'
+    base = "[daemon]\ndrain_s = 5.0\nmax_label_values = 10\ndetector_tick_s = 1.0\n"
     config = load_config_text(base)
     assert config.channels.sms == ["ghasi", "twilio"]
     assert config.providers.ghasi.guard == "sms_primary"
@@ -367,7 +367,7 @@ def test_every_ghasi_wire_name_comes_from_its_config_key() -> None:
     from providers.ghasi import GhasiWire
     from supervisors.emulated import ghasi_wire
 
-    base = '[daemon]\ndrain_s = 5.0\nmax_label_values = 10\ndetector_tick_s = 1.0\n'
+    base = "[daemon]\ndrain_s = 5.0\nmax_label_values = 10\ndetector_tick_s = 1.0\n"
     text = base + '[providers.ghasi]\nto_field = "msisdn"\nsignature_header = "X-Sig"\n'
     wire = ghasi_wire(load_config_text(text))
     assert (wire.to_field, wire.signature_header) == ("msisdn", "X-Sig")

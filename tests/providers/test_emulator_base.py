@@ -320,7 +320,9 @@ async def test_dropped_receipts_are_lost_but_the_status_moves_on_and_forget_forg
     async with serve_emulator(sink) as sink_server:
         toy = ToyEmulator("toy", receipt_url=f"{sink_server.url}/dlr")
         async with serve_emulator(toy) as server, httpx.AsyncClient(timeout=TIMEOUT_S) as client:
-            put = await client.put(f"{server.url}/_emulator/faults", json={"receipts_dropped": True})
+            put = await client.put(
+                f"{server.url}/_emulator/faults", json={"receipts_dropped": True}
+            )
             assert put.status_code == 200 and put.json()["receipts_dropped"] is True
             await send(client, server, "k1", "t:1")
             await toy.wait_until(lambda: toy.receipts_dropped == 1)

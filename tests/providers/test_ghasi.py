@@ -124,9 +124,7 @@ async def test_status_found_and_not_found(rig: Rig) -> None:
 
 
 async def test_query_status_asks_by_the_wire_reference(rig: Rig) -> None:
-    assert (await rig.adapter.query_status("t1:d1")) == StatusAnswer(
-        state=DeliveryState.NOT_FOUND
-    )
+    assert (await rig.adapter.query_status("t1:d1")) == StatusAnswer(state=DeliveryState.NOT_FOUND)
     await rig.adapter.send(message(1))
     rig.emulator.messages["t1:d1"].status = "expired"
     answer = await rig.adapter.query_status("t1:d1", "ignored")

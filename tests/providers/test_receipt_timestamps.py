@@ -63,9 +63,7 @@ def test_a_window_that_is_not_finite_admits_nothing(now: float, tolerance_s: flo
 @pytest.mark.parametrize("stamp", NOT_A_TIME)
 def test_the_ghasi_parser_refuses_a_signed_receipt_whose_stamp_is_no_time(stamp: str) -> None:
     with pytest.raises(StaleReceipt):
-        parse_ghasi_receipt(
-            signed(stamp), BODY, secret=SECRET, now=NOW, tolerance_s=TOLERANCE_S
-        )
+        parse_ghasi_receipt(signed(stamp), BODY, secret=SECRET, now=NOW, tolerance_s=TOLERANCE_S)
     # The same receipt stamped with a real time is read (the refusal is the stamp's).
     receipt = parse_ghasi_receipt(
         signed("1700000000"), BODY, secret=SECRET, now=NOW, tolerance_s=TOLERANCE_S
@@ -78,9 +76,7 @@ def test_the_ghasi_parser_refuses_a_signed_receipt_whose_stamp_is_no_time(stamp:
 
 def ghasi_parser() -> Parser:
     def parse(url: str, headers: Mapping[str, str], body: bytes) -> Sequence[Receipt]:
-        return [
-            parse_ghasi_receipt(headers, body, secret=SECRET, now=NOW, tolerance_s=TOLERANCE_S)
-        ]
+        return [parse_ghasi_receipt(headers, body, secret=SECRET, now=NOW, tolerance_s=TOLERANCE_S)]
 
     return parse
 

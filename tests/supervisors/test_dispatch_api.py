@@ -192,7 +192,14 @@ REFUSALS: list[tuple[str, dict[str, str], bytes, int, str, str | None]] = [
         "invalid_field",
         "recipient",
     ),
-    ("nul recipient", HEADERS, _json(body(recipient="+1555\x00")), 400, "invalid_field", "recipient"),
+    (
+        "nul recipient",
+        HEADERS,
+        _json(body(recipient="+1555\x00")),
+        400,
+        "invalid_field",
+        "recipient",
+    ),
     ("bad template", HEADERS, _json(body(template="a b")), 400, "invalid_field", "template"),
     ("template newline", HEADERS, _json(body(template="ab\n")), 400, "invalid_field", "template"),
     (

@@ -213,9 +213,7 @@ async def test_sms_and_email_whose_receipts_were_lost_end_after_a_sigkill(
         ghasi.receipt_delay_s = receipt_delay_s
         ghasi.receipt_attempts, ghasi.receipt_retry_s = 2, 0.1  # then the gateway gives up
         config = tmp_path / "triage.toml"
-        overlay = _config_text(
-            emulated, tmp_path, extra=_table("status_sweep", STATUS_SWEEP)
-        )
+        overlay = _config_text(emulated, tmp_path, extra=_table("status_sweep", STATUS_SWEEP))
         config.write_text(overlay)
         env = _env(emulated, postgres_url, nats_url, redis_url)
         texts = {f"lost-{n}": sms(str(DEMO_TENANT_ID), n) for n in range(n_sms)}
@@ -226,8 +224,9 @@ async def test_sms_and_email_whose_receipts_were_lost_end_after_a_sigkill(
                 await until(
                     postgres_url,
                     list(ids.values()),
-                    lambda found: len(found) == len(ids)
-                    and all(s == "dispatched" for s, _ in found.values()),
+                    lambda found: (
+                        len(found) == len(ids) and all(s == "dispatched" for s, _ in found.values())
+                    ),
                 )
             first.process.send_signal(signal.SIGKILL)
             with trio.fail_after(10):
