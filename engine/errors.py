@@ -42,6 +42,7 @@ them) but rooted here; ``engine`` itself imports nothing from the other packages
     │  ├─ RestartIntensityExceeded     more than N restarts within T seconds
     │  └─ TooManyChildren              the dynamic-children bound is reached
     ├─ StartAbandoned                  supervisors.backbone: a drain cancelled the start
+    ├─ DaemonStartFailed               supervisors.daemon: failed before ready (to an awaiting caller)
     ├─ RequestRejected                 actors.answers: refused at a door before the submitter
     ├─ InvalidRequest                  actors.dispatch_request: a request refused at decoding (400)
     │  ├─ InvalidField                 a field out of the [dispatch] limits or shape, named
@@ -210,8 +211,7 @@ class ConfigError(TriageError, ValueError):
     def at(self, source: str, path: str) -> ConfigError:
         """This error with every problem that names no file placed in ``source`` at ``path``."""
         return ConfigError(
-            p if p.source else replace(p, source=source, path=p.path or path)
-            for p in self.problems
+            p if p.source else replace(p, source=source, path=p.path or path) for p in self.problems
         )
 
 

@@ -77,6 +77,7 @@ from config import (
     load_config,
     located,
 )
+from engine.errors import TriageError
 from engine.metrics import Metrics
 from engine.runtime import Runtime, open_runtime
 from providers.bridge import run
@@ -258,6 +259,8 @@ class Daemon:
         )
         log_catalog(self.catalog, self.catalog_source)
         code = EXIT_FAILED
+        awaited = task_status is not trio.TASK_STATUS_IGNORED
+        status = _StartedPort(task_status)
         try:
             async with open_runtime(
                 seed=daemon.seed, metrics=_metrics(daemon.max_label_values), wall=self.wall
@@ -266,7 +269,7 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     if self.handle_signals:
                         await nursery.start(self._watch_signals)
-                    code = await self._run_with_backbone(runtime, task_status)
+                    code = await self._run_with_backbone(runtime, status)
                     nursery.cancel_scope.cancel()  # the signal watcher
         except Exception as exc:  # a failed start: a child could not start, a port in use...
             refused = _sole(exc, UnsafeRoleError)
@@ -289,6 +292,10 @@ class Daemon:
                 )
             else:
                 log.critical("daemon failed", exc_info=exc)
+            if awaited and not status.flag:
+                # ``await nursery.start(daemon.run)``: the caller gets why, not trio's
+                # "child exited without calling task_status.started()".
+                raise DaemonStartFailed(code, exc) from exc
         finally:
             if self.tree is not None:
                 self.tree.readiness.mark_stopped()
@@ -514,6 +521,29 @@ def _sole(exc: BaseException, kind: type[E]) -> E | None:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc if isinstance(exc, kind) else None
+
+
+class DaemonStartFailed(TriageError):
+    """The daemon failed before it was ready (raised to a caller that awaited its start)."""
+
+    def __init__(self, code: int, cause: BaseException) -> None:
+        super().__init__(f"the daemon did not start (exit {code}): {cause!r}")
+        self.code = code
+        self.cause = cause
+
+
+class _StartedPort:
+    """A task_status proxy for the daemon's port that remembers ``started()``."""
+
+    __slots__ = ("flag", "real")
+
+    def __init__(self, real: trio.TaskStatus[int]) -> None:
+        self.real = real
+        self.flag = False
+
+    def started(self, value: int = 0) -> None:
+        self.flag = True
+        self.real.started(value)
 
 
 class _Started:
