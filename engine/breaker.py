@@ -133,6 +133,8 @@ _CLASSIC = {
     CircuitState.DISABLED: pybreaker.STATE_CLOSED,
     CircuitState.METRICS_ONLY: pybreaker.STATE_CLOSED,
 }
+# The input recorder's codes (engine.recorder.Code), as plain ints for the hot path.
+_ADMIT, _REJECT, _SUCCESS, _FAILURE, _IGNORED, _MODE, _TUNE, _TRANSITION = range(1, 9)
 # States in which before_call() lets every call through without looking further.
 _PASSING = frozenset({CircuitState.CLOSED, CircuitState.DISABLED, CircuitState.METRICS_ONLY})
 # States in which outcomes are recorded in the window and the failure counter.
@@ -299,6 +301,8 @@ class Breaker:
         self._closed_since = -math.inf  # failures of calls started before this are stale
         self._probes = 0  # probe slots taken: probes in flight + probes that succeeded
         self._changed: trio.Event | None = None
+        #: The input recorder's tap (:mod:`engine.recorder`), None when nothing records.
+        self.tap: Callable[..., None] | None = None
 
         # Rate window: a ring of per-bucket counts plus the current bucket in scalars.
         self._bucket_s = rate_window_s / WINDOW_BUCKETS
@@ -373,6 +377,9 @@ class Breaker:
         self.circuit.fail_max = self.fail_max  # pybreaker's own copies
         self.circuit.reset_timeout = self.reset_timeout_s
         self.circuit.success_threshold = self.half_open_max_calls
+        tap = self.tap
+        if tap is not None and changes:
+            tap(_TUNE, self._now(), self.settings())
         return changes
 
     # -- observation -----------------------------------------------------------------
@@ -456,11 +463,18 @@ class Breaker:
         Pass the returned value to :meth:`on_success` or :meth:`on_failure`.
         """
         if self._passing:
-            return self._now()
+            now = self._now()
+            tap = self.tap
+            if tap is not None:
+                tap(_ADMIT, now)
+            return now
         return self._admit()
 
     def on_success(self, start: float) -> None:
         """Record that the call admitted at ``start`` succeeded."""
+        tap = self.tap
+        if tap is not None:
+            tap(_SUCCESS, self._now(), start)
         if not self._recording:
             if self._state is CircuitState.HALF_OPEN:
                 self._probe_succeeded(start)
@@ -489,8 +503,14 @@ class Breaker:
         ``is_failure`` is False, record nothing (a probe's slot is freed).
         """
         if not isinstance(exc, Exception) or not self._is_failure(exc):
+            tap = self.tap
+            if tap is not None:
+                tap(_IGNORED, self._now(), start)
             self._forget(start)
             return
+        tap = self.tap
+        if tap is not None:
+            tap(_FAILURE, self._now(), start, type(exc).__name__)
         state = self._state
         if state in _RECORDING:
             if start < self._closed_since:
@@ -518,10 +538,12 @@ class Breaker:
 
     def force_open(self, reason: str) -> None:
         """Refuse every call until :meth:`reset` (or another mode) is chosen."""
+        self._record_mode("force_open", reason)
         self._transition(CircuitState.FORCED_OPEN, reason)
 
     def disable(self, reason: str = "disabled") -> None:
         """Let every call through and record nothing."""
+        self._record_mode("disable", reason)
         self._transition(CircuitState.DISABLED, reason)
 
     def force_closed(self, reason: str = "forced closed") -> None:
@@ -530,10 +552,12 @@ class Breaker:
 
     def metrics_only(self, reason: str = "metrics only") -> None:
         """Record windows and metrics as in CLOSED, but never open."""
+        self._record_mode("metrics_only", reason)
         self._transition(CircuitState.METRICS_ONLY, reason)
 
     def reset(self, reason: str = "reset") -> None:
         """Back to CLOSED with every counter cleared and the open interval at its start."""
+        self._record_mode("reset", reason)
         self._trips = 0
         if self._state is CircuitState.CLOSED:  # no transition, but still a clean slate
             self._clear_window()
@@ -542,24 +566,34 @@ class Breaker:
 
     # -- internals -------------------------------------------------------------------
 
+    def _record_mode(self, method: str, reason: str) -> None:
+        tap = self.tap
+        if tap is not None:
+            tap(_MODE, self._now(), method, reason)
+
     def _admit(self) -> float:
         now = self._now()
         state = self._state
         if state is CircuitState.OPEN:
             if now < self._half_open_at:
-                self._reject(self._half_open_at - now)
+                self._reject(now, self._half_open_at - now)
             self._enter_half_open(now)
             state = self._state
         if state is CircuitState.HALF_OPEN:
             if self._probes >= self.half_open_max_calls:
-                self._reject(None)
+                self._reject(now, None)
             self._probes += 1
-            return now
-        if state in _PASSING:  # changed by a listener or handler meanwhile
-            return now
-        self._reject(None)
+        elif state not in _PASSING:  # in _PASSING: changed by a listener meanwhile
+            self._reject(now, None)
+        tap = self.tap
+        if tap is not None:
+            tap(_ADMIT, now)
+        return now
 
-    def _reject(self, retry_after_s: float | None) -> NoReturn:
+    def _reject(self, now: float, retry_after_s: float | None) -> NoReturn:
+        tap = self.tap
+        if tap is not None:
+            tap(_REJECT, now)
         if self._m_rejected is not None:
             self._m_rejected.inc()
         raise CircuitOpen(self.name, retry_after_s=retry_after_s)
@@ -670,6 +704,12 @@ class Breaker:
             return
         if now is None:
             now = self._now()
+        tap = self.tap
+        if tap is not None:
+            # A HALF_OPEN entered lazily (at the next call or read) is dated when it
+            # became due, so a recording and its replay agree whoever looked first.
+            due = self._half_open_at if new is CircuitState.HALF_OPEN else now
+            tap(_TRANSITION, min(now, due), new.value, reason)
         self._state = new
         self._passing = new in _PASSING
         self._recording = new in _RECORDING

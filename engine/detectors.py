@@ -110,6 +110,13 @@ log = logging.getLogger("triage.detectors")
 _BOUNDARY_NUDGE = 1e-9
 
 
+# The input recorder's codes (engine.recorder.Code), as plain ints.
+_TUNE, _TRANSITION = 7, 8
+_OBSERVE, _OBSERVE_HIT, _OBSERVE_RATIO, _TOUCH, _SET_OLDEST, _SET_AGE, _SET, _EVALUATE, _TICK = (
+    range(9, 18)
+)
+
+
 class DetectorKind(enum.StrEnum):
     RATE = "rate"
     RATIO = "ratio"
@@ -348,6 +355,8 @@ class Detector(ABC):
         self._on_clear: list[DetectorHook] = []
         self.hook_errors = 0
         self.last_state: DetectorState | None = None
+        #: The input recorder's tap (:mod:`engine.recorder`), None when nothing records.
+        self.tap: Callable[..., None] | None = None
         self._setup()
 
     # -- live tuning (a config reload) -------------------------------------------
@@ -401,6 +410,9 @@ class Detector(ABC):
         self.min_volume = candidate.min_volume
         self.for_s = candidate.for_s
         self._retune_kind(candidate, changes)
+        tap = self.tap
+        if tap is not None:
+            tap(_TUNE, trio.current_time(), self.settings())
         return changes
 
     def _retune_kind(self, candidate: Detector, changes: list[str]) -> None:
@@ -447,6 +459,12 @@ class Detector(ABC):
     def evaluate(self) -> DetectorState:
         """Decide at the current Trio time; publish and call hooks on a transition."""
         now = trio.current_time()
+        tap = self.tap
+        if tap is not None:
+            tap(_EVALUATE, now)
+        return self._decide(now)
+
+    def _decide(self, now: float) -> DetectorState:
         value = self._measure(now)
         evaluable = self._evaluable()
         changed = False
@@ -493,6 +511,9 @@ class Detector(ABC):
         return state
 
     def _publish(self, state: DetectorState) -> None:
+        tap = self.tap
+        if tap is not None:
+            tap(_TRANSITION, state.at, state.firing, state.value)
         if state.firing:
             log.warning(
                 "detector %s fired: %s=%r %s %r (row %s)",
@@ -633,7 +654,11 @@ class CountInWindowDetector(_WindowedDetector):
         if count < 0:
             raise ValueError(f"detector {self.name!r}: count must be >= 0, got {count}")
         window = self._window
-        window.advance(trio.current_time())
+        now = trio.current_time()
+        tap = self.tap
+        if tap is not None:
+            tap(_OBSERVE, now, count)
+        window.advance(now)
         window.add(count)
 
     def _measure(self, now: float) -> float:
@@ -663,7 +688,11 @@ class RatioDetector(_WindowedDetector):
 
     def observe(self, hit: bool) -> None:
         window = self._window
-        window.advance(trio.current_time())
+        now = trio.current_time()
+        tap = self.tap
+        if tap is not None:
+            tap(_OBSERVE_HIT, now, bool(hit))
+        window.advance(now)
         window.add(1, 1 if hit else 0)
 
     def observe_ratio(self, numerator_inc: int, denominator_inc: int) -> None:
@@ -673,7 +702,11 @@ class RatioDetector(_WindowedDetector):
                 f" got {numerator_inc}/{denominator_inc}"
             )
         window = self._window
-        window.advance(trio.current_time())
+        now = trio.current_time()
+        tap = self.tap
+        if tap is not None:
+            tap(_OBSERVE_RATIO, now, numerator_inc, denominator_inc)
+        window.advance(now)
         window.add(denominator_inc, numerator_inc)
 
     @property
@@ -735,7 +768,11 @@ class SpikeOverBaselineDetector(_WindowedDetector):
         if count < 0:
             raise ValueError(f"detector {self.name!r}: count must be >= 0, got {count}")
         window = self._window
-        window.advance(trio.current_time(), self._fold, self._fold_empty)
+        now = trio.current_time()
+        tap = self.tap
+        if tap is not None:
+            tap(_OBSERVE, now, count)
+        window.advance(now, self._fold, self._fold_empty)
         window.add(count)
 
     def _fold(self, count: int) -> None:
@@ -784,15 +821,25 @@ class AgeOfNewestDetector(Detector):
 
     def touch(self) -> None:
         self._started = True
-        self._reference = trio.current_time()
+        self._reference = now = trio.current_time()
+        tap = self.tap
+        if tap is not None:
+            tap(_TOUCH, now)
 
     def set_oldest(self, ts: float | None) -> None:
         self._started = True
         self._reference = ts
+        tap = self.tap
+        if tap is not None:
+            tap(_SET_OLDEST, trio.current_time(), ts)
 
     def set_age(self, age_s: float | None) -> None:
         self._started = True
-        self._reference = None if age_s is None else trio.current_time() - age_s
+        now = trio.current_time()
+        self._reference = None if age_s is None else now - age_s
+        tap = self.tap
+        if tap is not None:
+            tap(_SET_AGE, now, age_s)
 
     def _measure(self, now: float) -> float:
         if not self._started:
@@ -816,6 +863,9 @@ class GaugeSustainedDetector(Detector):
         self._held_since: float | None = None
 
     def set(self, value: float) -> None:
+        tap = self.tap
+        if tap is not None:
+            tap(_SET, trio.current_time(), value)
         if self._fires(value):
             if self._held_since is None:
                 self._held_since = trio.current_time()
@@ -921,6 +971,9 @@ class DetectorSet:
         self._detectors: dict[str, Detector] = {}
         self._hooks: list[_SetHook] = []
         self.ticks = 0
+        #: The input recorder's tap for the ticks, and its hook for detectors added later.
+        self.tap: Callable[..., None] | None = None
+        self.on_add: Callable[[Detector], None] | None = None
         for detector in detectors:
             self.add(detector)
 
@@ -931,6 +984,8 @@ class DetectorSet:
         self._detectors[detector.name] = detector
         for hook in self._hooks:
             hook.attach(detector)
+        if self.on_add is not None:
+            self.on_add(detector)
         return detector
 
     def __getitem__(self, name: str) -> Detector:
@@ -979,7 +1034,11 @@ class DetectorSet:
 
     def evaluate_all(self) -> list[DetectorState]:
         """Evaluate every detector once, in the order they were added."""
-        return [detector.evaluate() for detector in tuple(self._detectors.values())]
+        now = trio.current_time()
+        tap = self.tap
+        if tap is not None:
+            tap(_TICK, now)
+        return [detector._decide(now) for detector in tuple(self._detectors.values())]
 
     async def run(
         self, tick_s: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -99,6 +99,7 @@ them) but rooted here; ``engine`` itself imports nothing from the other packages
     ├─ PurgeDenied                     actors.erasure_saga: the stream refuses purges (deny_purge, row 15)
     ├─ ErasureRefused (+ ValueError)   actors.erasure_saga: an erasure naming no tenant or no patient
     ├─ KeyFileError                    providers.key_ring: a key file refused, named; the old ring kept
+    ├─ InputRecordingError             engine.replay: a what-if recording unreadable (file, offset)
     ├─ RecordingError                  providers.recording_files: a recording not ingested (row 20)
     │  ├─ RecordingMissing             no file at the path (retried)
     │  ├─ RecordingDenied              the file is not readable (retried)

@@ -9,7 +9,12 @@ need no registry of their own: they all live in the tree's
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .breaker import Breaker
+
+if TYPE_CHECKING:
+    from .recorder import InputRecorder
 
 __all__ = ["Tunables"]
 
@@ -17,14 +22,18 @@ __all__ = ["Tunables"]
 class Tunables:
     """The breakers of each ``[breakers.<profile>]`` (several may share one profile)."""
 
-    __slots__ = ("_breakers",)
+    __slots__ = ("_breakers", "recorder")
 
     def __init__(self) -> None:
         self._breakers: dict[str, list[Breaker]] = {}
+        #: When set, every breaker registered from now on has its inputs recorded.
+        self.recorder: InputRecorder | None = None
 
     def breaker(self, profile: str, breaker: Breaker) -> Breaker:
         """Register ``breaker`` as built from ``[breakers.<profile>]``; returns it."""
         self._breakers.setdefault(profile, []).append(breaker)
+        if self.recorder is not None:
+            self.recorder.attach_breaker(breaker, profile)
         return breaker
 
     def breakers(self) -> dict[str, tuple[Breaker, ...]]:
