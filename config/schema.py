@@ -78,6 +78,7 @@ __all__ = [
     "ProvidersConfig",
     "PushFeedbackConfig",
     "RateLimitConfig",
+    "RecorderConfig",
     "RecordingsConfig",
     "RetryConfig",
     "ScannerConfig",
@@ -1243,6 +1244,26 @@ class DashboardConfig(_Section, frozen=True, kw_only=True):
             raise ValueError(f"path: {self.path!r} is one of the daemon's probes")
 
 
+class RecorderConfig(_Section, frozen=True, kw_only=True):
+    """The input recorder (:mod:`engine.recorder`) for ``triage tune what-if``: what the
+    breakers and detectors were fed, kept in ``path`` and its rotated segments
+    (``<path>.1`` ... ``<path>.<segments-1>``), each up to ``segment_bytes``, so the
+    whole stays under ``segments * segment_bytes``. Inputs wait in a buffer of
+    ``buffer`` records written every ``flush_s``; beyond it they are dropped and the
+    recording says how many."""
+
+    enabled: bool = False
+    path: Annotated[str, msgspec.Meta(min_length=1)] = "/var/lib/triage/inputs"
+    segment_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 8 << 20
+    segments: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
+    buffer: PositiveInt = 65536
+    flush_s: PositiveFloat = 1.0
+
+    def __post_init__(self) -> None:
+        if "\0" in self.path:
+            raise ValueError("path: holds a NUL byte")
+
+
 class TokensConfig(_Section, frozen=True, kw_only=True):
     """Join tokens for the virtual rooms (catalog row 10; :mod:`actors.key_ring`).
 
@@ -1400,6 +1421,7 @@ class TriageConfig(_Section, frozen=True, kw_only=True):
     slo: SloConfig = msgspec.field(default_factory=SloConfig)
     alertmanager: AlertmanagerConfig = msgspec.field(default_factory=AlertmanagerConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
+    recorder: RecorderConfig = msgspec.field(default_factory=RecorderConfig)
     tokens: TokensConfig = msgspec.field(default_factory=TokensConfig)
     recordings: RecordingsConfig = msgspec.field(default_factory=RecordingsConfig)
     threads: ThreadsConfig = msgspec.field(default_factory=ThreadsConfig)

@@ -29,6 +29,7 @@ bypasses the taps), and its what-if says so.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import re
 import struct
@@ -313,7 +314,16 @@ def replay(
     happened); else each object with ``settings[oid]`` from its start (objects not
     named keep their recorded settings), and the recorded reloads ignored."""
     clock = _ReplayClock(min([run.origin, *run.attached_at.values()]))
-    return trio.run(_replay, run, settings, clock, clock=clock)
+    # The replayed objects' own logs (a detector fired...) describe no real event.
+    quiet = [logging.getLogger(name) for name in ("triage.breaker", "triage.detectors")]
+    before = [logger.disabled for logger in quiet]
+    for logger in quiet:
+        logger.disabled = True
+    try:
+        return trio.run(_replay, run, settings, clock, clock=clock)
+    finally:
+        for logger, disabled in zip(quiet, before, strict=True):
+            logger.disabled = disabled
 
 
 async def _replay(
@@ -465,10 +475,19 @@ def _feed_breaker(
         breaker.retune(**a)
 
 
+_FAILURE_TYPES: dict[str, type[_RecordedFailure]] = {}
+
+
 def _outcome_exception(record: list[Any]) -> Exception:
+    """An exception standing for a recorded outcome, named as the real one was (the
+    breaker's reasons quote the type's name)."""
     if record[0] == Code.IGNORED:
         return _RecordedIgnored()
-    return _RecordedFailure(record[4] if len(record) > 4 else "failure")
+    name = str(record[4]) if len(record) > 4 and record[4] else "Exception"
+    cls = _FAILURE_TYPES.get(name)
+    if cls is None:
+        cls = _FAILURE_TYPES[name] = type(name, (_RecordedFailure,), {})
+    return cls("as recorded")
 
 
 def _feed_detector(detector: Any, code: int, a: Any, b: Any, as_recorded: bool) -> None:

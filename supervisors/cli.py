@@ -59,7 +59,7 @@ from config import (
 )
 from config.catalog import project_root
 from providers.services import ENV_POSTGRES_URL
-from supervisors import cli_budget, cli_category, cli_config, cli_erase, cli_send
+from supervisors import cli_budget, cli_category, cli_config, cli_erase, cli_send, cli_tune
 from supervisors.cli_common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -404,6 +404,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_category.add_parser(sub)
     cli_budget.add_parser(sub)
     cli_config.add_parser(sub)
+    cli_tune.add_parser(sub)
     return parser
 
 

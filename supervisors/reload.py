@@ -79,6 +79,8 @@ __all__ = [
     "Reloader",
     "TunablesCollector",
     "classify",
+    "detector_rule",
+    "detector_settings",
     "diff",
     "load_checked",
 ]
@@ -230,9 +232,25 @@ class BudgetSource(Protocol):
     def __call__(self, config: SloConfig, *, today: date) -> Awaitable[BudgetReport]: ...
 
 
-def _detector_settings(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The effective settings of a detector built from ``kwargs`` (None if refused)."""
+def detector_settings(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective settings of a detector built from ``kwargs`` (ConfigError if refused)."""
     return make_detector(name, **kwargs).settings()
+
+
+def detector_rule(
+    name: str, row: int | None, config: TriageConfig, catalog: Catalog
+) -> dict[str, Any] | None:
+    """The constructor keywords ``config`` gives the detector ``name`` (of catalog row
+    ``row``, if any): the row's settings with their overrides, or ``[detectors.<name>]``;
+    None when ``config`` has no rule for it."""
+    if row is not None:
+        try:
+            found = catalog.row(row)
+        except (KeyError, LookupError):
+            return None
+        return engine_kwargs(row_override(config, found))
+    section = config.detectors.get(name)
+    return None if section is None else engine_kwargs(section)
 
 
 class Reloader:
@@ -446,7 +464,7 @@ class Reloader:
         new_kwargs = self._kwargs(detector, new, catalog)
         if old_kwargs is None or new_kwargs is None or old_kwargs == new_kwargs:
             return None
-        if _detector_settings(detector.name, old_kwargs) != detector.settings():
+        if detector_settings(detector.name, old_kwargs) != detector.settings():
             return None  # not built from this rule
         where = (
             f"$.detectors.{detector.name}"
@@ -458,7 +476,7 @@ class Reloader:
         ):
             return None  # kind and metric need a restart (in the diff already)
         try:
-            wanted = _detector_settings(detector.name, new_kwargs)
+            wanted = detector_settings(detector.name, new_kwargs)
         except ConfigError as exc:
             problems += exc.at(self.source, where).problems
             return None
@@ -468,14 +486,7 @@ class Reloader:
     def _kwargs(
         detector: Detector, config: TriageConfig, catalog: Catalog
     ) -> dict[str, Any] | None:
-        if detector.row is not None:
-            try:
-                row = catalog.row(detector.row)
-            except (KeyError, LookupError):
-                return None
-            return engine_kwargs(row_override(config, row))
-        section = config.detectors.get(detector.name)
-        return None if section is None else engine_kwargs(section)
+        return detector_rule(detector.name, detector.row, config, catalog)
 
     def _adopt(self, new: TriageConfig, catalog: Catalog, refused: Mapping[str, str]) -> None:
         """The effective config: the running one with the live sections of ``new``."""

@@ -109,6 +109,7 @@ from engine.detectors import (
     make_detector,
 )
 from engine.metrics import Metrics
+from engine.recorder import InputRecorder
 from engine.runtime import Runtime, open_runtime
 from engine.supervisor import ChildSpec, Restart, Supervisor
 from providers.db.pool import DbPool
@@ -528,6 +529,8 @@ class Tree:
     #: The live dashboard (``[dashboard] enabled``): its websocket child runs before ``http``.
     dashboard: Dashboard | None = None
     erasure: ErasureWiring | None = None  # row 15 (supervisors/erasure.py)
+    #: The breakers' and detectors' inputs for ``triage tune what-if`` (``[recorder]``).
+    recorder: InputRecorder | None = None
 
 
 D = TypeVar("D", bound=Detector)
@@ -635,6 +638,29 @@ def build_tree(
     daemon = config.daemon
     root_config = engine_kwargs(config.supervisors["root"])
     child_shutdown_s = float(root_config["shutdown_s"])
+    recorder_specs: list[ChildSpec] = []
+    recorder: InputRecorder | None = None
+    if config.recorder.enabled:
+        # Before anything is built: every breaker registered from here on, and every
+        # detector of the set, has its inputs recorded (the writer is the first child).
+        settings = config.recorder
+        recorder = InputRecorder(
+            settings.path,
+            segment_bytes=settings.segment_bytes,
+            segments=settings.segments,
+            buffer=settings.buffer,
+            flush_s=settings.flush_s,
+            clock=runtime.clock,
+        )
+        runtime.tunables.recorder = recorder
+        recorder_specs.append(
+            ChildSpec(
+                id="recorder",
+                start=recorder.run,
+                restart=Restart.PERMANENT,
+                shutdown_s=child_shutdown_s,
+            )
+        )
 
     board = ActiveAlerts()
     mailbox = config.mailboxes["alerts"]
@@ -679,6 +705,8 @@ def build_tree(
     detectors = build_detectors(
         config, [r for r in rows if r.id not in own], runtime, catalog, source=source
     )
+    if recorder is not None:
+        recorder.attach_set(detectors)  # and the detectors the channels add later
     detectors_spec = ChildSpec(
         id="detectors",
         start=partial(detectors.run, daemon.detector_tick_s),
@@ -821,7 +849,7 @@ def build_tree(
     )
 
     specs = [
-        alerts_spec, *forward_specs, detectors_spec, *backbone_specs, *children,
+        *recorder_specs, alerts_spec, *forward_specs, detectors_spec, *backbone_specs, *children,
         *dashboard_specs, http_spec,
     ]  # fmt: skip
     root = Supervisor("root", specs, **root_config, runtime=runtime)
@@ -850,6 +878,7 @@ def build_tree(
         phi=phi,
         dashboard=dashboard,
         erasure=erasure,
+        recorder=recorder,
     )
 
 

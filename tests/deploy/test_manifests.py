@@ -211,8 +211,13 @@ def test_media_is_shared_by_every_replica() -> None:
 def test_probes_port_and_grace_period_match_the_daemon(layout: Path) -> None:
     cfg = config.load_config(layout)
     container = _container()
-    [port] = container["ports"]
-    assert port["containerPort"] == cfg.daemon.port and port["name"] == "http"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    # The daemon's HTTP port and the dashboard's websocket (a fixed port, not 0), both
+    # named by the Service.
+    assert ports == {"http": cfg.daemon.port, "dashboard": cfg.dashboard.port}
+    assert cfg.dashboard.enabled and cfg.dashboard.port != 0
+    service = {p["name"]: p["targetPort"] for p in _one("Service", "triage")["spec"]["ports"]}
+    assert service == {"http": "http", "dashboard": "dashboard"}
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["startupProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -230,3 +235,18 @@ def test_probes_port_and_grace_period_match_the_daemon(layout: Path) -> None:
     shipped = tomllib.loads(_one("ConfigMap", "triage-config")["data"]["triage.toml"])
     assert shipped["spool"]["path"].startswith("/var/lib/triage/")
     assert "readOnly" not in mounts["/var/lib/triage"]
+    # So is the what-if recording, on the pod's own volume (one writer per path), and
+    # its whole bound fits in that volume.
+    assert cfg.recorder.enabled and shipped["recorder"]["path"].startswith("/var/lib/triage/")
+    assert not shipped["recorder"]["path"].startswith("/var/lib/triage/media")
+    size_limit = next(v for v in _pod()["volumes"] if v["name"] == "spool")["emptyDir"]
+    assert cfg.recorder.segments * cfg.recorder.segment_bytes < _bytes(size_limit["sizeLimit"])
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes binary quantity (``1Gi``, ``512Mi``) in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    return int(quantity)
