@@ -19,6 +19,9 @@ Invariants:
   global one does not come.
 - Cancellation while waiting gives back everything taken so far and re-raises.
 - ``release`` is synchronous and never blocks; it hands freed permits to waiters.
+- :meth:`Bulkhead.retune` (a config reload) never takes a permit back: a lower
+  capacity lets the calls in flight finish and admits the next one only once fewer
+  than the new capacity are in flight; a higher one admits waiters at once.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import trio
 
@@ -118,6 +121,8 @@ class Bulkhead:
         partition_capacity: int,
         metrics: Metrics | None = None,
     ) -> None:
+        if not (isinstance(capacity, int) and isinstance(partition_capacity, int)):
+            raise ValueError(f"bulkhead {name!r}: capacities must be whole numbers")
         if capacity < 1 or partition_capacity < 1:
             raise ValueError(f"bulkhead {name!r}: capacities must be >= 1")
         if max_partitions < 0 or max_wait_s < 0:
@@ -129,7 +134,9 @@ class Bulkhead:
         self.partition_capacity = partition_capacity
         self._limiter = trio.CapacityLimiter(capacity)
         self._partitions: OrderedDict[str, _Partition] = OrderedDict()
-        self._waiting = 0
+        # The cancel scope of each task waiting for a permit -> when it began to wait
+        # (a retuned max_wait_s moves their deadlines); its size is the number waiting.
+        self._waits: dict[trio.CancelScope, float] = {}
         self._m_rejected: Counter | None = None
         if metrics is not None:
             metrics.track(self)
@@ -187,16 +194,17 @@ class Bulkhead:
         in_partition = in_global = False
         if partition is not None:
             partition.refs += 1  # a waiter pins its partition
-        self._waiting += 1
+        scope = trio.move_on_at(start + self.max_wait_s)
+        self._waits[scope] = start
         try:
-            with trio.move_on_after(self.max_wait_s):
+            with scope:
                 if partition is not None:
                     await partition.limiter.acquire_on_behalf_of(permit)
                     in_partition = True
                 await self._limiter.acquire_on_behalf_of(permit)
                 in_global = True
         finally:
-            self._waiting -= 1
+            del self._waits[scope]
             if not in_global:
                 if in_partition:
                     assert partition is not None
@@ -219,9 +227,63 @@ class Bulkhead:
         return BulkheadStatistics(
             in_use=self._limiter.borrowed_tokens,
             capacity=self.capacity,
-            waiting=self._waiting,
+            waiting=len(self._waits),
             partitions=len(self._partitions),
         )
+
+    # -- live tuning (a config reload) ------------------------------------------------
+
+    #: The fields :meth:`retune` changes: every setting of the constructor.
+    TUNABLE: ClassVar[tuple[str, ...]] = (
+        "capacity", "max_wait_s", "max_partitions", "partition_capacity",
+    )  # fmt: skip
+
+    def settings(self) -> dict[str, Any]:
+        """The effective capacity, wait and partitions (what a reload compares and changes)."""
+        return {field: getattr(self, field) for field in self.TUNABLE}
+
+    def retune(self, **fields: Any) -> list[str]:
+        """Change the capacity, the wait and the partitions in place; answers one line per
+        change. Invalid values raise ``ValueError`` and change nothing.
+
+        No permit is ever taken back and no call is cancelled:
+
+        - a higher ``capacity`` (or ``partition_capacity``) hands the new permits to the
+          waiters at once, in the order they came;
+        - a lower one lets the calls in flight finish; the next call enters only when
+          fewer than the new capacity are in flight (so ``in_use`` may read above
+          ``capacity`` until then);
+        - a new ``max_wait_s`` moves the deadline of every call already waiting, counted
+          from when it began to wait (one that has waited longer is refused at once);
+        - a lower ``max_partitions`` forgets idle partitions, least recently used first,
+          down to the new bound; busy ones stay until idle (a new key is refused
+          meanwhile). 0 turns the partitions off: keys are ignored from now on.
+        """
+        unknown = set(fields) - set(self.TUNABLE)
+        if unknown:
+            raise ValueError(f"bulkhead {self.name!r}: not tunable: {', '.join(sorted(unknown))}")
+        Bulkhead(self.name, **(self.settings() | fields))  # the constructor's checks
+        changes: list[str] = []
+        for field, value in fields.items():
+            old = getattr(self, field)
+            if old == value:
+                continue
+            setattr(self, field, value)
+            changes.append(f"bulkhead {self.name}: {field} {old} -> {value}")
+        if "capacity" in fields:
+            self._limiter.total_tokens = self.capacity  # wakes waiters if it grew
+        if "partition_capacity" in fields:
+            for partition in self._partitions.values():
+                partition.limiter.total_tokens = self.partition_capacity
+        if "max_wait_s" in fields:
+            for scope, begun in self._waits.items():
+                scope.deadline = begun + self.max_wait_s
+        if "max_partitions" in fields:
+            if self.max_partitions:
+                self._forget_idle(len(self._partitions) - self.max_partitions)
+            else:  # keys ignored from now on; permits held keep their partition
+                self._partitions.clear()
+        return changes
 
     def partition_keys(self) -> list[str]:
         """Tracked partition keys, least recently used first."""
@@ -234,14 +296,23 @@ class Bulkhead:
             partitions.move_to_end(key)
             return partition
         if len(partitions) >= self.max_partitions:
-            for old_key, old in partitions.items():  # least recently used first
-                if old.refs == 0:
-                    del partitions[old_key]
-                    break
-            else:
+            self._forget_idle(len(partitions) - self.max_partitions + 1)
+            if len(partitions) >= self.max_partitions:
                 self._refuse(0.0, partitions=True)
         partition = partitions[key] = _Partition(self.partition_capacity)
         return partition
+
+    def _forget_idle(self, count: int) -> None:
+        """Forget up to ``count`` idle partitions, least recently used first."""
+        idle: list[str] = []
+        if count > 0:
+            for key, partition in self._partitions.items():
+                if partition.refs == 0:
+                    idle.append(key)
+                    if len(idle) == count:
+                        break
+        for key in idle:
+            del self._partitions[key]
 
     def _refuse(self, waited_s: float, *, partitions: bool = False) -> NoReturn:
         if self._m_rejected is not None:
