@@ -29,6 +29,7 @@ from config.loader import (
     load_config,
     load_config_text,
     located,
+    source_files,
 )
 from config.schema import (
     BreakerConfig,
@@ -80,6 +81,7 @@ __all__ = [
     "located",
     "prometheus_expr",
     "rules_yaml",
+    "source_files",
 ]
 
 #: The TOML files shipped as package data.

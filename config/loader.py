@@ -81,6 +81,7 @@ __all__ = [
     "load_config_text",
     "located",
     "merge_tables",
+    "source_files",
 ]
 
 PathPart = str | int
@@ -608,6 +609,8 @@ class _Profiles:
 EXTENDS: Final = "extends"
 #: How many files an overlay chain may stack (a cycle is refused before that).
 _MAX_EXTENDS: Final = 8
+#: The failure catalog of a config that names none (beside the config file).
+_DEFAULT_CATALOG: Final = "failures.toml"
 
 
 def merge_tables(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -690,7 +693,7 @@ def load_config_text(
         name: report.decode(raw.get(name, {}), struct, (name,))
         for name, struct in _PLAIN_SECTIONS.items()
     }
-    catalog = raw.get("catalog", "failures.toml")
+    catalog = raw.get("catalog", _DEFAULT_CATALOG)
     if not isinstance(catalog, str) or not catalog:
         report.add(("catalog",), f"expected a non-empty str, got {toml_repr(catalog)}")
 
@@ -735,3 +738,36 @@ def load_config_text(
 def catalog_path(config: TriageConfig, config_path: str | os.PathLike[str]) -> Path:
     """The failure catalog a config names, resolved against the config file's directory."""
     return Path(config_path).parent / config.catalog
+
+
+def source_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Every file a load of the config at ``path`` reads: the file itself, each file it
+    ``extends`` (nearest first), then the catalog it names (:func:`catalog_path`); what a
+    watch for an edit must look at.
+
+    The paths are joined as the loader joins them, never resolved: a symlink stays a
+    symlink, so a reader of the file reads its current target (a Kubernetes ConfigMap
+    swaps its ``..data`` link). Best effort, never raising: the chain stops at a file
+    that cannot be read or parsed, or that closes a cycle (the load says why), and a
+    ``catalog`` that is not a string counts as the default."""
+    files = [Path(path)]
+    seen = {os.path.abspath(path)}
+    catalog: object = None
+    while True:
+        try:
+            raw = tomllib.loads(files[-1].read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable, not UTF-8, or not TOML
+            break
+        if catalog is None:
+            catalog = raw.get("catalog")  # the nearest file that writes it wins
+        name = raw.get(EXTENDS)
+        if not isinstance(name, str) or not name or len(files) > _MAX_EXTENDS:
+            break
+        base = files[-1].parent / name
+        if os.path.abspath(base) in seen:
+            break
+        seen.add(os.path.abspath(base))
+        files.append(base)
+    named = catalog if isinstance(catalog, str) and catalog else _DEFAULT_CATALOG
+    files.append(Path(path).parent / named)
+    return files

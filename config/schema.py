@@ -383,8 +383,9 @@ class DaemonConfig(_Section, frozen=True, kw_only=True):
     # The JSON log lines also go to this file (reopened when rotated); the PHI scanner
     # reads it. None: stderr only.
     log_file: str | None = None
-    # The config file is polled for a change (mtime, inode, size) this often and
-    # reloaded when it changed, as SIGHUP does; 0 turns the poll off.
+    # The config's files (the file, each file it extends, its catalog) are read this
+    # often and the config reloaded when one's content changed, as SIGHUP does; 0
+    # turns the poll off.
     reload_poll_s: NonNegativeFloat = 2.0
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
 

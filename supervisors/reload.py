@@ -1,4 +1,12 @@
-"""The hot reload (issue 12): SIGHUP, or a change of the config file, reloads the config.
+"""The hot reload (issue 12): SIGHUP, or a change of the config, reloads the config.
+
+The watch (:meth:`Reloader.poll`) looks every ``daemon.reload_poll_s`` at every file
+the config is read from (:func:`~config.loader.source_files`): the file itself, each
+file of its ``extends`` chain, and the catalog it names. It compares their contents
+(a digest each), not their stat: an edit of the base file reloads exactly as an edit
+of the top file does, a symlink swapped to a new target (a Kubernetes ConfigMap's
+``..data``) is seen by reading through it, and an edit that keeps the size within
+one mtime tick is not missed. A ``touch`` changes nothing and reloads nothing.
 
 A :class:`Reloader` run, step by step (:meth:`Reloader.reload`):
 
@@ -34,6 +42,7 @@ The report (:class:`ReloadReport`) is logged (``config reloaded``) and kept as
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -57,7 +66,15 @@ from actors.error_budget import (
     check_freeze,
 )
 from actors.error_budget import read_report as read_budget_report
-from config import Catalog, ConfigError, TriageConfig, catalog_path, load_catalog, load_config
+from config import (
+    Catalog,
+    ConfigError,
+    TriageConfig,
+    catalog_path,
+    load_catalog,
+    load_config,
+    source_files,
+)
 from config.catalog import row_override
 from config.schema import SloConfig, engine_kwargs
 from engine.breaker import Breaker
@@ -288,7 +305,8 @@ class Reloader:
         self._budget = budget
         self.last: ReloadReport | None = None
         self._lock = trio.Lock()
-        self._stamp = _stamp(source)
+        self._files = source_files(source)
+        self._stamp = _stamp(self._files)
         self._counter: Counter | None = None
         if runtime.metrics is not None:
             registry = runtime.metrics.registry
@@ -306,38 +324,61 @@ class Reloader:
 
     @property
     def watchable(self) -> bool:
-        """Whether the source is a file that exists (else there is nothing to poll)."""
-        return self._stamp is not None
+        """Whether the source is a file that could be read (else there is nothing to poll)."""
+        return self._stamp[0][1] is not None
 
-    def file_changed(self) -> bool:
-        """Whether the file's mtime, inode or size moved since the last look."""
-        stamp = _stamp(self.source)
+    @property
+    def watched(self) -> tuple[Path, ...]:
+        """The files the poll looks at: the config, each file it extends, its catalog."""
+        return tuple(self._files)
+
+    def file_changed(self) -> Path | None:
+        """The first watched file whose content changed since the last look, or None.
+
+        After a change the chain is followed anew: an edited ``extends`` or ``catalog``
+        moves the watch to the files the config now names."""
+        stamp = _stamp(self._files)
         if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        return True
+            return None
+        changed = next(
+            (path for path, now, was in zip(self._files, stamp, self._stamp, strict=True)
+             if now != was),
+            self._files[0],
+        )  # fmt: skip
+        self._restamp()
+        return changed
+
+    def _restamp(self) -> None:
+        self._files = source_files(self.source)
+        self._stamp = _stamp(self._files)
 
     async def poll(self, request: Callable[[str], None] | None = None) -> None:
-        """Ask for a reload (``request``, else :meth:`reload` at once) whenever the file
-        changes, looking every ``daemon.reload_poll_s`` (read anew each round: a reload
-        may change it; 0 stops the poll)."""
+        """Ask for a reload (``request``, else :meth:`reload` at once) whenever a watched
+        file changes, looking every ``daemon.reload_poll_s`` (read anew each round: a
+        reload may change it; 0 stops the poll). The trigger names the file."""
         while (interval := self.config.daemon.reload_poll_s) > 0:
             await trio.sleep(interval)
-            if self.file_changed():
+            # Read on Trio's thread, not in a worker: a few small files, and the
+            # autojump clock of the tests must not run ahead of the look.
+            changed = self.file_changed()
+            if changed is not None:
+                trigger = f"file changed: {changed}"
                 if request is not None:
-                    request("file changed")
+                    request(trigger)
                 else:
-                    await self.reload("file changed")
+                    await self.reload(trigger)
 
     # -- one reload ---------------------------------------------------------------
 
     async def reload(self, trigger: str = "SIGHUP") -> ReloadReport:
         async with self._lock:
             begun = trio.current_time()
+            # Stamped before the files are read: an edit during the reload is a change
+            # the next poll sees (a spare reload at worst, never a lost edit).
+            self._restamp()
             report = await self._reload()
             report.duration_s = trio.current_time() - begun
             self.last = report
-            self._stamp = _stamp(self.source)
             if self._counter is not None:
                 self._counter.labels("ok" if report.ok else "failed").inc()
             if report.ok:
@@ -517,12 +558,17 @@ def _problem(source: str, path: str, exc: Exception) -> ConfigProblem:
     return ConfigProblem(source=source, line=None, path=path, message=str(exc))
 
 
-def _stamp(path: str) -> tuple[int, int, int] | None:
+def _stamp(files: list[Path]) -> tuple[tuple[str, bytes | None], ...]:
+    """Each file with a digest of its content (None: it cannot be read), in order."""
+    return tuple((os.fspath(path), _digest(path)) for path in files)
+
+
+def _digest(path: Path) -> bytes | None:
     try:
-        st = Path(path).stat()
+        data = path.read_bytes()  # through a symlink: its current target
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_ino, st.st_size)
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class TunablesCollector(Collector):

@@ -16,6 +16,7 @@ from config import (
     catalog_path,
     default_path,
     load_config,
+    source_files,
 )
 from config.loader import PROFILE_SECTIONS
 
@@ -147,6 +148,37 @@ def test_an_extends_cycle_or_missing_base_is_refused(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text('extends = "nowhere.toml"\n')
     with pytest.raises(ConfigError, match="cannot read file"):
         load_config(tmp_path / "c.toml")
+
+
+def test_the_files_a_load_reads_for_the_watch(tmp_path: Path) -> None:
+    """source_files: the overlay, its chain nearest first, then the catalog (named by the
+    nearest file that writes one, beside the top file); a broken chain stops quietly."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (tmp_path / "base.toml").write_text('catalog = "rows.toml"\n[daemon]\nport = 1\n')
+    (site / "mid.toml").write_text('extends = "../base.toml"\n')
+    (site / "top.toml").write_text('extends = "mid.toml"\n')
+    assert source_files(site / "top.toml") == [
+        site / "top.toml", site / "mid.toml", site / "../base.toml", site / "rows.toml",
+    ]  # fmt: skip
+    (site / "mid.toml").write_text('extends = "../base.toml"\ncatalog = "near.toml"\n')
+    assert source_files(site / "top.toml")[-1] == site / "near.toml"
+    # A cycle, a missing base, a file that is no TOML: the chain stops there.
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    assert source_files(tmp_path / "a.toml") == [
+        tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "failures.toml",
+    ]  # fmt: skip
+    (tmp_path / "c.toml").write_text('extends = "nowhere.toml"\n')
+    assert source_files(tmp_path / "c.toml") == [
+        tmp_path / "c.toml", tmp_path / "nowhere.toml", tmp_path / "failures.toml",
+    ]  # fmt: skip
+    (tmp_path / "d.toml").write_text("extends = [\n")
+    assert source_files(tmp_path / "d.toml") == [tmp_path / "d.toml", tmp_path / "failures.toml"]
+    # The shipped dev.toml: itself, default.toml, and the catalog beside them.
+    assert source_files(default_path("dev.toml")) == [
+        default_path("dev.toml"), default_path("default.toml"), default_path("failures.toml"),
+    ]  # fmt: skip
 
 
 def test_default_path() -> None:

@@ -1,15 +1,20 @@
 """The hot reload (issue 12): a Reloader on a real config file (on the autojump clock,
-with exact values), then ``triage run`` as a process reloading on SIGHUP."""
+with exact values), its watch of every file the config is read from, then ``triage run``
+as a process reloading on SIGHUP."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date, timedelta
 from functools import partial
 from pathlib import Path
@@ -22,10 +27,10 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from actors.error_budget import BudgetReport, budget_report
-from config import load_config
+from config import default_path, load_config
 from config.schema import SloConfig
 from engine.breaker import CircuitState
-from engine.detectors import CountInWindowDetector
+from engine.detectors import CountInWindowDetector, DetectorSet
 from engine.events import Event, ReloadFailed
 from engine.metrics import Metrics
 from engine.runtime import Runtime
@@ -65,6 +70,10 @@ class World:
 
     def write(self, text: str) -> None:
         self.path.write_text(f"extends = {json.dumps(str(self.base))}\n{text}")
+
+    def write_base(self, text: str) -> None:
+        """The base file: dev.toml (standalone) with ``text`` after it."""
+        self.base.write_text(f"{DEV_TEXT}\n{text}")
 
     def reloads(self, result: str) -> float | None:
         return self.registry.get_sample_value("triage_config_reloads_total", {"result": result})
@@ -181,18 +190,160 @@ async def test_paths_that_need_a_restart_are_reported_not_applied(
     assert classify("$.breakers.x.fail_max") == "live" and classify("$.daemon.host") == "restart"
 
 
+@contextmanager
+def clock_held(clock: trio.testing.MockClock) -> Iterator[None]:
+    """No autojump while a reload's checks run in their thread: a task sleeping beside
+    it (a call in flight, the poll) would otherwise wake at its deadline meanwhile."""
+    clock.autojump_threshold = math.inf
+    try:
+        yield
+    finally:
+        clock.autojump_threshold = 0
+
+
+class Asked:
+    """The poll's reload requests, each with the virtual time it came at."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, float]] = []
+
+    def __call__(self, trigger: str) -> None:
+        self.requests.append((trigger, trio.current_time()))
+
+
 async def test_the_poll_sees_an_edit_of_the_file(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     world = World(tmp_path)
-    asked: list[str] = []
+    assert world.reloader.watched == (
+        world.path, world.base, default_path("default.toml"), default_path("failures.toml")
+    )  # fmt: skip
+    asked = Asked()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(world.reloader.poll, asked.append))
+        nursery.start_soon(world.reloader.poll, asked)
         await trio.sleep(5.0)
-        assert asked == []
-        world.write("[breakers.postgres_primary]\nfail_max = 4\n\n")
-        await trio.sleep(2.5)  # dev's reload_poll_s is the default 2.0
-        assert asked == ["file changed"]
+        assert asked.requests == []
+        world.write("[breakers.postgres_primary]\nfail_max = 4\n")
+        await trio.sleep(2.5)  # dev's reload_poll_s is the default 2.0: a look at 6.0
+        assert asked.requests == [(f"file changed: {world.path}", 6.0)]
+        # The same size, the same mtime (an edit within one tick of the file system's
+        # clock): the content tells. A touch alone changes nothing.
+        stat = world.path.stat()
+        world.write("[breakers.postgres_primary]\nfail_max = 5\n")
+        os.utime(world.path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert world.path.stat().st_size == stat.st_size
+        await trio.sleep(2.0)
+        os.utime(world.base)
+        await trio.sleep(4.0)
+        assert asked.requests == [
+            (f"file changed: {world.path}", 6.0),
+            (f"file changed: {world.path}", 8.0),
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_edit_of_the_base_file_reloads_as_one_of_the_top_file(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    world = World(tmp_path)
+    assert world.breaker.fail_max == 3
+    await fail_n(world.breaker, 2)  # two failures counted: kept across the reload
+    asked = Asked()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(world.reloader.poll, asked)
+        await trio.sleep(3.0)
+        world.write_base("[breakers.postgres_primary]\nfail_max = 4\n")
+        await trio.sleep(1.5)
+        assert asked.requests == [(f"file changed: {world.base}", 4.0)]
+        with clock_held(autojump_clock):
+            report = await world.reloader.reload(asked.requests[-1][0])
+        assert report.ok and report.restart == []
+        assert report.applied == ["breaker postgres_primary: fail_max 3 -> 4"]
+        assert world.breaker.fail_max == 4 and world.breaker.statistics().consecutive_failures == 2
+        # The top file still wins over its base: an overlay of 6 over a base of 7 is 6.
+        world.write("[breakers.postgres_primary]\nfail_max = 6\n")
+        world.write_base("[breakers.postgres_primary]\nfail_max = 7\n")
+        await trio.sleep(2.0)
+        assert asked.requests[1:] == [(f"file changed: {world.path}", 6.0)]
+        with clock_held(autojump_clock):
+            report = await world.reloader.reload(asked.requests[-1][0])
+        assert report.applied == ["breaker postgres_primary: fail_max 4 -> 6"]
+        await fail_n(world.breaker, 4)  # the 6th failure in a row trips it
+        assert world.breaker.state is CircuitState.OPEN
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_configmap_symlink_swap_is_seen(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The kubelet's layout: site/triage.toml -> ..data/triage.toml, ..data -> a
+    timestamped directory, swapped for a new one by a rename of a new link; the overlay
+    extends ../default.toml beside the mount (the image's)."""
+    image = tmp_path / "etc"
+    site = image / "site"
+    site.mkdir(parents=True)
+    (image / "default.toml").write_text(DEV_TEXT)
+
+    def publish(stamp: str, text: str) -> None:
+        data = site / stamp
+        data.mkdir()
+        (data / "triage.toml").write_text(f'extends = "../default.toml"\n{text}')
+        os.symlink(stamp, site / "..data_tmp")
+        os.replace(site / "..data_tmp", site / "..data")
+
+    publish("..2024_05_01_10_00_00.1", "")
+    os.symlink("..data/triage.toml", site / "triage.toml")
+    source = site / "triage.toml"
+    config, runtime = load_config(source), Runtime()
+    breaker = _breaker(config, "postgres_primary", runtime)
+    reloader = Reloader(config, shipped_catalog(), runtime, DetectorSet(), source=str(source))
+    assert reloader.watched[:2] == (source, site / "../default.toml")
+    link = os.lstat(source)
+    asked = Asked()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reloader.poll, asked)
+        await trio.sleep(3.0)
+        publish("..2024_05_01_10_05_00.2", "[breakers.postgres_primary]\nfail_max = 5\n")
+        shutil.rmtree(site / "..2024_05_01_10_00_00.1")  # the kubelet removes the old one
+        assert os.lstat(source).st_mtime_ns == link.st_mtime_ns  # the link itself: untouched
+        await trio.sleep(1.5)
+        assert asked.requests == [(f"file changed: {source}", 4.0)]
+        with clock_held(autojump_clock):
+            report = await reloader.reload(asked.requests[-1][0])
+        assert report.ok and report.applied == ["breaker postgres_primary: fail_max 3 -> 5"]
+        assert breaker.fail_max == 5
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_edit_of_the_catalog_it_names_reloads_its_detectors(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    world = World(tmp_path)
+    catalog = tmp_path / "failures.toml"
+    row = 'metric = "triage_virtual_session_failed_total", threshold = 5, window_s = 300 }'
+    shipped = default_path("failures.toml").read_text()
+    assert shipped.count(row) == 1
+    catalog.write_text(shipped)
+    world.write(f"catalog = {json.dumps(str(catalog))}\n")
+    with clock_held(autojump_clock):
+        report = await world.reloader.reload()
+    assert report.ok and report.applied == []
+    assert world.reloader.watched[-1] == catalog  # the watch follows the config's catalog
+    asked = Asked()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(world.reloader.poll, asked)
+        await trio.sleep(1.0)
+        catalog.write_text(shipped.replace(row, row.replace("threshold = 5", "threshold = 3")))
+        await trio.sleep(1.5)
+        assert asked.requests == [(f"file changed: {catalog}", 2.0)]
+        with clock_held(autojump_clock):
+            report = await world.reloader.reload(asked.requests[-1][0])
+        name = world.detector.name
+        assert report.applied == [
+            f"detector {name}: threshold 5.0 -> 3.0",
+            f"detector {name}: clear_threshold 5.0 -> 3.0",
+        ]
+        assert world.detector.threshold == 3.0
         nursery.cancel_scope.cancel()
 
 
