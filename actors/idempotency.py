@@ -301,6 +301,10 @@ class IdempotencyStore:
                 **common,
             ).expect(RatioDetector)
         metrics = runtime.metrics if runtime is not None else None
+        profile = config.guards["redis"].bulkhead
+        bulkhead = Bulkhead("redis", **engine_kwargs(config.bulkheads[profile]), metrics=metrics)
+        if runtime is not None:
+            runtime.tunables.bulkhead(profile, bulkhead)  # a reload retunes it in place
         return cls(
             pool,
             cache=cache,
@@ -310,11 +314,7 @@ class IdempotencyStore:
             warm_batch=config.idempotency.warm_batch,
             max_tenants=config.idempotency.max_tenants,
             cache_timeout_s=config.guards["redis"].timeout_s,
-            bulkhead=Bulkhead(
-                "redis",
-                **engine_kwargs(config.bulkheads[config.guards["redis"].bulkhead]),
-                metrics=metrics,
-            ),
+            bulkhead=bulkhead,
             registry=metrics.registry if metrics is not None else None,
         )
 

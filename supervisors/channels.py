@@ -315,7 +315,10 @@ def _guard(config: TriageConfig, vendor: str, runtime: Runtime) -> tuple[Guard, 
         metrics=runtime.metrics,
     )
     runtime.tunables.breaker(profile.breaker, breaker)  # a reload retunes it in place
-    bulkhead = Bulkhead(vendor, **engine_kwargs(config.bulkheads[profile.bulkhead]), **common)
+    bulkhead = runtime.tunables.bulkhead(  # a reload retunes it in place
+        profile.bulkhead,
+        Bulkhead(vendor, **engine_kwargs(config.bulkheads[profile.bulkhead]), **common),
+    )
     limiter = None
     if profile.rate_limit is not None:
         limiter = RateLimiter(

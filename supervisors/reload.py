@@ -18,26 +18,30 @@ A :class:`Reloader` run, step by step (:meth:`Reloader.reload`):
    emitted, ``triage_config_reloads_total{result="failed"}`` counts it, and the
    running config stays, untouched;
 2. diff it against the running config, key by key (:func:`diff`), and sort each
-   changed path (:func:`classify`): ``[breakers.*]``, ``[detectors.*]`` and the
-   catalog rows' detector settings apply live, as do ``daemon.reload_poll_s`` and
-   ``daemon.log_level``; everything else needs a restart (logged and in the
-   report, not applied);
+   changed path (:func:`classify`): ``[breakers.*]``, ``[bulkheads.*]``,
+   ``[detectors.*]`` and the catalog rows' detector settings apply live, as do
+   ``daemon.reload_poll_s`` and ``daemon.log_level``; everything else needs a
+   restart (logged and in the report, not applied);
 3. the error-budget freeze (``[slo] enabled``): a changed adapter section
    (``[slo] adapter_sections``) while the budget is frozen is refused with the
    reason, as at start (:func:`~actors.error_budget.check_freeze`), unless
    ``TRIAGE_BREAK_GLASS`` gives one; the other changes still apply;
-4. apply: every registered breaker (:class:`~engine.tuning.Tunables`) and every
-   detector is retuned in place (:meth:`~engine.breaker.Breaker.retune`,
-   :meth:`~engine.detectors.Detector.retune`): state, trip counts and window
-   counts are kept (a HALF_OPEN breaker stays HALF_OPEN); a window whose shape
-   changes is migrated by time and the report says how many counts were kept
-   (``window reshaped`` is logged at warning). Every value is checked before any
-   object changes, so a reload applies all of its live changes or none.
+4. apply: every registered breaker and bulkhead (:class:`~engine.tuning.Tunables`)
+   and every detector is retuned in place (:meth:`~engine.breaker.Breaker.retune`,
+   :meth:`~engine.bulkhead.Bulkhead.retune`, :meth:`~engine.detectors.Detector.retune`):
+   state, trip counts and window counts are kept (a HALF_OPEN breaker stays
+   HALF_OPEN), a bulkhead's calls in flight are never cancelled (a lower capacity
+   admits the next call once fewer are in flight, a higher one admits waiters at
+   once); a window whose shape changes is migrated by time and the report says how
+   many counts were kept (``window reshaped`` is logged at warning). Every value is
+   checked before any object changes, so a reload applies all of its live changes
+   or none.
 
 The report (:class:`ReloadReport`) is logged (``config reloaded``) and kept as
 :attr:`Reloader.last`; ``/metrics`` shows the effective breaker settings
-(``triage_breaker_setting{breaker,setting}``) and window counts
-(``triage_breaker_window_calls``) through :class:`TunablesCollector`.
+(``triage_breaker_setting{breaker,setting}``), window counts
+(``triage_breaker_window_calls``) and bulkhead settings
+(``triage_bulkhead_setting{bulkhead,setting}``) through :class:`TunablesCollector`.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from config import (
 from config.catalog import row_override
 from config.schema import SloConfig, engine_kwargs
 from engine.breaker import Breaker
+from engine.bulkhead import Bulkhead
 from engine.detectors import Detector, DetectorSet, make_detector
 from engine.errors import ConfigProblem
 from engine.events import ReloadFailed
@@ -166,7 +171,8 @@ def classify(
 ) -> str:
     """``live`` if a reload applies ``path`` in place, else ``restart``.
 
-    Live: a breaker profile's thresholds and windows; a ``[detectors.*]`` section's
+    Live: a breaker profile's thresholds and windows; a bulkhead profile's capacity,
+    wait and partitions; a ``[detectors.*]`` section's
     thresholds, hysteresis and window; a whole row override (a ``[detectors.*]`` on a
     catalog row's metric, of the row's kind) added or removed, since the row's detector
     takes it, or its row's settings back, in place; ``daemon.reload_poll_s`` and
@@ -175,6 +181,8 @@ def classify(
     parts = path.split(".")
     if len(parts) >= 4 and parts[1] == "breakers":
         return LIVE if parts[3] in (*Breaker.TUNABLE, "base") else RESTART
+    if len(parts) >= 4 and parts[1] == "bulkheads":
+        return LIVE if parts[3] in (*Bulkhead.TUNABLE, "base") else RESTART
     if len(parts) >= 4 and parts[1] == "detectors":
         name = parts[2]
         was = old.detectors.get(name) if old is not None else None
@@ -480,6 +488,19 @@ class Reloader:
                         problems.append(_problem(self.source, f"$.breakers.{profile}", exc))
                         continue
                     plan.append(partial(breaker.retune, **fields))
+        if "bulkheads" not in refused:
+            for profile, bulkheads in self.runtime.tunables.bulkheads().items():
+                found = new.bulkheads.get(profile)
+                if found is None:
+                    continue  # the profile is gone: its bulkheads keep theirs (a restart)
+                fields = engine_kwargs(found)
+                for bulkhead in bulkheads:
+                    try:
+                        Bulkhead(bulkhead.name, **(bulkhead.settings() | fields))
+                    except ValueError as exc:
+                        problems.append(_problem(self.source, f"$.bulkheads.{profile}", exc))
+                        continue
+                    plan.append(partial(bulkhead.retune, **fields))
         if "detectors" not in refused:
             for detector in self.detectors:
                 wanted = self._wanted(detector, new, catalog, problems)
@@ -536,6 +557,10 @@ class Reloader:
         for profile in self.runtime.tunables.breakers():
             if profile not in breakers and profile in old.breakers:
                 breakers[profile] = old.breakers[profile]  # still in use until a restart
+        bulkheads = dict(new.bulkheads)
+        for profile in self.runtime.tunables.bulkheads():
+            if profile not in bulkheads and profile in old.bulkheads:
+                bulkheads[profile] = old.bulkheads[profile]  # still in use until a restart
         daemon = msgspec.structs.replace(
             old.daemon, reload_poll_s=new.daemon.reload_poll_s, log_level=new.daemon.log_level
         )
@@ -545,6 +570,7 @@ class Reloader:
             old,
             daemon=daemon,
             breakers=old.breakers if "breakers" in refused else breakers,
+            bulkheads=old.bulkheads if "bulkheads" in refused else bulkheads,
             detectors=old.detectors if "detectors" in refused else new.detectors,
         )
         self.catalog = catalog
@@ -572,7 +598,8 @@ def _digest(path: Path) -> bytes | None:
 
 
 class TunablesCollector(Collector):
-    """``/metrics``: the effective settings of the registered breakers and detectors."""
+    """``/metrics``: the effective settings of the registered breakers, bulkheads and
+    detectors."""
 
     def __init__(self, runtime: Runtime, detectors: DetectorSet) -> None:
         self.runtime = runtime
@@ -589,6 +616,11 @@ class TunablesCollector(Collector):
             "Calls counted in a breaker's rate window (kept across a reload)",
             labels=["breaker"],
         )
+        bulkhead = GaugeMetricFamily(
+            "triage_bulkhead_setting",
+            "A bulkhead's effective capacity, wait or partitions (changed in place by a reload)",
+            labels=["bulkhead", "setting"],
+        )
         detector = GaugeMetricFamily(
             "triage_detector_setting",
             "A detector's effective threshold or window (changed in place by a reload)",
@@ -600,10 +632,15 @@ class TunablesCollector(Collector):
                     settings.add_metric([breaker.name, name], float(value))
                 stats = breaker.statistics()
                 calls.add_metric([breaker.name], float(stats.window_calls))
+        for bulkheads in self.runtime.tunables.bulkheads().values():
+            for b in bulkheads:
+                for name, value in b.settings().items():
+                    bulkhead.add_metric([b.name, name], float(value))
         for d in self.detectors:
             for name, value in d.settings().items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     detector.add_metric([d.name, name], float(value))
         yield settings
         yield calls
+        yield bulkhead
         yield detector

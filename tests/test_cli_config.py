@@ -81,3 +81,18 @@ def test_an_invalid_file_exits_2_with_its_path_and_reason(
     Path(new).write_text("[breakers.redis\n")
     assert main(["config", "diff", old, new]) == 2
     assert f"{new}:1" in capsys.readouterr().err
+
+
+def test_a_bulkhead_capacity_and_wait_apply_live(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old, new = _files(
+        tmp_path, "", "[bulkheads.sms]\ncapacity = 20\nmax_wait_s = 1.5\nmax_partitions = 50\n"
+    )
+    assert main(["config", "diff", old, new]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "$.bulkheads.sms.capacity: 50 -> 20 (live)",
+        "$.bulkheads.sms.max_partitions: 1000 -> 50 (live)",
+        "$.bulkheads.sms.max_wait_s: 0.5 -> 1.5 (live)",
+        "3 keys changed: 3 would apply live (reload), 0 need a restart",
+    ]

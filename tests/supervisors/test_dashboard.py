@@ -130,6 +130,7 @@ async def test_diff_carries_what_changed_and_applies_to_the_next_snapshot(
 
         world.breaker.force_open("test: by hand")
         world.breaker.retune(fail_max=7)  # a reload: the effective threshold shows
+        world.bulkhead.retune(capacity=6, max_wait_s=2.0)  # and the effective capacity
         world.gauge.set(9.0)
         world.gauge.evaluate()
         world.board.fire(
@@ -138,12 +139,14 @@ async def test_diff_carries_what_changed_and_applies_to_the_next_snapshot(
         )  # fmt: skip
         second = world.dashboard.snapshot()
         change = diff(first, second)
-        assert set(change["set"]) == {"breakers", "detectors", "alerts"}
+        assert set(change["set"]) == {"breakers", "bulkheads", "detectors", "alerts"}
         assert change["del"] == {}
         ghasi = change["set"]["breakers"]["ghasi"]
         assert ghasi["state"] == "forced-open"
         assert ghasi["reason"] == "test: by hand"
         assert ghasi["settings"]["fail_max"] == 7
+        bulkhead = change["set"]["bulkheads"]["ghasi"]
+        assert (bulkhead["capacity"], bulkhead["max_wait_s"]) == (6, 2.0)
         assert change["set"]["detectors"]["TriageLag"]["firing"] is True
         assert change["set"]["detectors"]["TriageLag"]["value"] == 9.0
         assert apply(first, change) == second

@@ -1,6 +1,6 @@
 """The hot reload (issue 12): a Reloader on a real config file (on the autojump clock,
 with exact values), its watch of every file the config is read from, then ``triage run``
-as a process reloading on SIGHUP."""
+as a process reloading on SIGHUP and on an edit of its base file."""
 
 from __future__ import annotations
 
@@ -30,12 +30,14 @@ from actors.error_budget import BudgetReport, budget_report
 from config import default_path, load_config
 from config.schema import SloConfig
 from engine.breaker import CircuitState
+from engine.bulkhead import BulkheadStatistics
 from engine.detectors import CountInWindowDetector, DetectorSet
 from engine.events import Event, ReloadFailed
 from engine.metrics import Metrics
 from engine.runtime import Runtime
 from providers.db.slo import DayCount
 from supervisors.backbone import _breaker
+from supervisors.channels import _guard
 from supervisors.reload import Reloader, classify
 from supervisors.tree import build_detectors
 from tests.engine.test_breaker import fail_n
@@ -347,6 +349,74 @@ async def test_an_edit_of_the_catalog_it_names_reloads_its_detectors(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_bulkhead_capacity_changes_live_with_its_calls_in_flight_kept(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    world = World(tmp_path)
+    world.write("[bulkheads.sms]\ncapacity = 2\npartition_capacity = 2\nmax_wait_s = 60.0\n")
+    config = load_config(world.path)
+    guard, _ = _guard(config, "ghasi", world.runtime)  # sms_primary's guard: [bulkheads.sms]
+    bulkhead = guard.bulkhead
+    assert world.runtime.tunables.bulkheads() == {"sms": (bulkhead,)}
+    world.reloader.config = config
+    log: list[tuple[str, float]] = []
+
+    async def call(name: str, seconds: float) -> None:
+        async with bulkhead.acquire():
+            log.append((name, trio.current_time()))
+            await trio.sleep(seconds)
+
+    def edit(capacity: int) -> None:
+        world.write(
+            f"[bulkheads.sms]\ncapacity = {capacity}\npartition_capacity = 1\nmax_wait_s = 60.0\n"
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "a", 10.0)
+        nursery.start_soon(call, "b", 20.0)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "w1", 5.0)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "w2", 5.0)
+        await trio.sleep(1.0)
+        assert bulkhead.statistics() == BulkheadStatistics(
+            in_use=2, capacity=2, waiting=2, partitions=0
+        )
+        edit(3)
+        with clock_held(autojump_clock):
+            report = await world.reloader.reload()
+        assert report.ok and report.restart == []
+        assert [str(c) for c in report.changes] == [
+            "$.bulkheads.sms.capacity: 2 -> 3 (live)",
+            "$.bulkheads.sms.partition_capacity: 2 -> 1 (live)",
+        ]
+        assert report.applied == [
+            "bulkhead ghasi: capacity 2 -> 3",
+            "bulkhead ghasi: partition_capacity 2 -> 1",
+        ]
+        await trio.testing.wait_all_tasks_blocked()
+        assert bulkhead.statistics() == BulkheadStatistics(
+            in_use=3, capacity=3, waiting=1, partitions=0
+        )  # w1 entered at once, a and b kept
+        assert world.reloader.config.bulkheads["sms"].capacity == 3
+        edit(1)
+        with clock_held(autojump_clock):
+            report = await world.reloader.reload()
+        assert report.applied == ["bulkhead ghasi: capacity 3 -> 1"]
+        assert bulkhead.statistics() == BulkheadStatistics(
+            in_use=3, capacity=1, waiting=1, partitions=0
+        )  # nothing cancelled
+        metrics = world.registry
+        labels = {"bulkhead": "ghasi", "setting": "capacity"}
+        assert metrics.get_sample_value("triage_bulkhead_setting", labels) == 1.0
+    # w1 left at 6, a at 10, b at 20: only then is fewer than 1 in flight, and w2 enters.
+    assert sorted(log, key=lambda e: (e[1], e[0])) == [
+        ("a", 0.0), ("b", 0.0), ("w1", 1.0), ("w2", 20.0),
+    ]  # fmt: skip
+    assert trio.current_time() == 25.0
+    assert world.reloader.config.bulkheads["sms"].capacity == 1
+
+
 def _frozen(config: SloConfig, *, today: date) -> BudgetReport:
     days = [DayCount("dispatch_success", today - timedelta(days=1), 90, 10)]
     report = budget_report(config, days, (), today=today)
@@ -471,6 +541,56 @@ async def test_triage_run_reloads_on_sighup_and_refuses_a_bad_edit(tmp_path: Pat
                 setting = _sample(metrics, "triage_breaker_setting", **primary, setting="fail_max")
                 assert setting == 6.0
             assert (await client.get("/readyz")).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            code = await process.wait()
+    assert code == 0
+
+
+async def test_triage_run_reloads_when_its_base_file_changes(tmp_path: Path) -> None:
+    """The daemon's own watch (``reload_poll_s``, no SIGHUP): an edit of the file its
+    config extends applies a bulkhead's new capacity live."""
+    base = tmp_path / "base.toml"
+    text = re.sub(r"(?m)^port = 8080$", "port = 0", DEV_TEXT)
+    base.write_text(text)
+    config = tmp_path / "triage.toml"
+    config.write_text(f"extends = {json.dumps(str(base))}\n[daemon]\nreload_poll_s = 0.1\n")
+    stderr = Lines()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "supervisors.cli", "run", "--config", str(config)]
+    capacity = {"bulkhead": "ghasi", "setting": "capacity"}
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                command,
+                cwd=REPO,
+                env=env,
+                check=False,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
+        assert process.stderr is not None
+        nursery.start_soon(stderr.read, process.stderr)
+        with trio.fail_after(60):
+            ready = await stderr.wait_for(lambda e: e["msg"] == "ready")
+        url = f"http://127.0.0.1:{ready['port']}"
+        async with httpx.AsyncClient(base_url=url) as client:
+            metrics = (await client.get("/metrics")).text
+            assert _sample(metrics, "triage_bulkhead_setting", **capacity) == 50.0
+            base.write_text(text + "\n[bulkheads.sms]\ncapacity = 12\n")
+            with trio.fail_after(5.0):
+                took, metrics = await _wait_sample(
+                    client, 12.0, "triage_bulkhead_setting", **capacity
+                )
+            print(f"reload latency (base file saved -> /metrics shows it): {took * 1000:.0f} ms")
+            reloaded = await stderr.wait_for(lambda e: e["msg"] == "config reloaded")
+            assert reloaded["trigger"] == f"file changed: {base}"
+            assert reloaded["restart"] == []
+            assert "bulkhead ghasi: capacity 50 -> 12" in reloaded["applied"]
+            assert _sample(metrics, "triage_config_reloads_total", result="ok") == 1.0
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
             code = await process.wait()
