@@ -125,7 +125,8 @@ async def test_daemon_serves_probes_and_metrics_then_drains(
             assert (readyz.status_code, readyz.json()) == (200, {"status": "ready", "alerts": []})
             metrics = await client.get("/metrics")
             assert metrics.status_code == 200
-            assert 'triage_supervisor_children{supervisor="root"} 3.0' in metrics.text
+            # recorder (dev.toml records the what-if inputs), alerts, detectors, http
+            assert 'triage_supervisor_children{supervisor="root"} 4.0' in metrics.text
             assert 'triage_mailbox_depth{actor="alerts"} 0.0' in metrics.text
             assert "# TYPE triage_breaker_state gauge" in metrics.text
             assert "process_cpu_seconds_total" in metrics.text or sys.platform != "linux"
@@ -257,12 +258,17 @@ async def test_tree_wiring_from_config() -> None:
     config = dev_config()
     async with open_runtime(seed=1, metrics=Metrics(CollectorRegistry())) as runtime:
         tree = build_tree(config, shipped_catalog(), runtime)
-        assert [spec.id for spec in tree.root.specs] == ["alerts", "detectors", "http"]
+        # The input recorder first (it takes the others' inputs from their start, and
+        # stops last, with a final flush), as dev.toml enables it.
+        assert [spec.id for spec in tree.root.specs] == ["recorder", "alerts", "detectors", "http"]
         assert [spec.restart.value for spec in tree.root.specs] == [
+            "permanent",
             "permanent",
             "permanent",
             "transient",
         ]
+        assert tree.recorder is not None and runtime.tunables.recorder is tree.recorder
+        assert str(tree.recorder.path) == config.recorder.path
         root = config.supervisors["root"]
         assert (tree.root.max_restarts, tree.root.period_s, tree.root.shutdown_s) == (
             root.max_restarts,

@@ -107,7 +107,7 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             readyz = await client.get("/readyz")
             assert (readyz.status_code, readyz.json()) == (200, {"status": "ready", "alerts": []})
             metrics = await client.get("/metrics")
-            assert 'triage_supervisor_children{supervisor="root"} 29.0' in metrics.text
+            assert 'triage_supervisor_children{supervisor="root"} 30.0' in metrics.text
             assert 'triage_breaker_state{breaker="postgres_primary"} 0.0' in metrics.text
             assert 'triage_breaker_state{breaker="nats_publish"} 0.0' in metrics.text
             tree = daemon.tree
@@ -115,7 +115,7 @@ async def test_the_daemon_migrates_then_serves_ready_as_the_daemon_role(
             actors = tree.backbone_actors
             assert actors.relay is not None
             assert [c.id for c in tree.root.which_children()] == [
-                "alerts", "detectors", "db_health", "db_writer", "relay", "idempotency",
+                "recorder", "alerts", "detectors", "db_health", "db_writer", "relay", "idempotency",
                 "inbox_consumer", "error_budget", "clock_monitor", "accept_commit",
                 "outcome_commit", "receipt_commit", "channels",
                 "dispatch_backlog", "bounce_tracker", "dlr_ingress", "push_feedback",
