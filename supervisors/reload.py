@@ -49,7 +49,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from functools import partial
@@ -476,31 +476,14 @@ class Reloader:
         plan: list[Callable[[], list[str]]] = []
         problems: list[ConfigProblem] = []
         if "breakers" not in refused:
-            for profile, breakers in self.runtime.tunables.breakers().items():
-                section = new.breakers.get(profile)
-                if section is None:
-                    continue  # the profile is gone: its breakers keep theirs (a restart)
-                fields = engine_kwargs(section)
-                for breaker in breakers:
-                    try:
-                        Breaker(breaker.name, **(breaker.settings() | fields))
-                    except ValueError as exc:
-                        problems.append(_problem(self.source, f"$.breakers.{profile}", exc))
-                        continue
-                    plan.append(partial(breaker.retune, **fields))
+            self._plan_profiles(
+                "breakers", self.runtime.tunables.breakers(), new.breakers, Breaker, plan, problems
+            )
         if "bulkheads" not in refused:
-            for profile, bulkheads in self.runtime.tunables.bulkheads().items():
-                found = new.bulkheads.get(profile)
-                if found is None:
-                    continue  # the profile is gone: its bulkheads keep theirs (a restart)
-                fields = engine_kwargs(found)
-                for bulkhead in bulkheads:
-                    try:
-                        Bulkhead(bulkhead.name, **(bulkhead.settings() | fields))
-                    except ValueError as exc:
-                        problems.append(_problem(self.source, f"$.bulkheads.{profile}", exc))
-                        continue
-                    plan.append(partial(bulkhead.retune, **fields))
+            self._plan_profiles(
+                "bulkheads", self.runtime.tunables.bulkheads(), new.bulkheads, Bulkhead, plan,
+                problems,
+            )  # fmt: skip
         if "detectors" not in refused:
             for detector in self.detectors:
                 wanted = self._wanted(detector, new, catalog, problems)
@@ -509,6 +492,30 @@ class Reloader:
         if problems:
             raise ConfigError(problems)
         return plan
+
+    def _plan_profiles(
+        self,
+        section: str,
+        registered: Mapping[str, Sequence[Breaker | Bulkhead]],
+        profiles: Mapping[str, msgspec.Struct],
+        build: Callable[..., object],
+        plan: list[Callable[[], list[str]]],
+        problems: list[ConfigProblem],
+    ) -> None:
+        """Plan the retune of every object built from a ``[<section>.<profile>]`` that NEW
+        still has, each checked on a throwaway built with its merged settings."""
+        for profile, objects in registered.items():
+            found = profiles.get(profile)
+            if found is None:
+                continue  # the profile is gone: its objects keep theirs (a restart)
+            fields = engine_kwargs(found)
+            for obj in objects:
+                try:
+                    build(obj.name, **(obj.settings() | fields))
+                except ValueError as exc:
+                    problems.append(_problem(self.source, f"$.{section}.{profile}", exc))
+                    continue
+                plan.append(partial(obj.retune, **fields))
 
     def _wanted(
         self,
