@@ -29,6 +29,18 @@ Subject naming: an event about a patient is published under
 so one purge by filter removes a patient's messages. The saga refuses to start
 (:class:`PurgeDenied`) on a stream created with ``deny_purge``.
 
+Streams whose subjects others name (``[erasure] scan_streams``: the scheduling
+inbox's, where the scheduling service publishes appointments naming the patient, and
+the relay's DLQ) cannot be purged by subject: the saga reads each whole (one batch
+at a time) and deletes by sequence every message whose body or headers hold one of
+the patient's needles as a JSON string; the server overwrites a deleted message. It
+refuses to start on such a stream created with ``deny_delete``. The reconciler reads
+each scanned stream once per turn for every erasure it re-searches.
+
+The key (``[erasure] receipt_key_file``, else one random key kept in PostgreSQL,
+migration 0014) is the same for every replica and every restart: a patient token
+made with another key would not find the subjects published under the first.
+
 A class listed in ``[erasure] exempt`` (legal retention of medical records) is not
 erased: its step is recorded ``exempt`` with the reason, and the receipt says so.
 
@@ -57,6 +69,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import msgspec
+import nats.js.errors
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
@@ -67,6 +80,7 @@ from engine.detectors import CountInWindowDetector
 from engine.errors import TriageError
 from engine.events import EventBus, Notice
 from engine.metrics import families
+from providers import jetstream as jetstream_api
 from providers.bridge import run
 from providers.db.erasure import (
     DB_CLASSES,
@@ -81,6 +95,7 @@ from providers.db.erasure import (
     record_run_async,
     request_async,
     residue_async,
+    saga_key_async,
 )
 from providers.redis_cache import KEY_PREFIX, cache_name
 
@@ -122,7 +137,8 @@ _STORE = {
 
 
 class PurgeDenied(TriageError):
-    """The stream was created with ``deny_purge``: a patient's messages could not be erased."""
+    """A stream was created with ``deny_purge`` (or a scanned one with ``deny_delete``):
+    a patient's messages could not be erased."""
 
 
 class ErasureRefused(TriageError, ValueError):
@@ -179,10 +195,14 @@ def verify_receipt(receipt: Receipt, key: bytes) -> bool:
     return hmac.compare_digest(want, receipt.signature)
 
 
-def load_receipt_key(config: ErasureConfig) -> tuple[bytes, str]:
-    """The signing key and its id: the key file's bytes (>= 32), else an ephemeral key."""
+def _key_id(key: bytes, source: str) -> str:
+    return f"{source}sha256:" + hashlib.sha256(key).hexdigest()[:16]
+
+
+def load_receipt_key(config: ErasureConfig) -> bytes | None:
+    """The key file's bytes (>= 32); None without a file (the saga reads the kept key)."""
     if config.receipt_key_file is None:
-        return secrets.token_bytes(32), "ephemeral"
+        return None
     path = Path(config.receipt_key_file)
     try:
         key = path.read_bytes().strip()
@@ -190,7 +210,7 @@ def load_receipt_key(config: ErasureConfig) -> tuple[bytes, str]:
         raise ErasureRefused(f"erasure.receipt_key_file: cannot read {path}: {exc}") from exc
     if len(key) < 32:
         raise ErasureRefused(f"erasure.receipt_key_file: {path} holds {len(key)} bytes, needs 32")
-    return key, "sha256:" + hashlib.sha256(key).hexdigest()[:16]
+    return key
 
 
 class _Metrics:
@@ -224,8 +244,7 @@ class ErasureSaga(Actor[ErasureMessage]):
         pool: DbPool,
         config: ErasureConfig,
         *,
-        key: bytes,
-        key_id: str,
+        key: bytes | None = None,
         redis: RedisClient | None = None,
         blobs: BlobStore | None = None,
         recordings_incoming: str | None = None,
@@ -238,8 +257,8 @@ class ErasureSaga(Actor[ErasureMessage]):
     ) -> None:
         self.pool = pool
         self.config = config
-        self.key = key
-        self.key_id = key_id
+        self._key = key
+        self.key_id = "" if key is None else _key_id(key, "")
         self.redis = redis
         self.blobs = blobs
         self.incoming = Path(recordings_incoming) if recordings_incoming else None
@@ -256,8 +275,18 @@ class ErasureSaga(Actor[ErasureMessage]):
     # -- lifecycle -------------------------------------------------------------------
 
     async def init(self) -> None:
+        if self._key is None:
+            self._key = await self.pool.run_unit(saga_key_async, secrets.token_bytes(32))
+            self.key_id = _key_id(self._key, "db:")
         if self.js is not None:
-            await self._check_stream()
+            await self._check_streams()
+
+    @property
+    def key(self) -> bytes:
+        """The signing and token key (the kept one is read by :meth:`init`)."""
+        if self._key is None:
+            raise TriageError("erasure saga: the key is read when the saga starts")
+        return self._key
 
     def timers(self) -> Sequence[Timer]:
         return (Timer(self.config.reconcile_interval_s, Reconcile()),)
@@ -284,8 +313,10 @@ class ErasureSaga(Actor[ErasureMessage]):
         assert self.js is not None
         nc = self.js.nc
 
+        timeout = self.config.api_timeout_s
+
         async def call() -> bytes:
-            msg = await nc.request(subject, json.dumps(body).encode(), timeout=5.0)
+            msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
             return bytes(msg.data)
 
         answer: dict[str, Any] = json.loads(await run(call, service="nats"))
@@ -294,18 +325,22 @@ class ErasureSaga(Actor[ErasureMessage]):
             raise TriageError(f"{subject}: {error.get('description', error)}")
         return answer
 
-    async def _check_stream(self) -> None:
-        try:
-            info = await self._js_api(f"$JS.API.STREAM.INFO.{self.config.stream}", {})
-        except TriageError as exc:
-            # Not created yet (the relay creates it): checked again at each purge's answer.
-            log.info("erasure: stream %s not checked for deny_purge: %s", self.config.stream, exc)
-            return
-        if info.get("config", {}).get("deny_purge"):
-            raise PurgeDenied(
-                f"stream {self.config.stream} was created with deny_purge: a patient's messages"
-                " could not be purged; recreate it without deny_purge"
-            )
+    async def _check_streams(self) -> None:
+        wanted = [(self.config.stream, "deny_purge", "purged")]
+        wanted += [(name, "deny_delete", "deleted") for name in self.config.scan_streams]
+        for stream, flag, verb in wanted:
+            try:
+                info = await self._js_api(f"$JS.API.STREAM.INFO.{stream}", {})
+            except TriageError as exc:
+                # Not created yet (the relay, the inbox create theirs): a refusal to
+                # purge or delete is the step's failure, recorded, replayed.
+                log.info("erasure: stream %s not checked for %s: %s", stream, flag, exc)
+                continue
+            if info.get("config", {}).get(flag):
+                raise PurgeDenied(
+                    f"stream {stream} was created with {flag}: a patient's messages could not"
+                    f" be {verb}; recreate it without {flag}"
+                )
 
     def patient_token(self, tenant: uuid.UUID, patient: str) -> str:
         return hmac.new(self.key, f"{tenant}:{patient}".encode(), hashlib.sha256).hexdigest()[:32]
@@ -319,6 +354,52 @@ class ErasureSaga(Actor[ErasureMessage]):
             f"$JS.API.STREAM.PURGE.{self.config.stream}", {"filter": prefix + ">"}
         )
         return int(answer.get("purged", 0))
+
+    async def _scan(self, needles: Sequence[Sequence[str]]) -> list[dict[str, list[int]]]:
+        """Per needle set, the sequences of the messages of each scanned stream holding one.
+
+        One read of each stream for every set (the reconciler's turn reads once).
+        """
+        assert self.js is not None
+        client, batch, idle = self.js, self.config.scan_batch, self.config.scan_idle_s
+        # A needle as a whole JSON string, ASCII-escaped or not (as a producer wrote it).
+        encoded = [
+            {
+                e
+                for n in ns
+                for e in (json.dumps(n).encode(), json.dumps(n, ensure_ascii=False).encode())
+            }
+            for ns in needles
+        ]
+        found: list[dict[str, list[int]]] = [{} for _ in needles]
+
+        async def read(stream: str) -> None:
+            try:
+                async for m in jetstream_api.iter_stream(
+                    client, stream, batch=batch, idle_timeout_s=idle
+                ):
+                    text = m.payload + json.dumps(m.headers, ensure_ascii=False).encode()
+                    for i, wanted in enumerate(encoded):
+                        if any(w in text for w in wanted):
+                            found[i].setdefault(stream, []).append(m.stream_seq)
+            except nats.js.errors.NotFoundError:
+                return  # not created yet: nothing of anyone's in it
+
+        for stream in self.config.scan_streams:
+            await run(read, stream, service="nats")
+        return found
+
+    async def _delete_scanned(self, found: Mapping[str, Sequence[int]]) -> int:
+        assert self.js is not None
+        n = 0
+        for stream, seqs in found.items():
+            n += await run(jetstream_api.delete_messages, self.js, stream, seqs, service="nats")
+        return n
+
+    async def _erase_streams(self, row: ErasureRow, prefix: str) -> int:
+        purged = await self._purge(prefix)
+        (found,) = await self._scan([row.needles])
+        return purged + await self._delete_scanned(found)
 
     async def _stream_count(self, prefix: str) -> int:
         info = await self._js_api(
@@ -428,7 +509,7 @@ class ErasureSaga(Actor[ErasureMessage]):
         if self.redis is not None:
             steps.append(await self._step("idempotency_redis", self._erase_redis(row, idem_keys)))
         if self.js is not None:
-            steps.append(await self._step("jetstream", self._purge(prefix)))
+            steps.append(await self._step("jetstream", self._erase_streams(row, prefix)))
         if self._metrics is not None:
             for s in steps:
                 if s.erased:
@@ -505,8 +586,14 @@ class ErasureSaga(Actor[ErasureMessage]):
 
     # -- the reconciler -------------------------------------------------------------
 
-    async def search(self, row: ErasureRow) -> dict[str, int]:
-        """What of the patient is left in every store (exempt classes not counted)."""
+    async def search(
+        self, row: ErasureRow, scanned: Mapping[str, Sequence[int]] | None = None
+    ) -> dict[str, int]:
+        """What of the patient is left in every store (exempt classes not counted).
+
+        ``scanned``: the patient's messages in the scanned streams, when the caller
+        read them already (the reconciler, for every erasure at once).
+        """
         prefix = self.subject_prefix(row.tenant_id, row.patient_id)
         previous = await self._previous(row)
         found = await self.pool.run_unit(
@@ -527,15 +614,22 @@ class ErasureSaga(Actor[ErasureMessage]):
             names = await self._redis_names(row, list(previous.get("idempotency_keys", ())))
             found["idempotency_redis"] = len(names)
         if self.js is not None:
-            found["jetstream"] = await self._stream_count(prefix)
+            if scanned is None:
+                (scanned,) = await self._scan([row.needles])
+            found["jetstream"] = await self._stream_count(prefix) + sum(
+                len(seqs) for seqs in scanned.values()
+            )
         return {c: n for c, n in found.items() if c not in self.config.exempt}
 
     async def _reconcile(self) -> ReconcileResult:
         self.reconciles += 1
         rows = await self.pool.run_unit(finished_async, self.config.reconcile_max_requests)
         total = replayed = 0
-        for row in rows:
-            found = {c: n for c, n in (await self.search(row)).items() if n}
+        scans: list[dict[str, list[int]]] = [{} for _ in rows]
+        if self.js is not None and rows and "jetstream" not in self.config.exempt:
+            scans = await self._scan([row.needles for row in rows])
+        for row, scanned in zip(rows, scans, strict=True):
+            found = {c: n for c, n in (await self.search(row, scanned)).items() if n}
             count = sum(found.values())
             if count:
                 total += count

@@ -10,7 +10,8 @@ more than one section, or the machine the daemon runs on:
   JetStream can have side by side (distinct names, subjects that no one subject
   matches twice: :func:`config.nats_names.overlaps`), the DLQ subject is not
   captured by the inbox, and the dispatch command subject by no stream (a stream
-  would answer the commands' requests);
+  would answer the commands' requests); row 15's erasure purges the relay's stream
+  and reads the inbox's and the DLQ's whole (``[erasure] scan_streams``);
 * :func:`path_problems`: the spool's file can be created (no file where a
   directory must be, not a directory itself) and every key file that is set can be
   read;
@@ -144,6 +145,45 @@ def nats_problems(config: TriageConfig, source: str, *, dlq_stream: str) -> list
                 )
             )  # fmt: skip
             break
+    problems += _erasure_problems(config, source, dlq_stream=dlq_stream)
+    return problems
+
+
+def _erasure_problems(config: TriageConfig, source: str, *, dlq_stream: str) -> list[ConfigProblem]:
+    """Row 15 finds a patient's messages where the relay and the inbox put them: the
+    patient's subjects on the relay's stream, and the streams whose subjects others
+    name (the inbox's, the DLQ's) among those it reads whole."""
+    relay, inbox, erasure = config.relay, config.inbox, config.erasure
+    problems: list[ConfigProblem] = []
+    if erasure.stream != relay.stream:
+        problems.append(
+            problem(
+                source, "$.erasure.stream",
+                f"{erasure.stream!r} is not the relay's stream {relay.stream!r}: a patient's "
+                "events are published there, and purged from there",
+            )
+        )  # fmt: skip
+    sample = f"{erasure.subject_prefix}.tenant.token.kind"
+    if not any(overlaps(s, sample) for s in subject_list(relay.subjects)):
+        problems.append(
+            problem(
+                source, "$.erasure.subject_prefix",
+                f"{erasure.subject_prefix!r} is outside [relay] subjects: the relay would "
+                "dead-letter a patient's events",
+            )
+        )  # fmt: skip
+    wanted = [("[inbox] stream", inbox.stream)]
+    if not any(overlaps(s, relay.dlq_subject) for s in subject_list(relay.subjects)):
+        wanted.append(("the relay's DLQ stream", dlq_stream))
+    for owner, stream in wanted:
+        if stream not in erasure.scan_streams:
+            problems.append(
+                problem(
+                    source, "$.erasure.scan_streams",
+                    f"does not name {stream!r} ({owner}): its messages name patients on "
+                    "subjects that do not, and an erasure would leave them",
+                )
+            )  # fmt: skip
     return problems
 
 

@@ -765,12 +765,20 @@ class ErasureConfig(_Section, frozen=True, kw_only=True):
 
     ``exempt`` maps a data class (:data:`ERASURE_CLASSES`) to the legal reason it is
     kept (medical-record retention): that step is skipped and the receipt says why.
-    ``receipt_key_file`` holds the HMAC-SHA256 key that signs receipts (at least 32
-    bytes); unset, a per-process random key signs them (``key_id`` ``ephemeral``).
+    ``receipt_key_file`` holds the HMAC-SHA256 key that signs receipts and makes the
+    patient tokens of subjects (at least 32 bytes); unset, a random key made once and
+    kept in PostgreSQL (``erasure_keys``, migration 0014) does both, the same for every
+    replica and every restart (``key_id`` ``db:sha256:...``).
     """
 
     subject_prefix: Name = "triage.events.patient"  # <prefix>.<tenant>.<patient token>.<kind>
     stream: Name = "TRIAGE_EVENTS"  # the JetStream stream purged by subject
+    # Streams whose subjects others name (the scheduling inbox, the relay's DLQ): read
+    # whole, a message holding a needle deleted by sequence (overwritten).
+    scan_streams: tuple[Name, ...] = ("TRIAGE_SCHEDULING", "TRIAGE_EVENTS_DLQ")
+    scan_batch: PositiveInt = 500  # messages per fetch while reading a scanned stream
+    scan_idle_s: PositiveFloat = 0.5  # a fetch answered by nothing for this long ends the read
+    api_timeout_s: PositiveFloat = 5.0  # a JetStream API request ($JS.API.STREAM.*)
     reconcile_interval_s: PositiveFloat = 3600.0  # the reconciler's turn
     reconcile_max_requests: PositiveInt = 200  # erasures re-searched per turn
     ask_timeout_s: PositiveFloat = 30.0  # a CLI or HTTP request waiting for the saga
@@ -786,6 +794,8 @@ class ErasureConfig(_Section, frozen=True, kw_only=True):
                 raise ValueError(
                     f"exempt.{name}: not a data class (one of {', '.join(ERASURE_CLASSES)})"
                 )
+        _refuse("stream", name_problem(self.stream))
+        _refuse_entries("scan_streams", self.scan_streams, name_problem)
         if "." in self.subject_prefix and any(not p for p in self.subject_prefix.split(".")):
             raise ValueError(f"subject_prefix: {self.subject_prefix!r} has an empty token")
         if any(c in self.subject_prefix for c in "*> \t"):

@@ -27,7 +27,7 @@ batch and waiting for every ack to time out.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -51,7 +51,9 @@ __all__ = [
     "StreamSettings",
     "close",
     "connect",
+    "delete_messages",
     "ensure_stream",
+    "iter_stream",
     "publish_batch",
     "publish_one",
     "read_stream",
@@ -404,44 +406,69 @@ class StoredMessage:
     payload: bytes
 
 
-async def read_stream(
+async def iter_stream(
     client: JetStreamClient, stream: str, *, batch: int = 1000, idle_timeout_s: float = 0.5
-) -> list[StoredMessage]:
+) -> AsyncIterator[StoredMessage]:
     """asyncio side: every message stored in ``stream``, in stream order (an ephemeral consumer).
 
     Reads until the stream's message count at the call is reached, or no message
-    arrives for ``idle_timeout_s``. Duplicates stored by the stream show up twice.
+    arrives for ``idle_timeout_s``; holds one batch at a time. Duplicates stored by
+    the stream show up twice.
     """
     info = await client.js.stream_info(stream)
     expected = int(info.state.messages)
+    if expected == 0:
+        return
     config = nats.js.api.ConsumerConfig(
         ack_policy=nats.js.api.AckPolicy.NONE,
         deliver_policy=nats.js.api.DeliverPolicy.ALL,
         inactive_threshold=30.0,
     )
     sub = await client.js.pull_subscribe("", stream=stream, config=config)
-    out: list[StoredMessage] = []
+    read = 0
     try:
-        while len(out) < expected:
+        while read < expected:
             try:
-                msgs = await sub.fetch(
-                    batch=min(batch, expected - len(out)), timeout=idle_timeout_s
-                )
+                msgs = await sub.fetch(batch=min(batch, expected - read), timeout=idle_timeout_s)
             except TimeoutError:
                 # Nothing more: an empty fetch raises nats' TimeoutError, or asyncio's
                 # plain one when nats-py's own wait runs out first (both are builtin).
                 break
             for msg in msgs:
+                read += 1
                 headers = dict(msg.headers or {})
-                out.append(
-                    StoredMessage(
-                        stream_seq=int(msg.metadata.sequence.stream),
-                        subject=msg.subject,
-                        msg_id=headers.get(MSG_ID_HEADER, ""),
-                        headers=headers,
-                        payload=msg.data,
-                    )
+                yield StoredMessage(
+                    stream_seq=int(msg.metadata.sequence.stream),
+                    subject=msg.subject,
+                    msg_id=headers.get(MSG_ID_HEADER, ""),
+                    headers=headers,
+                    payload=msg.data,
                 )
     finally:
         await sub.unsubscribe()
-    return out
+
+
+async def read_stream(
+    client: JetStreamClient, stream: str, *, batch: int = 1000, idle_timeout_s: float = 0.5
+) -> list[StoredMessage]:
+    """asyncio side: :func:`iter_stream` as a list (verification: chaos, benches, tests)."""
+    return [
+        m async for m in iter_stream(client, stream, batch=batch, idle_timeout_s=idle_timeout_s)
+    ]
+
+
+async def delete_messages(client: JetStreamClient, stream: str, seqs: Sequence[int]) -> int:
+    """asyncio side: delete (and overwrite) the messages ``seqs`` of ``stream``; how many were there.
+
+    A message already gone counts 0 (a delete repeated is a no-op); any other refusal
+    (``deny_delete``, no such stream) raises the server's
+    :class:`nats.js.errors.APIError`.
+    """
+    deleted = 0
+    for seq in seqs:
+        try:
+            deleted += bool(await client.js.delete_msg(stream, seq))
+        except nats.js.errors.APIError as exc:
+            if "no message found" not in (exc.description or ""):
+                raise
+    return deleted

@@ -569,20 +569,21 @@ def main_run(config_path: str) -> int:
     config = load_config(config_path)
     catalog_file = catalog_path(config, config_path)
     catalog = load_catalog(catalog_file, metrics=METRICS, mitigations=MITIGATIONS)
-    try:
-        check_config(config, catalog, config_path)  # what `triage check-config` checks
-        if not config.emulators.enabled:
-            resolve_endpoints(config)  # every provider's address and secrets, or a ConfigError
-    except ConfigError as exc:
-        # resolve_endpoints knows no file: its problems are in this one.
-        placed = (replace(p, source=config_path) if p.source == "<config>" else p
-                  for p in exc.problems)  # fmt: skip
-        raise ConfigError(placed) from exc
     wall = time.time
     redact = phi_rules(config.phi).redact_value  # row 11: no PHI value reaches a log line
+    # The dry build of check_config logs too (a missing clamd): as JSON, like the rest.
     with json_logging(
         config.daemon.log_level, wall=wall, log_file=config.daemon.log_file, redact=redact
     ):
+        try:
+            check_config(config, catalog, config_path)  # what `triage check-config` checks
+            if not config.emulators.enabled:
+                resolve_endpoints(config)  # every provider's address and secrets, or a ConfigError
+        except ConfigError as exc:
+            # resolve_endpoints knows no file: its problems are in this one.
+            placed = (replace(p, source=config_path) if p.source == "<config>" else p
+                      for p in exc.problems)  # fmt: skip
+            raise ConfigError(placed) from exc
         daemon = Daemon(
             config,
             catalog,

@@ -161,7 +161,7 @@ def build_erasure(
 ) -> ErasureWiring:
     """The saga's child and its HTTP door (nothing runs yet)."""
     section = config.erasure
-    key, key_id = load_receipt_key(section)
+    key = load_receipt_key(section)
     registry = runtime.metrics.registry if runtime.metrics is not None else None
     mailbox = config.mailboxes[MAILBOX]
     spec, ref = actor_child(
@@ -171,7 +171,6 @@ def build_erasure(
             backbone.pool,
             section,
             key=key,
-            key_id=key_id,
             redis=backbone.redis.client if backbone.redis is not None else None,
             blobs=LocalBlobStore(config.uploads.blob_root, fsync=config.uploads.fsync),
             recordings_incoming=config.recordings.path,

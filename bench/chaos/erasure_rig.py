@@ -5,13 +5,16 @@ superuser: past RLS) what the daemon's actors write in normal operation: dispatc
 and their idempotency keys, outbox rows (on the dispatch subjects and the patient's
 own subject), a dead letter, a virtual session with its recording (the stored copy
 and the incoming file), a fallback thread with the patient as participant, an
-attachment and its blob, the cached idempotency answer in Redis and the patient's
-events in JetStream.
+attachment and its blob, the cached idempotency answer in Redis, the patient's
+events in JetStream under the patient's subject, and, in each scanned stream
+(``Stores.scanned``: the scheduling inbox's, the relay's DLQ), a message on a subject
+that does not name the patient but whose body does (an appointment booked for them,
+a dead-lettered event with their phone number).
 
 The search (:func:`search_everything`) knows nothing of the saga: it reads every
 table of the schema row by row as text (dead letters' bytes as bytes), every Redis
 key and value, every file under the blob, recording and incoming directories, and
-every message of the stream, and counts what holds one of the patient's needles.
+every message of every stream, and counts what holds one of the patient's needles.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class Stores:
     store: Path
     js: jetstream.JetStreamClient
     stream: str
+    #: (stream, subject): streams the saga reads whole, a subject of each to seed on
+    scanned: tuple[tuple[str, str], ...] = ()
 
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
@@ -209,6 +214,21 @@ async def seed_patient(stores: Stores, p: Patient, subject_prefix: str, *, items
     await run(cache, service="redis")
     for i in range(items):
         await _publish(stores, subject_prefix + "reminder", {"patient_id": p.patient_id, "n": i})
+    await _publish_scanned(stores, p, "seed")
+
+
+async def _publish_scanned(stores: Stores, p: Patient, why: str) -> int:
+    """One message naming ``p`` in each scanned stream, on a subject that does not."""
+    for _, subject in stores.scanned:
+        body = {
+            "tenant_id": str(p.tenant_id),
+            "appointment_id": f"appt-{why}-{p.patient_id}",
+            "kind": "appointment.booked",
+            "patient_id": p.patient_id,
+            "contact": p.phone,
+        }
+        await _publish(stores, subject, body)
+    return len(stores.scanned)
 
 
 async def _late_rows(url: str, p: Patient, subject: str) -> None:
@@ -233,7 +253,8 @@ async def _late_rows(url: str, p: Patient, subject: str) -> None:
 
 
 async def inject_late_events(stores: Stores, p: Patient, subject_prefix: str) -> int:
-    """What the saga missed: events in flight that landed after it (4 items in 4 stores)."""
+    """What the saga missed: events in flight that landed after it (4 items in 4 stores,
+    and one in each scanned stream); returns how many."""
     await run(_late_rows, stores.owner_url, p, subject_prefix, service="postgres")
     client = stores.redis
 
@@ -243,7 +264,7 @@ async def inject_late_events(stores: Stores, p: Patient, subject_prefix: str) ->
 
     await run(cache, service="redis")
     await _publish(stores, subject_prefix + "late", {"patient_id": p.patient_id})
-    return 4
+    return 4 + await _publish_scanned(stores, p, "late")
 
 
 async def _search_db(url: str, needles: Sequence[str]) -> dict[str, int]:
@@ -307,12 +328,13 @@ async def search_everything(stores: Stores, p: Patient, subject_prefix: str) -> 
                     files += 1
     if files:
         found["files"] = files
-    messages = await run(jetstream.read_stream, stores.js, stores.stream, service="nats")
-    left = [
-        m
-        for m in messages
-        if m.subject.startswith(subject_prefix) or any(r in m.payload for r in raw)
-    ]
-    if left:
-        found["jetstream"] = len(left)
+    for stream in (stores.stream, *(name for name, _ in stores.scanned)):
+        messages = await run(jetstream.read_stream, stores.js, stream, service="nats")
+        left = [
+            m
+            for m in messages
+            if m.subject.startswith(subject_prefix) or any(r in m.payload for r in raw)
+        ]
+        if left:
+            found[f"jetstream:{stream}"] = len(left)
     return found

@@ -46,6 +46,7 @@ from actors.erasure_saga import (
     Receipt,
     verify_receipt,
 )
+from actors.outbox_relay import dlq_stream_name
 from bench.chaos.erasure_rig import (
     Patient,
     Stores,
@@ -58,6 +59,7 @@ from bench.chaos.harness import ChaosContext, Ledger, Outcome, Scenario
 from bench.chaos.scenario_nats import open_backbone
 from config import engine_kwargs
 from config.catalog import row_detector
+from config.nats_names import subject_list
 from config.schema import ERASURE_CLASSES, ErasureConfig
 from engine.actor import actor_child
 from engine.detectors import CountInWindowDetector, make_detector
@@ -73,6 +75,7 @@ from providers.redis_cache import close_client, open_client
 __all__ = ["DETECTOR_OVERRIDE", "ROW", "SCENARIO", "run_scenario"]
 
 DETECTOR_OVERRIDE = "erasure_residue"
+_BOOKED = "triage.scheduling.appointment.booked"  # where the scheduling service publishes
 KEY = b"chaos-scenario-15-receipt-key-0123456789"
 
 
@@ -98,7 +101,6 @@ async def _deny_purge_refused(stores: Stores, pool: DbPool, config: ErasureConfi
         pool,
         msgspec.structs.replace(config, stream="LOCKED"),
         key=KEY,
-        key_id="chaos",
         jetstream=stores.js,
     )
     try:
@@ -135,6 +137,21 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
                     config.relay.duplicate_window_s,
                     service="nats",
                 )
+                # The streams the saga reads whole: the inbox's (appointments naming the
+                # patient) and the relay's DLQ, each as its owner creates it.
+                owned = (
+                    (config.inbox.stream, subject_list(config.inbox.subjects)),
+                    (dlq_stream_name(config.relay), [config.relay.dlq_subject]),
+                )
+                for name, subjects in owned:
+                    await run(
+                        jetstream.ensure_stream, backbone.client, name, subjects,
+                        config.relay.duplicate_window_s, service="nats",
+                    )  # fmt: skip
+                scanned = (
+                    (config.inbox.stream, _BOOKED),
+                    (dlq_stream_name(config.relay), config.relay.dlq_subject),
+                )
                 redis = await run(open_client, redis_server.url, 2.0, service="redis")
                 pool = DbPool(backbone.pool, close_s=2.0)
                 stores = Stores(
@@ -145,6 +162,7 @@ async def run_scenario(ctx: ChaosContext) -> Outcome:
                     store=Path(root) / "store",
                     js=backbone.client,
                     stream=section.stream,
+                    scanned=scanned,
                 )
                 try:
                     return await _drive(
@@ -186,7 +204,6 @@ async def _drive(
         pool,
         section,
         key=KEY,
-        key_id="chaos",
         redis=stores.redis,
         blobs=stores.blobs,
         recordings_incoming=str(stores.incoming),
@@ -293,7 +310,8 @@ async def _drive(
     )
     notes.append(
         f"{count} patients x {items} items in 10 data classes over PostgreSQL, Redis, the blob"
-        f" store and JetStream; {len(erased)} erased, {len(kept)} kept"
+        f" store and JetStream (its subjects and {len(stores.scanned)} scanned streams);"
+        f" {len(erased)} erased, {len(kept)} kept"
         f" ({'intact' if kept_intact else 'DAMAGED'}); {injected} late items for {len(late)}"
         f" patients; reconciler: {saga.reconciles} turns, residue {residue_at_end},"
         f" {len(notices)} replays in {elapsed:.2f}s; deny_purge refused: {refused};"

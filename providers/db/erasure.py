@@ -14,6 +14,8 @@ Asyncio units of work, one bridge crossing each (``await db.run_unit(fn, ...)``)
 * :func:`record_run_async` -- the steps of one run, the receipt and its signature.
 * :func:`finished_async` -- as ``triage_relay``: the erasures the reconciler re-searches.
 * :func:`receipt_async` -- the stored receipt of one erasure.
+* :func:`saga_key_async` -- as ``triage_relay``: the saga's key kept in
+  ``erasure_keys`` (migration 0014), made from the candidate on first use.
 
 A patient's data is found by its ``needles``: the patient id and the recipient
 addresses given with the request. A JSON document (a payload, a response) matches
@@ -50,6 +52,7 @@ __all__ = [
     "record_run_async",
     "request_async",
     "residue_async",
+    "saga_key_async",
 ]
 
 #: The data classes held in tenant tables, in the order the saga deletes them.
@@ -470,3 +473,25 @@ async def receipt_async(
         return _json(r["receipt"]), r["signature"], _json(r["traces"])
 
     return await run_in_tenant(pool, tenant_id, work)
+
+
+_KEY_NAME = "saga"
+
+
+async def saga_key_async(pool: Pool, candidate: bytes) -> bytes:
+    """The saga's key: the one kept in ``erasure_keys``, or ``candidate`` kept as it.
+
+    Replicas racing on a new database agree: the loser's INSERT waits for the
+    winner's commit and does nothing, its SELECT (a new snapshot) reads the winner's.
+    """
+
+    async def work(conn: Connection) -> bytes:
+        await conn.execute(
+            "INSERT INTO erasure_keys (name, secret) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            _KEY_NAME,
+            candidate,
+        )
+        secret = await conn.fetchval("SELECT secret FROM erasure_keys WHERE name = $1", _KEY_NAME)
+        return bytes(secret)
+
+    return await run_as_relay(pool, work)

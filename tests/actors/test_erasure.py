@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 import nats.js.api
 import pytest
@@ -36,6 +37,7 @@ from bench.chaos.erasure_rig import (
 from bench.chaos.fixtures import create_tenants
 from config.schema import ERASURE_CLASSES, DatabaseConfig, ErasureConfig
 from engine.actor import actor_child
+from engine.errors import TriageError
 from engine.events import Event, EventBus
 from providers import jetstream
 from providers.blobstore import LocalBlobStore
@@ -48,6 +50,9 @@ from providers.services import postgres_url_with
 
 KEY = b"k" * 32
 STREAM = "TRIAGE_EVENTS"
+# The streams the saga reads whole (ErasureConfig's defaults), a subject of each.
+SCANNED = (("TRIAGE_SCHEDULING", "triage.scheduling.appointment.booked"),
+           ("TRIAGE_EVENTS_DLQ", "triage.dlq.outbox"))  # fmt: skip
 
 
 @dataclass
@@ -68,7 +73,6 @@ def _saga(
         w_pool,
         config,
         key=KEY,
-        key_id="test",
         redis=stores.redis,
         blobs=stores.blobs,
         recordings_incoming=str(stores.incoming),
@@ -86,6 +90,8 @@ async def world(
     tenants = await run(create_tenants, postgres_url, 2)
     js = await run(jetstream.connect, nats_url, service="nats")
     await run(jetstream.ensure_stream, js, STREAM, ["triage.events.>"], 120.0, service="nats")
+    for name, subject in SCANNED:
+        await run(jetstream.ensure_stream, js, name, [subject], 120.0, service="nats")
     redis = await run(open_client, redis_url, 2.0, service="redis")
     stores = Stores(
         owner_url=postgres_url,
@@ -95,6 +101,7 @@ async def world(
         store=tmp_path / "store",
         js=js,
         stream=STREAM,
+        scanned=SCANNED,
     )
     daemon = postgres_url_with(postgres_url, user=DAEMON_ROLE)
     bus, registry = EventBus(), CollectorRegistry()
@@ -140,7 +147,9 @@ async def test_erasure_leaves_nothing_in_any_store_and_the_receipt_lists_each(wo
     assert {
         "redis",
         "files",
-        "jetstream",
+        "jetstream:TRIAGE_EVENTS",
+        "jetstream:TRIAGE_SCHEDULING",
+        "jetstream:TRIAGE_EVENTS_DLQ",
         "postgres:dispatches",
         "postgres:outbox",
         "postgres:dead_letters(payload)",
@@ -158,7 +167,8 @@ async def test_erasure_leaves_nothing_in_any_store_and_the_receipt_lists_each(wo
     steps = {s["data_class"]: s for s in receipt.body["steps"]}
     assert set(steps) == set(ERASURE_CLASSES)
     assert all(s["status"] == "done" for s in steps.values())
-    assert (steps["dispatches"]["erased"], steps["jetstream"]["erased"]) == (3, 3)
+    # 3 purged by the patient's subject, 1 deleted from each scanned stream
+    assert (steps["dispatches"]["erased"], steps["jetstream"]["erased"]) == (3, 5)
     assert (steps["idempotency_db"]["erased"], steps["idempotency_redis"]["erased"]) == (3, 3)
     assert steps["attachments"]["erased"] == 6  # 3 rows + 3 blobs
     assert steps["recordings"]["erased"] == 3  # the row, the stored copy, the incoming file
@@ -192,9 +202,10 @@ async def test_the_reconciler_finds_residue_and_replays_the_saga(world: World) -
     await inject_late_events(w.stores, target, prefix)
     assert await search_everything(w.stores, target, prefix) != {}
     result = await w.ref.ask(Reconcile(), timeout_s=None)
-    assert (result.searched, result.residue, result.replayed) == (1, 4, 1)
+    assert (result.searched, result.residue, result.replayed) == (1, 6, 1)
     [notice] = [e for e in w.seen if isinstance(e, ErasureResidue)]
-    assert notice.found == {"outbox": 1, "dead_letters": 1, "idempotency_redis": 1, "jetstream": 1}
+    # jetstream: one under the patient's subject, one in each scanned stream
+    assert notice.found == {"outbox": 1, "dead_letters": 1, "idempotency_redis": 1, "jetstream": 3}
     assert notice.severity == "ticket" and notice.row == 15
     assert (
         w.registry.get_sample_value("triage_erasure_residue_total", {"data_class": "outbox"}) == 1.0
@@ -221,28 +232,73 @@ async def test_an_exempt_class_is_kept_and_the_receipt_says_why(world: World) ->
     ).residue == 0  # the exempt class is not residue
 
 
-async def test_the_saga_refuses_a_stream_created_with_deny_purge(
-    bridge: object, postgres_url: str, nats_url: str
+@pytest.mark.parametrize(
+    ("flag", "config"),
+    [
+        ("deny_purge", ErasureConfig(stream="LOCKED", scan_streams=())),
+        ("deny_delete", ErasureConfig(scan_streams=("TRIAGE_SCHEDULING", "LOCKED"))),
+    ],
+)
+async def test_the_saga_refuses_a_stream_it_could_not_erase_from(
+    bridge: object, postgres_url: str, nats_url: str, flag: str, config: ErasureConfig
 ) -> None:
+    """deny_purge on the stream purged by subject, deny_delete on a scanned one."""
     await migrate(postgres_url)
     js = await run(jetstream.connect, nats_url, service="nats")
 
     async def add() -> None:
         await js.js.add_stream(
-            nats.js.api.StreamConfig(name="LOCKED", subjects=["locked.>"], deny_purge=True)
+            nats.js.api.StreamConfig(name="LOCKED", subjects=["locked.>"], **{flag: True})
         )
 
     try:
         await run(add, service="nats")
         daemon = postgres_url_with(postgres_url, user=DAEMON_ROLE)
         async with open_pool(daemon, DatabaseConfig(), close_s=2.0) as pool:
-            saga = ErasureSaga(
-                pool, ErasureConfig(stream="LOCKED"), key=KEY, key_id="t", jetstream=js
-            )
-            with pytest.raises(PurgeDenied, match="deny_purge"):
+            saga = ErasureSaga(pool, config, key=KEY, jetstream=js)
+            with pytest.raises(PurgeDenied, match=f"stream LOCKED was created with {flag}"):
                 await saga.init()
     finally:
         await run(jetstream.close, js, service="nats")
+
+
+async def test_without_a_key_file_every_saga_on_the_database_shares_one_kept_key(
+    bridge: object, postgres_url: str
+) -> None:
+    """Two replicas racing on a new database, and a restart, make the same patient
+    tokens and verify each other's receipts: the key is kept in PostgreSQL (0014), and
+    the tenant role cannot read it."""
+    await migrate(postgres_url)
+    tenant = uuid.uuid4()
+    daemon = postgres_url_with(postgres_url, user=DAEMON_ROLE)
+    config = ErasureConfig()
+    async with open_pool(daemon, DatabaseConfig(), close_s=2.0) as pool:
+        first, second = ErasureSaga(pool, config), ErasureSaga(pool, config)
+        with pytest.raises(TriageError, match="read when the saga starts"):
+            first.patient_token(tenant, "p-1")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first.init)
+            nursery.start_soon(second.init)
+        assert first.key == second.key and len(first.key) == 32
+        assert first.key_id == second.key_id and first.key_id.startswith("db:sha256:")
+        token = first.patient_token(tenant, "p-1")
+    async with open_pool(daemon, DatabaseConfig(), close_s=2.0) as pool:  # a restart
+        again = ErasureSaga(pool, config)
+        await again.init()
+        assert again.patient_token(tenant, "p-1") == token
+        assert again.patient_token(tenant, "p-2") != token
+
+    async def tenant_reads() -> None:
+        conn = await asyncpg.connect(daemon)
+        try:
+            async with conn.transaction():
+                await conn.execute("SET LOCAL ROLE triage_app")
+                await conn.fetchval("SELECT secret FROM erasure_keys")
+        finally:
+            await conn.close()
+
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await run(tenant_reads, service="postgres")
 
 
 async def test_the_http_door_erases_and_fetches_the_receipt(world: World) -> None:

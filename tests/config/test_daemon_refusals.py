@@ -141,6 +141,26 @@ CASES = [
           "inbox needs a stream of its own, or it consumes the relay's events")],
         id="inbox-on-the-relays-dlq-stream",
     ),
+    # -- row 15: where an erasure finds a patient's messages ---------------------------------
+    pytest.param(
+        '[inbox]\nstream = "SCHEDULING_V2"\n', None,
+        [("$.erasure.scan_streams", "does not name 'SCHEDULING_V2' ([inbox] stream): its "
+          "messages name patients on subjects that do not, and an erasure would leave them")],
+        id="inbox-stream-not-scanned-by-the-erasure",
+    ),
+    pytest.param(
+        '[erasure]\nstream = "OTHER"\nsubject_prefix = "patients"\n', None,
+        [("$.erasure.stream", "'OTHER' is not the relay's stream 'TRIAGE_EVENTS': a patient's "
+          "events are published there, and purged from there"),
+         ("$.erasure.subject_prefix", "'patients' is outside [relay] subjects: the relay would "
+          "dead-letter a patient's events")],
+        id="erasure-purging-another-stream",
+    ),
+    pytest.param(
+        '[erasure]\nscan_streams = ["BAD NAME"]\n', None,
+        [("$.erasure.scan_streams[0]", 'must not contain whitespace, got "BAD NAME"')],
+        id="scanned-stream-name-with-a-space",
+    ),
     # -- channels --------------------------------------------------------------------------
     pytest.param(
         "[channels]\nsms = []\n", None,
