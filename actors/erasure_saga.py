@@ -613,7 +613,7 @@ class ErasureSaga(Actor[ErasureMessage]):
         if self.redis is not None:
             names = await self._redis_names(row, list(previous.get("idempotency_keys", ())))
             found["idempotency_redis"] = len(names)
-        if self.js is not None:
+        if self.js is not None and "jetstream" not in self.config.exempt:
             if scanned is None:
                 (scanned,) = await self._scan([row.needles])
             found["jetstream"] = await self._stream_count(prefix) + sum(
